@@ -1,0 +1,11 @@
+"""adderjax: AdderNets (Chen et al., CVPR 2020) in JAX and Flax."""
+
+from adderjax.ops import adder_conv
+from adderjax.ops import adder_dense
+from adderjax.ops import available_implementations
+from adderjax.ops import GRAD_MODES
+
+__version__ = '0.1.0'
+
+__all__ = ['adder_conv', 'adder_dense', 'available_implementations',
+           'GRAD_MODES']

@@ -1,0 +1,209 @@
+"""Public adder ops: :func:`adder_conv` and :func:`adder_dense`.
+
+The public functions validate their arguments (raising errors that name the
+bad value) and call one private ``jax.custom_vjp`` whose backward pass is the
+paper's (Chen et al., 2020, section 3.2), selectable by ``grad``:
+
+* ``'full_precision'`` (default): ``dY/dF = X - F`` (eq. 5) and
+  ``dY/dX = HardTanh(F - X)`` (eq. 6-7).
+* ``'sign'``: the exact subgradients ``sgn(X - F)`` and ``sgn(F - X)`` (eq. 3).
+* ``'unclipped'``: ``X - F`` and ``F - X`` without HardTanh (ablation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from adderjax.ops import backends
+from adderjax.ops import geometry
+from adderjax.ops.geometry import GRAD_MODES, PaddingLike
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  geo: geometry.ConvGeometry
+  grad: str
+  backend: str
+  precision: Any
+
+
+def _check_dtype(name: str, a) -> None:
+  dtype = jnp.result_type(a)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f'{name} must have a floating dtype (float32, bfloat16, '
+                    f'float16), got {dtype}.')
+
+
+def _check_grad(grad: str) -> None:
+  if grad not in GRAD_MODES:
+    raise ValueError(f'grad must be one of {GRAD_MODES}, got {grad!r}.')
+
+
+def _hashable_precision(precision):
+  if isinstance(precision, list):
+    return tuple(precision)
+  return precision
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _adder(x: jax.Array, kernel: jax.Array, cfg: _Config) -> jax.Array:
+  return _adder_fwd(x, kernel, cfg)[0]
+
+
+def _adder_fwd(x, kernel, cfg: _Config):
+  geo = cfg.geo
+  backend = backends.get(cfg.backend)
+  p = geometry.extract_patches(x, geo)
+  w = geometry.kernel_to_canonical(kernel, geo)
+  y = backend.forward(p, w, precision=cfg.precision)
+  y = geometry.output_from_canonical(y, geo).astype(x.dtype)
+  return y, (x, kernel)
+
+
+def _adder_bwd(cfg: _Config, res, g):
+  x, kernel = res
+  geo = cfg.geo
+  backend = backends.get(cfg.backend)
+  p = geometry.extract_patches(x, geo)
+  w = geometry.kernel_to_canonical(kernel, geo)
+  gy = geometry.output_to_canonical(g, geo)
+  dp = backend.input_grad(p, w, gy, cfg.grad, precision=cfg.precision)
+  # col2im in float32: overlapping taps are summed before the final cast.
+  col2im = jax.linear_transpose(
+      functools.partial(geometry.extract_patches, geo=geo),
+      jax.ShapeDtypeStruct(x.shape, _F32))
+  (dx,) = col2im(dp)
+  dw = backend.weight_grad(p, w, gy, cfg.grad, precision=cfg.precision)
+  dk = geometry.kernel_from_canonical(dw, geo)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_adder.defvjp(_adder_fwd, _adder_bwd)
+
+
+def adder_conv(x: jax.Array,
+               kernel: jax.Array,
+               strides: int | tuple[int, ...] = 1,
+               padding: PaddingLike = 'SAME',
+               kernel_dilation: int | tuple[int, ...] = 1,
+               feature_group_count: int = 1,
+               *,
+               grad: str = 'full_precision',
+               implementation: str | None = None,
+               precision: Any = None) -> jax.Array:
+  """Adder convolution: the negative l1 distance between patches and filters.
+
+  ``y[n, o, t] = -sum_{i, c} |x_pad[n, o * s + i * d, c] - kernel[i, c, t]|``,
+  the cross-correlation of ``lax.conv_general_dilated`` with the product
+  replaced by ``-|a - b|`` (paper eq. 2). Zero padding pads ``x`` with zeros,
+  and those zeros enter the distance, as in the paper's code.
+
+  Args:
+    x: feature-last input ``(N, *spatial, C_in)`` with 1, 2 or 3 spatial dims
+      (NWC, NHWC, NDHWC).
+    kernel: ``(*kernel_size, C_in // feature_group_count, C_out)``, the layout
+      of ``flax.linen.Conv``'s kernel.
+    strides: an int or one int per spatial dim.
+    padding: ``'SAME'``, ``'VALID'``, an int, one int per spatial dim, or one
+      ``(lo, hi)`` pair per spatial dim.
+    kernel_dilation: an int or one int per spatial dim.
+    feature_group_count: number of groups; ``C_in`` gives a depthwise layer.
+    grad: backward pass, ``'full_precision'`` (paper), ``'sign'`` (exact
+      subgradient) or ``'unclipped'`` (full precision without HardTanh).
+    implementation: ``None`` (fastest available), ``'xla'`` or a registered
+      accelerator backend such as ``'pallas'``.
+    precision: matmul precision of the weight gradient (``lax.Precision``).
+
+  Returns:
+    ``(N, *out_spatial, C_out)`` in the promoted dtype of ``x`` and ``kernel``
+    (accumulated in float32). Every entry is ``<= 0``.
+
+  Raises:
+    TypeError: non-floating ``x`` or ``kernel``, or padding of a wrong type.
+    ValueError: mismatched ranks or channels, groups that do not divide the
+      features, bad padding, non-positive strides or dilations, an unknown
+      ``grad`` or ``implementation``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from adderjax import adder_conv
+    >>> x = jnp.ones((2, 8, 8, 3))
+    >>> w = jnp.zeros((3, 3, 3, 4))
+    >>> adder_conv(x, w, padding='VALID').shape
+    (2, 6, 6, 4)
+    >>> float(adder_conv(x, w, padding='VALID')[0, 0, 0, 0])  # -sum |1 - 0|
+    -27.0
+
+  References:
+    Chen et al., "AdderNet: Do We Really Need Multiplications in Deep
+    Learning?", CVPR 2020. https://arxiv.org/abs/1912.13200
+  """
+  _check_dtype('x', x)
+  _check_dtype('kernel', kernel)
+  _check_grad(grad)
+  x = jnp.asarray(x)
+  kernel = jnp.asarray(kernel)
+  geo = geometry.make_geometry(x.shape, kernel.shape, strides, padding,
+                               kernel_dilation, feature_group_count)
+  dtype = jnp.result_type(x.dtype, kernel.dtype)
+  cfg = _Config(geo, grad, backends.resolve(implementation),
+                _hashable_precision(precision))
+  return _adder(x.astype(dtype), kernel.astype(dtype), cfg)
+
+
+def adder_dense(x: jax.Array,
+                kernel: jax.Array,
+                *,
+                grad: str = 'full_precision',
+                implementation: str | None = None,
+                precision: Any = None) -> jax.Array:
+  """Fully connected adder layer: ``y[..., t] = -sum_k |x[..., k] - W[k, t]|``.
+
+  Args:
+    x: ``(..., K)`` with any number of leading batch dims (at least one axis).
+    kernel: ``(K, T)``, the layout of ``flax.linen.Dense``'s kernel.
+    grad: ``'full_precision'``, ``'sign'`` or ``'unclipped'`` (see
+      :func:`adder_conv`).
+    implementation: ``None``, ``'xla'`` or a registered accelerator backend.
+    precision: matmul precision of the weight gradient.
+
+  Returns:
+    ``(..., T)`` in the promoted dtype of ``x`` and ``kernel``.
+
+  Raises:
+    TypeError: non-floating inputs.
+    ValueError: ``kernel`` not 2-D, ``x`` a scalar, or mismatched features.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adderjax import adder_dense
+    >>> x = jnp.array([[1., 2.]])
+    >>> w = jnp.array([[0., 1.], [2., 2.]])
+    >>> adder_dense(x, w).tolist()  # [-(|1-0| + |2-2|), -(|1-1| + |2-2|)]
+    [[-1.0, 0.0]]
+  """
+  _check_dtype('x', x)
+  _check_dtype('kernel', kernel)
+  _check_grad(grad)
+  x = jnp.asarray(x)
+  kernel = jnp.asarray(kernel)
+  if kernel.ndim != 2:
+    raise ValueError(f'kernel must have shape (in_features, out_features), '
+                     f'got shape {kernel.shape}.')
+  if x.ndim < 1:
+    raise ValueError(f'x must have at least one axis, got shape {x.shape}.')
+  if x.shape[-1] != kernel.shape[0]:
+    raise ValueError(f'x has {x.shape[-1]} features (shape {x.shape}) but the '
+                     f'kernel expects {kernel.shape[0]} (shape {kernel.shape}).')
+  batch_shape = x.shape[:-1]
+  x2 = x.reshape(-1, 1, x.shape[-1])
+  y = adder_conv(x2, kernel[None], 1, 'VALID', grad=grad,
+                 implementation=implementation, precision=precision)
+  return y.reshape(*batch_shape, kernel.shape[1])

@@ -1,0 +1,270 @@
+"""Argument canonicalisation and patch extraction for adder convolutions.
+
+Everything here is shape bookkeeping shared by every backend: it turns the
+user-facing ``strides`` / ``padding`` / ``kernel_dilation`` arguments into a
+frozen, hashable :class:`ConvGeometry`, and moves between the feature-last
+input layout and the canonical *patch layout* that the l1 kernels work on:
+
+* ``P``: ``[G, K, M]`` patches, ``G`` groups, ``K = prod(kernel_size) * C_in/G``
+  (taps-major, channel-minor, the row-major order of a flax kernel), ``M`` the
+  number of output positions ``N * prod(out_spatial)``.
+* ``W``: ``[G, K, T]`` the kernel, ``T = C_out / G``.
+* ``Y``: ``[G, T, M]`` the output.
+
+``M`` is last so the long axis is contiguous: it is the vector axis of the XLA
+loops and the lane axis of the TPU kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+PaddingLike = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
+
+GRAD_MODES = ('full_precision', 'sign', 'unclipped')
+
+
+def _as_tuple(value, n: int, name: str) -> tuple[int, ...]:
+  """Broadcasts an int (or validates a sequence) to ``n`` positive ints."""
+  if value is None:
+    value = 1
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    out = (int(value),) * n
+  else:
+    try:
+      out = tuple(int(v) for v in value)
+    except TypeError:
+      raise TypeError(f'{name} must be an int or a sequence of {n} ints, '
+                      f'got {value!r}.') from None
+    if len(out) != n:
+      raise ValueError(f'{name} must have {n} entries (one per spatial '
+                       f'dimension), got {value!r}.')
+  if any(v < 1 for v in out):
+    raise ValueError(f'{name} must be positive, got {value!r}.')
+  return out
+
+
+def canonicalize_padding(padding: PaddingLike, kernel_size: Sequence[int],
+                         strides: Sequence[int], dilation: Sequence[int],
+                         in_spatial: Sequence[int]) -> tuple[tuple[int, int], ...]:
+  """Turns any accepted padding form into explicit ``(lo, hi)`` pairs.
+
+  Args:
+    padding: ``'SAME'``, ``'VALID'``, an int (same on both sides of every
+      spatial dim), a sequence of ints (one per dim, both sides) or of
+      ``(lo, hi)`` pairs.
+    kernel_size: spatial kernel shape.
+    strides: spatial strides.
+    dilation: kernel dilation.
+    in_spatial: spatial input shape.
+
+  Returns:
+    One ``(lo, hi)`` pair of non-negative ints per spatial dimension.
+
+  Raises:
+    ValueError: unknown padding string, wrong number of entries, or negative
+      padding.
+    TypeError: padding of an unsupported type.
+  """
+  n = len(kernel_size)
+  if isinstance(padding, str):
+    name = padding.upper()
+    if name not in ('SAME', 'VALID'):
+      raise ValueError(
+          f"padding must be 'SAME', 'VALID', an int or (lo, hi) pairs, got "
+          f'{padding!r} (CIRCULAR/REFLECT/CAUSAL are handled by the Flax '
+          'modules, which pad the input first).')
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+    pads = lax.padtype_to_pads(tuple(in_spatial), dilated, tuple(strides), name)
+    return tuple((int(lo), int(hi)) for lo, hi in pads)
+  if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
+    pairs = [(int(padding), int(padding))] * n
+  elif isinstance(padding, Sequence):
+    if len(padding) != n:
+      raise ValueError(f'padding must have {n} entries (one per spatial '
+                       f'dimension), got {padding!r}.')
+    pairs = []
+    for p in padding:
+      if isinstance(p, (int, np.integer)) and not isinstance(p, bool):
+        pairs.append((int(p), int(p)))
+      elif isinstance(p, Sequence) and len(p) == 2:
+        pairs.append((int(p[0]), int(p[1])))
+      else:
+        raise ValueError(f'each padding entry must be an int or a (lo, hi) '
+                         f'pair, got {p!r} in padding={padding!r}.')
+  else:
+    raise TypeError(f'padding must be a string, an int or a sequence, got '
+                    f'{padding!r}.')
+  if any(lo < 0 or hi < 0 for lo, hi in pairs):
+    raise ValueError(f'padding must be non-negative, got {padding!r}.')
+  return tuple(pairs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+  """Static description of one adder convolution (hashable, jit-static).
+
+  Attributes:
+    in_shape: input shape ``(N, *spatial, C_in)``.
+    kernel_size: spatial kernel shape.
+    in_features: ``C_in``.
+    out_features: ``C_out``.
+    strides: per spatial dim.
+    padding: explicit ``(lo, hi)`` per spatial dim.
+    dilation: kernel dilation per spatial dim.
+    groups: feature group count.
+  """
+  in_shape: tuple[int, ...]
+  kernel_size: tuple[int, ...]
+  in_features: int
+  out_features: int
+  strides: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]
+  dilation: tuple[int, ...]
+  groups: int
+
+  @property
+  def batch(self) -> int:
+    return self.in_shape[0]
+
+  @property
+  def out_spatial(self) -> tuple[int, ...]:
+    out = []
+    for size, k, s, d, (lo, hi) in zip(self.in_shape[1:-1], self.kernel_size,
+                                       self.strides, self.dilation,
+                                       self.padding):
+      out.append((size + lo + hi - (k - 1) * d - 1) // s + 1)
+    return tuple(out)
+
+  @property
+  def out_shape(self) -> tuple[int, ...]:
+    return (self.batch, *self.out_spatial, self.out_features)
+
+  @property
+  def taps(self) -> int:
+    return math.prod(self.kernel_size)
+
+  @property
+  def k(self) -> int:
+    """Reduction length per output: taps * C_in / groups."""
+    return self.taps * (self.in_features // self.groups)
+
+  @property
+  def m(self) -> int:
+    """Number of output positions (batch included)."""
+    return self.batch * math.prod(self.out_spatial)
+
+
+def make_geometry(x_shape, kernel_shape, strides, padding, kernel_dilation,
+                  feature_group_count) -> ConvGeometry:
+  """Validates conv arguments and returns their :class:`ConvGeometry`.
+
+  Raises:
+    ValueError: a shape, padding, stride, dilation or group count that does not
+      make a valid convolution; the message names the offending value.
+  """
+  x_shape = tuple(int(d) for d in x_shape)
+  kernel_shape = tuple(int(d) for d in kernel_shape)
+  nsp = len(kernel_shape) - 2
+  if nsp < 1:
+    raise ValueError(f'kernel must have shape (*kernel_size, in_features // '
+                     f'groups, out_features) with at least one spatial dim, '
+                     f'got shape {kernel_shape}.')
+  if len(x_shape) != nsp + 2:
+    raise ValueError(
+        f'input of shape {x_shape} (rank {len(x_shape)}) does not match a '
+        f'kernel with {nsp} spatial dims (shape {kernel_shape}): expected a '
+        f'feature-last input of rank {nsp + 2} (batch, {nsp} spatial dims, '
+        'features).')
+  if not isinstance(feature_group_count, (int, np.integer)) or isinstance(
+      feature_group_count, bool) or feature_group_count < 1:
+    raise ValueError(f'feature_group_count must be a positive int, got '
+                     f'{feature_group_count!r}.')
+  groups = int(feature_group_count)
+  c_in, c_out = x_shape[-1], kernel_shape[-1]
+  if c_in % groups:
+    raise ValueError(f'feature_group_count={groups} does not divide the '
+                     f'input features {c_in}.')
+  if c_out % groups:
+    raise ValueError(f'feature_group_count={groups} does not divide the '
+                     f'output features {c_out} (kernel shape {kernel_shape}).')
+  if kernel_shape[-2] * groups != c_in:
+    raise ValueError(
+        f'kernel shape {kernel_shape} expects {kernel_shape[-2]} features per '
+        f'group x {groups} groups = {kernel_shape[-2] * groups} input '
+        f'features, but the input of shape {x_shape} has {c_in}.')
+  if any(d < 1 for d in kernel_shape):
+    raise ValueError(f'kernel shape must be positive, got {kernel_shape}.')
+  kernel_size = kernel_shape[:-2]
+  strides_t = _as_tuple(strides, nsp, 'strides')
+  dilation_t = _as_tuple(kernel_dilation, nsp, 'kernel_dilation')
+  pads = canonicalize_padding(padding, kernel_size, strides_t, dilation_t,
+                              x_shape[1:-1])
+  geo = ConvGeometry(x_shape, kernel_size, c_in, c_out, strides_t, pads,
+                     dilation_t, groups)
+  if any(o < 1 for o in geo.out_spatial):
+    raise ValueError(
+        f'input spatial shape {x_shape[1:-1]} with padding {pads} is smaller '
+        f'than the dilated kernel {kernel_size} (dilation {dilation_t}); the '
+        f'output would have spatial shape {geo.out_spatial}.')
+  return geo
+
+
+def extract_patches(x: jax.Array, geo: ConvGeometry) -> jax.Array:
+  """Feature-last input -> patches ``[G, K, M]`` (zero padding included).
+
+  Linear in ``x``; its transpose (``jax.linear_transpose`` / ``jax.vjp``) is
+  the col2im that scatters patch gradients back onto the input.
+  """
+  n, c = geo.batch, geo.in_features
+  g = geo.groups
+  cg = c // g
+  x = lax.pad(x, jnp.zeros((), x.dtype),
+              [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in geo.padding] +
+              [(0, 0, 0)])
+  out_sp = geo.out_spatial
+  slabs = []
+  for tap in itertools.product(*[range(k) for k in geo.kernel_size]):
+    start = [0] + [t * d for t, d in zip(tap, geo.dilation)] + [0]
+    limit = [n] + [s0 + (o - 1) * st + 1 for s0, o, st in
+                   zip(start[1:-1], out_sp, geo.strides)] + [c]
+    slabs.append(lax.slice(x, start, limit, (1, *geo.strides, 1)))
+  p = jnp.stack(slabs, 0)  # [taps, N, *out, C]
+  p = p.reshape(geo.taps, geo.m, g, cg)
+  p = p.transpose(2, 0, 3, 1)  # [G, taps, Cg, M]
+  return p.reshape(g, geo.k, geo.m)
+
+
+def kernel_to_canonical(kernel: jax.Array, geo: ConvGeometry) -> jax.Array:
+  """Flax kernel ``(*ks, C_in/G, C_out)`` -> ``W`` of shape ``[G, K, T]``."""
+  g = geo.groups
+  w = kernel.reshape(geo.k, g, geo.out_features // g)
+  return w.transpose(1, 0, 2)
+
+
+def kernel_from_canonical(w: jax.Array, geo: ConvGeometry) -> jax.Array:
+  """Inverse of :func:`kernel_to_canonical`."""
+  return w.transpose(1, 0, 2).reshape(
+      *geo.kernel_size, geo.in_features // geo.groups, geo.out_features)
+
+
+def output_from_canonical(y: jax.Array, geo: ConvGeometry) -> jax.Array:
+  """``Y`` of shape ``[G, T, M]`` -> feature-last output ``(N, *out, C_out)``."""
+  y = y.reshape(geo.out_features, geo.m)
+  return y.T.reshape(geo.out_shape)
+
+
+def output_to_canonical(y: jax.Array, geo: ConvGeometry) -> jax.Array:
+  """Feature-last output (or its cotangent) -> ``[G, T, M]``."""
+  g = geo.groups
+  return y.reshape(geo.m, geo.out_features).T.reshape(
+      g, geo.out_features // g, geo.m)
