@@ -78,7 +78,7 @@ def _adder_bwd(cfg: _Config, res, g):
   # col2im in float32: overlapping taps are summed before the final cast.
   col2im = jax.linear_transpose(
       functools.partial(geometry.extract_patches, geo=geo),
-      jax.ShapeDtypeStruct(x.shape, _F32))
+      jax.ShapeDtypeStruct(x.shape, dp.dtype))
   (dx,) = col2im(dp)
   dw = backend.weight_grad(p, w, gy, cfg.grad, precision=cfg.precision)
   dk = geometry.kernel_from_canonical(dw, geo)

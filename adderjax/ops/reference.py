@@ -20,7 +20,8 @@ Design (see DESIGN.md section 2):
   HardTanh, sign or identity. The identity (``'unclipped'``) is again a matmul;
   the other two loop over ``T`` in fused chunks with an f32 ``[G, K, M]``
   accumulator.
-* Everything accumulates in float32 and casts back at the end.
+* Everything accumulates in float32 (float64 for float64 inputs) and casts
+  back at the end.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ import jax.numpy as jnp
 from jax import lax
 
 _F32 = jnp.float32
+
+
+def acc_dtype(*arrays) -> jnp.dtype:
+  """Accumulation dtype: float32, or float64 when an input is float64."""
+  return jnp.promote_types(jnp.result_type(*arrays), _F32)
 
 #: Taps per fused chunk of the forward loop (trades compile time for speed).
 FORWARD_UNROLL = 32
@@ -78,20 +84,21 @@ def l1_forward(p: jax.Array, w: jax.Array, *, unroll: int = FORWARD_UNROLL
   """
   g, k, m = p.shape
   t = w.shape[2]
+  dt = acc_dtype(p, w)
   u = min(unroll, k)
   pp = _pad_axis(p, 1, u)  # zero taps add max(0, 0) = 0
   wp = _pad_axis(w, 1, u)
 
   def chunk(start, acc):
-    pc = lax.dynamic_slice_in_dim(pp, start, u, axis=1).astype(_F32)
-    wc = lax.dynamic_slice_in_dim(wp, start, u, axis=1).astype(_F32)
+    pc = lax.dynamic_slice_in_dim(pp, start, u, axis=1).astype(dt)
+    wc = lax.dynamic_slice_in_dim(wp, start, u, axis=1).astype(dt)
     for j in range(u):
       acc = acc + jnp.maximum(pc[:, j, None, :], wc[:, j, :, None])
     return acc
 
-  acc = _chunked_loop(k, u, chunk, jnp.zeros((g, t, m), _F32))
-  sum_p = jnp.sum(p.astype(_F32), axis=1)  # [G, M]
-  sum_w = jnp.sum(w.astype(_F32), axis=1)  # [G, T]
+  acc = _chunked_loop(k, u, chunk, jnp.zeros((g, t, m), dt))
+  sum_p = jnp.sum(p.astype(dt), axis=1)  # [G, M]
+  sum_w = jnp.sum(w.astype(dt), axis=1)  # [G, T]
   return sum_p[:, None, :] + sum_w[:, :, None] - 2.0 * acc
 
 
@@ -114,26 +121,27 @@ def l1_input_grad(p: jax.Array, w: jax.Array, gy: jax.Array, mode: str, *,
   Returns:
     ``[G, K, M]`` float32.
   """
-  gy = gy.astype(_F32)
+  dt = acc_dtype(p, w, gy)
+  gy = gy.astype(dt)
   if mode == 'unclipped':
-    wg = jnp.einsum('gkt,gtm->gkm', w.astype(_F32), gy, precision=precision,
-                    preferred_element_type=_F32)
-    return wg - p.astype(_F32) * jnp.sum(gy, axis=1)[:, None, :]
+    wg = jnp.einsum('gkt,gtm->gkm', w.astype(dt), gy, precision=precision,
+                    preferred_element_type=dt)
+    return wg - p.astype(dt) * jnp.sum(gy, axis=1)[:, None, :]
   g, k, m = p.shape
   t = w.shape[2]
   u = min(unroll, t)
   wp = _pad_axis(w, 2, u)  # zero cotangent rows contribute nothing
   gp = _pad_axis(gy, 1, u)
-  p32 = p.astype(_F32)
+  pa = p.astype(dt)
 
   def chunk(start, acc):
-    wc = lax.dynamic_slice_in_dim(wp, start, u, axis=2).astype(_F32)
+    wc = lax.dynamic_slice_in_dim(wp, start, u, axis=2).astype(dt)
     gc = lax.dynamic_slice_in_dim(gp, start, u, axis=1)
     for j in range(u):
-      acc = acc + gc[:, j, None, :] * _h(mode, wc[:, :, j, None] - p32)
+      acc = acc + gc[:, j, None, :] * _h(mode, wc[:, :, j, None] - pa)
     return acc
 
-  return _chunked_loop(t, u, chunk, jnp.zeros((g, k, m), _F32))
+  return _chunked_loop(t, u, chunk, jnp.zeros((g, k, m), dt))
 
 
 def l1_weight_grad(p: jax.Array, w: jax.Array, gy: jax.Array, mode: str, *,
@@ -146,11 +154,12 @@ def l1_weight_grad(p: jax.Array, w: jax.Array, gy: jax.Array, mode: str, *,
   Returns:
     ``[G, K, T]`` float32.
   """
-  gy = gy.astype(_F32)
+  dt = acc_dtype(p, w, gy)
+  gy = gy.astype(dt)
   if mode != 'sign':
-    pg = jnp.einsum('gkm,gtm->gkt', p.astype(_F32), gy, precision=precision,
-                    preferred_element_type=_F32)
-    return pg - w.astype(_F32) * jnp.sum(gy, axis=2)[:, None, :]
+    pg = jnp.einsum('gkm,gtm->gkt', p.astype(dt), gy, precision=precision,
+                    preferred_element_type=dt)
+    return pg - w.astype(dt) * jnp.sum(gy, axis=2)[:, None, :]
   g, k, m = p.shape
   t = w.shape[2]
   u = min(SIGN_WEIGHT_GRAD_CHUNK, k)
@@ -158,11 +167,11 @@ def l1_weight_grad(p: jax.Array, w: jax.Array, gy: jax.Array, mode: str, *,
   wp = _pad_axis(w, 1, u)
 
   def chunk(start, acc):
-    pc = lax.dynamic_slice_in_dim(pp, start, u, axis=1).astype(_F32)
-    wc = lax.dynamic_slice_in_dim(wp, start, u, axis=1).astype(_F32)
+    pc = lax.dynamic_slice_in_dim(pp, start, u, axis=1).astype(dt)
+    wc = lax.dynamic_slice_in_dim(wp, start, u, axis=1).astype(dt)
     part = jnp.sum(gy[:, None, :, :] *
                    jnp.sign(pc[:, :, None, :] - wc[:, :, :, None]), axis=-1)
     return lax.dynamic_update_slice_in_dim(acc, part, start, axis=1)
 
-  out = _chunked_loop(k, u, chunk, jnp.zeros(pp.shape[:2] + (t,), _F32))
+  out = _chunked_loop(k, u, chunk, jnp.zeros(pp.shape[:2] + (t,), dt))
   return out[:, :k]
