@@ -1,0 +1,597 @@
+"""Optax pieces of the AdderNet training recipe (Chen et al., 2020, Sec. 3.3).
+
+* :func:`scale_by_adaptive_lr`: the paper's adaptive learning rate (eq. 12-13),
+  one :class:`optax.GradientTransformation` that rescales every leaf it sees to
+  ``eta * sqrt(k) * g / max(||g||_2, eps)``.
+* :func:`increased_lr`: the paper's "increased learning rate" (ILR) ablation
+  baseline, a plain constant scale.
+* :func:`adder_mask`: a boolean pytree selecting exactly the adder kernels of a
+  Linen or NNX model, found from the module types.
+* :func:`addernet_sgd`: the paper's optimizer, ``masked(adaptive LR) ->
+  weight decay -> SGD momentum -> -learning_rate``, in the order of the official
+  PyTorch training.
+* :func:`cosine_lr_schedule`: the official cosine schedule
+  ``lr = base_lr / 2 * (1 + cos(pi * epoch / num_epochs))``.
+
+The transforms only see the leaves a mask lets through: wrap them in
+:func:`optax.masked` with :func:`adder_mask` so that BatchNorm, biases, the first
+(multiplication) convolution and the classifier are never rescaled.
+
+Examples:
+  >>> import jax, jax.numpy as jnp
+  >>> import flax.linen as nn
+  >>> from adderjax import optim
+  >>> from adderjax.linen import AdderConv
+  >>> class Net(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, x):
+  ...     x = nn.Conv(4, (3, 3))(x)               # first conv: not an adder
+  ...     x = AdderConv(4, (3, 3), use_bias=False)(x)
+  ...     return nn.Dense(2)(x.mean((1, 2)))      # classifier: not an adder
+  >>> x = jnp.ones((1, 8, 8, 1))
+  >>> params = Net().init(jax.random.key(0), x)['params']
+  >>> mask = optim.adder_mask(Net(), x)
+  >>> mask['AdderConv_0']['kernel'], mask['Conv_0']['kernel']
+  (True, False)
+  >>> tx = optim.addernet_sgd(0.1, mask=mask)
+  >>> state = tx.init(params)
+  >>> grads = jax.tree.map(jnp.ones_like, params)
+  >>> updates, state = tx.update(grads, state, params)
+  >>> jax.tree.structure(updates) == jax.tree.structure(params)
+  True
+
+References:
+  H. Chen, Y. Wang, C. Xu, B. Shi, C. Xu, Q. Tian, C. Xu. AdderNet: Do We
+  Really Need Multiplications in Deep Learning? CVPR 2020.
+  https://arxiv.org/abs/1912.13200
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import math
+from typing import Any
+
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adderjax import linen as adder_linen
+from adderjax import nnx as adder_nnx
+
+__all__ = [
+    'LINEN_ADDER_TYPES',
+    'NNX_ADDER_TYPES',
+    'SCALINGS',
+    'adder_mask',
+    'addernet_sgd',
+    'cosine_lr_schedule',
+    'increased_lr',
+    'scale_by_adaptive_lr',
+]
+
+#: Linen module classes whose ``kernel`` :func:`adder_mask` selects by default
+#: (subclasses included).
+LINEN_ADDER_TYPES: tuple[type, ...] = (adder_linen.AdderConv,
+                                       adder_linen.AdderDense)
+#: NNX module classes whose ``kernel`` :func:`adder_mask` selects by default
+#: (subclasses included).
+NNX_ADDER_TYPES: tuple[type, ...] = (adder_nnx.AdderConv, adder_nnx.AdderDense)
+#: Accepted values of ``addernet_sgd(scaling=...)``.
+SCALINGS = ('adaptive', 'ilr', 'none')
+
+_KERNEL = 'kernel'
+
+
+def _check_positive_scalar(name: str, value: Any) -> None:
+  """Raises ValueError unless ``value`` is a positive finite real number.
+
+  Traced values (a hyperparameter passed through jit) cannot be checked and are
+  accepted as they are.
+  """
+  try:
+    v = float(value)
+  except jax.errors.ConcretizationTypeError:
+    return
+  except (TypeError, ValueError):
+    raise ValueError(f'{name} must be a positive finite number, got '
+                     f'{value!r}.') from None
+  if not (math.isfinite(v) and v > 0):
+    raise ValueError(f'{name} must be a positive finite number, got {value!r}.')
+
+
+def _check_nonnegative_scalar(name: str, value: Any) -> None:
+  try:
+    v = float(value)
+  except jax.errors.ConcretizationTypeError:
+    return
+  except (TypeError, ValueError):
+    raise ValueError(f'{name} must be a non-negative finite number, got '
+                     f'{value!r}.') from None
+  if not (math.isfinite(v) and v >= 0):
+    raise ValueError(f'{name} must be a non-negative finite number, got '
+                     f'{value!r}.')
+
+
+def _adaptive_leaf(g: jax.Array, eta, eps) -> jax.Array:
+  """``eta * sqrt(g.size) * g / max(||g||_2, eps)`` for one leaf, same dtype."""
+  if not jnp.issubdtype(g.dtype, jnp.floating):
+    raise TypeError('scale_by_adaptive_lr needs floating-point gradients, got '
+                    f'a leaf of dtype {g.dtype} and shape {g.shape}.')
+  if g.size == 0:
+    return g
+  # bf16 / f16 leaves are reduced in f32; f32 and f64 keep their precision.
+  cdt = jnp.promote_types(g.dtype, jnp.float32)
+  x = g.astype(cdt)
+  # ||g|| = m * ||g / m|| with m = max|g|: no overflow of the sum of squares
+  # for huge gradients (1e30 ** 2 is inf in f32) and no underflow for tiny
+  # ones. Both reductions are over the whole (global) array.
+  m = jnp.max(jnp.abs(x))
+  m_safe = jnp.where(m > 0, m, jnp.ones_like(m))
+  unit = x / m_safe                                   # |unit| <= 1
+  r = jnp.sqrt(jnp.sum(jnp.square(unit)))            # ||g|| / m, in [1, sqrt(k)]
+  # max(||g||, eps) / m == max(r, eps / m): stays finite in every range.
+  denom = jnp.maximum(r, jnp.asarray(eps, cdt) / m_safe)
+  factor = jnp.asarray(eta, cdt) * jnp.asarray(math.sqrt(g.size), cdt) / denom
+  return (unit * factor).astype(g.dtype)
+
+
+def scale_by_adaptive_lr(eta: float = 0.2,
+                         eps: float = 1e-12) -> optax.GradientTransformation:
+  r"""The AdderNet adaptive learning rate (paper eq. 12-13).
+
+  Every leaf ``g`` (one adder layer's filter gradient) becomes
+
+  .. math::
+    \eta \sqrt{k} \, g / \max(\lVert g \rVert_2, \epsilon)
+
+  with ``k = g.size`` and the norm taken over the whole leaf. The global
+  learning rate is applied later in the chain (see :func:`addernet_sgd`).
+  Apply it to adder kernels only, through :func:`optax.masked` and
+  :func:`adder_mask`.
+
+  * The output keeps each leaf's dtype; bf16 / f16 leaves are reduced in f32.
+  * The norm is computed as ``max|g| * ||g / max|g|| ||``, so gradients near
+    the dtype's range (e.g. 1e30 in f32, whose square overflows) are rescaled
+    correctly, and zero gradients give zero updates, never NaN.
+  * No state (:class:`optax.EmptyState`); works under ``jax.jit``.
+  * Data parallelism: under ``jax.jit`` with ``NamedSharding`` the gradient
+    leaf is a global array and its norm is the norm of the globally reduced
+    gradient (XLA inserts the cross-device reduction). The official multi-GPU
+    PyTorch code normalised each device's local gradient before the all-reduce;
+    we do not copy that: the result does not depend on the device count. Under
+    ``pmap`` / ``shard_map``, reduce the gradients (``lax.pmean``) before this
+    transform.
+
+  Args:
+    eta: the paper's :math:`\eta` (the official code uses 0.2, i.e. it divides
+      by 5). Positive.
+    eps: lower bound on the norm (official code: 1e-12). Positive.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  Raises:
+    ValueError: if ``eta`` or ``eps`` is not a positive finite number.
+    TypeError: (at update time) for a leaf that is not floating point.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adderjax.optim import scale_by_adaptive_lr
+    >>> tx = scale_by_adaptive_lr(eta=0.2)
+    >>> g = {'kernel': jnp.array([3.0, 4.0, 0.0, 0.0])}
+    >>> updates, _ = tx.update(g, tx.init(g))
+    >>> updates['kernel']  # 0.2 * sqrt(4) * g / 5
+    Array([0.24, 0.32, 0.  , 0.  ], dtype=float32)
+
+  References:
+    Chen et al., AdderNet: Do We Really Need Multiplications in Deep Learning?
+    CVPR 2020, Sec. 3.3, eq. 12-13. https://arxiv.org/abs/1912.13200
+  """
+  _check_positive_scalar('eta', eta)
+  _check_positive_scalar('eps', eps)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda g: _adaptive_leaf(g, eta, eps), updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def increased_lr(factor: float) -> optax.GradientTransformation:
+  """The paper's "increased learning rate" (ILR) ablation baseline.
+
+  Multiplies every leaf by the constant ``factor``: used through the same mask
+  as :func:`scale_by_adaptive_lr`, it gives adder layers a ``factor`` times
+  larger global learning rate instead of the per-layer adaptive one. Dtypes are
+  preserved; no state.
+
+  Args:
+    factor: the learning-rate multiplier for adder kernels. Positive.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  Raises:
+    ValueError: if ``factor`` is not a positive finite number.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from adderjax.optim import increased_lr
+    >>> tx = optax.masked(increased_lr(10.0), {'adder': True, 'bn': False})
+    >>> g = {'adder': jnp.ones(2, jnp.bfloat16), 'bn': jnp.ones(2)}
+    >>> updates, _ = tx.update(g, tx.init(g))
+    >>> updates['adder'], updates['bn']
+    (Array([10, 10], dtype=bfloat16), Array([1., 1.], dtype=float32))
+
+  References:
+    Chen et al., AdderNet, CVPR 2020, Sec. 4.1 (ILR in Fig. 4).
+    https://arxiv.org/abs/1912.13200
+  """
+  _check_positive_scalar('factor', factor)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    def leaf(g):
+      cdt = jnp.promote_types(g.dtype, jnp.float32)
+      return (g.astype(cdt) * jnp.asarray(factor, cdt)).astype(g.dtype)
+    return jax.tree.map(leaf, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------
+# Masks.
+
+
+def _check_types(adder_types, default):
+  if adder_types is None:
+    return default
+  if isinstance(adder_types, type):
+    adder_types = (adder_types,)
+  adder_types = tuple(adder_types)
+  bad = [t for t in adder_types if not isinstance(t, type)]
+  if bad or not adder_types:
+    raise TypeError('adder_types must be a non-empty sequence of module '
+                    f'classes, got {adder_types!r}.')
+  return adder_types
+
+
+def _key_name(k) -> Any:
+  if isinstance(k, jax.tree_util.DictKey):
+    return k.key
+  if isinstance(k, jax.tree_util.GetAttrKey):
+    return k.name
+  if isinstance(k, jax.tree_util.SequenceKey):
+    return k.idx
+  if isinstance(k, jax.tree_util.FlattenedIndexKey):
+    return k.key
+  return k
+
+
+def _mask_from_paths(tree, owner_paths: dict[tuple, type], where: str):
+  """True for ``tree`` leaves at ``owner + ('kernel',)``; checks every owner."""
+  found = set()
+
+  def is_box(x):
+    return isinstance(x, nn.meta.AxisMetadata)
+
+  def leaf_fn(keypath, _):
+    path = tuple(_key_name(k) for k in keypath)
+    if path and path[-1] == _KERNEL and path[:-1] in owner_paths:
+      found.add(path[:-1])
+      return True
+    return False
+
+  mask = jax.tree_util.tree_map_with_path(leaf_fn, tree, is_leaf=is_box)
+  missing = [p for p in owner_paths if p not in found]
+  if missing:
+    p = missing[0]
+    raise ValueError(
+        f'adder module {owner_paths[p].__name__} at path {"/".join(map(str, p))}'
+        f' has no {_KERNEL!r} parameter in {where}; adder_types must name '
+        f'modules that own a {_KERNEL!r} parameter.')
+  return mask
+
+
+def _linen_mask(model: nn.Module, args, kwargs, adder_types, init_rngs):
+  owners: dict[tuple, type] = {}
+
+  def interceptor(next_fun, fargs, fkwargs, context):
+    module = context.module
+    if isinstance(module, adder_types) and module.scope is not None:
+      owners.setdefault(tuple(module.path), type(module))
+    return next_fun(*fargs, **fkwargs)
+
+  if init_rngs is None:
+    init_rngs = jax.random.key(0)
+  # Array-like leaves (arrays, ShapeDtypeStructs) become abstract inputs of
+  # eval_shape; everything else (flags such as train=False) stays static.
+  leaves, treedef = jax.tree.flatten((init_rngs, args, kwargs))
+  dynamic = [isinstance(x, (jax.Array, np.ndarray, np.generic,
+                            jax.ShapeDtypeStruct)) for x in leaves]
+
+  def init(*dyn_leaves):
+    it = iter(dyn_leaves)
+    rngs, a, kw = jax.tree.unflatten(
+        treedef, [next(it) if d else x for x, d in zip(leaves, dynamic)])
+    with nn.intercept_methods(interceptor):
+      return model.init(rngs, *a, **kw)
+
+  # Abstract evaluation: no FLOPs, no parameter memory.
+  variables = jax.eval_shape(init, *[x for x, d in zip(leaves, dynamic) if d])
+  params = variables.get('params', {})
+  return _mask_from_paths(params, owners, "the model's variables['params']")
+
+
+def _nnx_mask(model: nnx.Module, adder_types):
+  owners: dict[tuple, type] = {}
+  for path, node in nnx.iter_modules(model):
+    if isinstance(node, adder_types):
+      owners.setdefault(tuple(path), type(node))
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  return _mask_from_paths(params, owners, 'nnx.state(model, nnx.Param)')
+
+
+def adder_mask(model: nn.Module | nnx.Module,
+               *example_args: Any,
+               adder_types: Sequence[type] | type | None = None,
+               init_rngs: Any = None,
+               **example_kwargs: Any):
+  """A boolean pytree that is True exactly at the adder layers' kernels.
+
+  Adder layers are found from the module types, not from parameter names: every
+  instance of ``adder_types`` (subclasses included) contributes its own
+  ``kernel`` parameter. Everything else (the first multiplication convolution,
+  BatchNorm scales and biases, every bias, the classifier) is False. Use the
+  result with :func:`optax.masked` or as ``addernet_sgd(mask=...)``.
+
+  * Linen: ``adder_mask(model, *example_args, **example_kwargs)`` runs
+    ``model.init(init_rngs, *example_args, **example_kwargs)`` abstractly
+    (:func:`jax.eval_shape`, nothing is computed or allocated) under
+    :func:`flax.linen.intercept_methods`, records the scope path of every
+    adder module that is called and returns a tree of bools shaped like
+    ``variables['params']`` (a boxed ``nn.Partitioned`` parameter counts as one
+    leaf). The example inputs may be arrays or :class:`jax.ShapeDtypeStruct`.
+  * NNX: ``adder_mask(model)`` walks the module graph and returns a tree of
+    bools shaped like ``nnx.as_pure(nnx.state(model, nnx.Param))``; it works
+    with ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
+
+  Args:
+    model: a ``flax.linen.Module`` (unbound) or a ``flax.nnx.Module``.
+    *example_args: Linen only: positional inputs for ``model.init``.
+    adder_types: module classes that count as adder layers. Default:
+      :data:`LINEN_ADDER_TYPES` or :data:`NNX_ADDER_TYPES`. To add a model
+      zoo's own layer type, pass e.g. ``LINEN_ADDER_TYPES + (MyAdder,)``; each
+      must own a parameter named ``kernel``. (This keyword is not forwarded to
+      the model.)
+    init_rngs: Linen only: the ``rngs`` argument of ``model.init`` (default
+      ``jax.random.key(0)``; pass a dict such as ``{'params': k, 'dropout': k}``
+      if the model draws other streams at init).
+    **example_kwargs: Linen only: keyword inputs for ``model.init`` (e.g.
+      ``train=False``).
+
+  Returns:
+    A pytree of Python bools with the structure of the model's parameters.
+
+  Raises:
+    TypeError: if ``model`` is neither a Linen nor an NNX module, if example
+      inputs are given for an NNX model, or if ``adder_types`` is not a
+      sequence of classes.
+    ValueError: if an adder module has no ``kernel`` parameter.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from adderjax import optim
+    >>> from adderjax.nnx import AdderConv
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.stem = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    ...     self.adder = AdderConv(4, 4, (3, 3), rngs=rngs)
+    ...     self.bn = nnx.BatchNorm(4, rngs=rngs)
+    >>> mask = optim.adder_mask(Net(nnx.Rngs(0)))
+    >>> sorted(path for path, m in nnx.to_flat_state(mask) if m)
+    [('adder', 'kernel')]
+
+  References:
+    Chen et al., AdderNet, CVPR 2020, Sec. 3.3: only adder filters get the
+    adaptive learning rate. https://arxiv.org/abs/1912.13200
+  """
+  if isinstance(model, nn.Module):
+    types = _check_types(adder_types, LINEN_ADDER_TYPES)
+    return _linen_mask(model, example_args, example_kwargs, types, init_rngs)
+  if isinstance(model, nnx.Module):
+    if example_args or example_kwargs or init_rngs is not None:
+      raise TypeError(
+          'adder_mask(nnx_model) takes no example inputs or init_rngs (the NNX '
+          'model already holds its parameters); got '
+          f'{len(example_args)} positional and keywords '
+          f'{sorted(example_kwargs) + (["init_rngs"] if init_rngs else [])}.')
+    types = _check_types(adder_types, NNX_ADDER_TYPES)
+    return _nnx_mask(model, types)
+  raise TypeError('adder_mask needs a flax.linen.Module or a flax.nnx.Module, '
+                  f'got {type(model).__name__}: {model!r}.')
+
+
+# ----------------------------------------------------------------------------
+# The paper's optimizer and schedule.
+
+
+def addernet_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    mask: Any = None,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    eta: float = 0.2,
+    eps: float = 1e-12,
+    nesterov: bool = False,
+    scaling: str = 'adaptive',
+    ilr_factor: float | None = None,
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformation:
+  """The AdderNet optimizer: adaptive LR on adder kernels, then SGD momentum.
+
+  The chain, in the order of the official PyTorch training (the adaptive LR
+  is applied to the gradient before ``torch.optim.SGD`` sees it)::
+
+    g  <- masked(scale_by_adaptive_lr(eta, eps), mask)(g)   # adder kernels
+    d  <- g + weight_decay * p                               # every parameter
+    buf <- momentum * buf + d                                # optax.trace
+    u  <- -learning_rate(step) * buf                         # (nesterov: d + momentum * buf)
+
+  i.e. PyTorch's ``d_p = grad + wd * p; buf = momentum * buf + d_p;
+  p -= lr * buf`` (no dampening). With ``scaling='ilr'`` the masked transform is
+  :func:`increased_lr` (``ilr_factor``); with ``scaling='none'`` there is none.
+  Under data parallelism with ``jax.jit`` + ``NamedSharding`` the adaptive
+  norm is that of the global gradient (see :func:`scale_by_adaptive_lr`).
+
+  Args:
+    learning_rate: a float or an optax schedule of the step count (e.g.
+      :func:`cosine_lr_schedule` or :func:`optax.cosine_decay_schedule`).
+    mask: which leaves are adder kernels: a boolean pytree (prefix) of the
+      parameters or a callable ``params -> pytree``, usually
+      :func:`adder_mask`. Required unless ``scaling='none'``.
+    momentum: SGD momentum (paper: 0.9); 0 disables the momentum buffer.
+    weight_decay: L2 coefficient added to the gradient (CIFAR: 5e-4, ImageNet:
+      1e-4).
+    eta: adaptive-LR :math:`\\eta` (0.2 in the official code).
+    eps: lower bound of the adaptive-LR norm.
+    nesterov: Nesterov momentum (the paper does not use it).
+    scaling: ``'adaptive'`` (paper), ``'ilr'`` (increased-LR baseline) or
+      ``'none'`` (plain SGD baseline).
+    ilr_factor: the ILR multiplier; required for ``scaling='ilr'``.
+    weight_decay_mask: optional mask for the weight decay (default: all
+      parameters, as PyTorch's ``SGD(weight_decay=...)``).
+
+  Returns:
+    An :class:`optax.GradientTransformation` (a chain).
+
+  Raises:
+    ValueError: on an unknown ``scaling``, a missing ``mask`` or
+      ``ilr_factor``, or out-of-range hyperparameters.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adderjax.optim import addernet_sgd, cosine_lr_schedule
+    >>> params = {'adder': {'kernel': jnp.ones((3, 3, 2, 2))},
+    ...           'bn': {'scale': jnp.ones(2)}}
+    >>> mask = {'adder': {'kernel': True}, 'bn': {'scale': False}}
+    >>> tx = addernet_sgd(cosine_lr_schedule(0.1, num_epochs=400,
+    ...                                      steps_per_epoch=196), mask=mask)
+    >>> state = tx.init(params)
+    >>> grads = {'adder': {'kernel': jnp.full((3, 3, 2, 2), 1e-4)},
+    ...          'bn': {'scale': jnp.zeros(2)}}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> round(float(updates['adder']['kernel'][0, 0, 0, 0]), 7)  # -0.1 * 0.2005
+    -0.02005
+    >>> round(float(updates['bn']['scale'][0]), 7)               # -0.1 * 5e-4
+    -5e-05
+
+  References:
+    Chen et al., AdderNet, CVPR 2020, Sec. 3.3 and 4 (SGD, momentum 0.9,
+    weight decay 5e-4, cosine learning rate). https://arxiv.org/abs/1912.13200
+  """
+  if scaling not in SCALINGS:
+    raise ValueError(f'scaling must be one of {SCALINGS}, got {scaling!r}.')
+  _check_nonnegative_scalar('momentum', momentum)
+  _check_nonnegative_scalar('weight_decay', weight_decay)
+  if not callable(learning_rate):
+    _check_nonnegative_scalar('learning_rate', learning_rate)
+  if nesterov and not momentum:
+    raise ValueError('nesterov=True needs momentum > 0, got '
+                     f'momentum={momentum!r}.')
+  if scaling != 'none' and mask is None:
+    raise ValueError(
+        f"scaling={scaling!r} needs mask= (which leaves are adder kernels), "
+        'e.g. mask=adderjax.optim.adder_mask(model, example_input); pass '
+        "scaling='none' for plain SGD.")
+  if scaling == 'ilr' and ilr_factor is None:
+    raise ValueError("scaling='ilr' needs ilr_factor= (the LR multiplier of "
+                     'adder layers).')
+  if scaling != 'ilr' and ilr_factor is not None:
+    raise ValueError(f'ilr_factor={ilr_factor!r} is only used with '
+                     f"scaling='ilr', got scaling={scaling!r}.")
+
+  parts = []
+  if scaling == 'adaptive':
+    parts.append(optax.masked(scale_by_adaptive_lr(eta=eta, eps=eps), mask))
+  elif scaling == 'ilr':
+    parts.append(optax.masked(increased_lr(ilr_factor), mask))
+  if weight_decay:
+    decay = optax.add_decayed_weights(weight_decay)
+    if weight_decay_mask is not None:
+      decay = optax.masked(decay, weight_decay_mask)
+    parts.append(decay)
+  if momentum:
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)
+
+
+def cosine_lr_schedule(base_lr: float,
+                       num_epochs: int,
+                       steps_per_epoch: int = 1,
+                       *,
+                       per_epoch: bool = True) -> Callable[[Any], jax.Array]:
+  """The official AdderNet cosine schedule, as an optax schedule of the step.
+
+  ``lr = base_lr / 2 * (1 + cos(pi * epoch / num_epochs))`` with
+  ``epoch = step // steps_per_epoch`` (the official CIFAR code sets the LR once
+  per epoch: ``0.05 * (1 + cos(pi * epoch / 400))``). It stays at 0 after
+  ``num_epochs``. With ``per_epoch=False`` the decay is smooth per step,
+  i.e. ``optax.cosine_decay_schedule(base_lr, num_epochs * steps_per_epoch)``,
+  which is equally fine for training.
+
+  Args:
+    base_lr: the initial learning rate (CIFAR and MNIST: 0.1).
+    num_epochs: epochs to decay over (CIFAR: 400, ImageNet: 150, MNIST: 50).
+    steps_per_epoch: optimizer steps per epoch (e.g. ``ceil(50000 / 256)``).
+    per_epoch: staircase per epoch (official) or smooth per step.
+
+  Returns:
+    A schedule: a callable from the step count to the learning rate.
+
+  Raises:
+    ValueError: on a negative ``base_lr`` or non-positive counts.
+
+  Examples:
+    >>> from adderjax.optim import cosine_lr_schedule
+    >>> sched = cosine_lr_schedule(0.1, num_epochs=400, steps_per_epoch=196)
+    >>> [round(float(sched(s)), 6) for s in (0, 195, 196, 200 * 196, 10**6)]
+    [0.1, 0.1, 0.099998, 0.05, 0.0]
+
+  References:
+    Chen et al., AdderNet, CVPR 2020, Sec. 4.1 (cosine learning rate).
+    https://arxiv.org/abs/1912.13200
+  """
+  _check_nonnegative_scalar('base_lr', base_lr)
+  for name, v in (('num_epochs', num_epochs),
+                  ('steps_per_epoch', steps_per_epoch)):
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+      raise ValueError(f'{name} must be a positive int, got {v!r}.')
+  if not per_epoch:
+    return optax.cosine_decay_schedule(base_lr, num_epochs * steps_per_epoch)
+
+  def schedule(count):
+    epoch = jnp.minimum(jnp.asarray(count) // steps_per_epoch, num_epochs)
+    frac = epoch.astype(jnp.float32) / num_epochs
+    # 0.5 * (1 + cos(pi f)) == cos(pi f / 2) ** 2, without the cancellation
+    # of 1 + cos near the end of training.
+    return jnp.asarray(base_lr, jnp.float32) * jnp.square(
+        jnp.cos(0.5 * jnp.pi * frac))
+
+  return schedule
