@@ -29,14 +29,14 @@ Examples:
   ...     x = AdderConv(4, (3, 3), use_bias=False)(x)
   ...     return nn.Dense(2)(x.mean((1, 2)))      # classifier: not an adder
   >>> x = jnp.ones((1, 8, 8, 1))
-  >>> params = Net().init(jax.random.key(0), x)['params']
+  >>> params = jax.jit(Net().init)(jax.random.key(0), x)['params']
   >>> mask = optim.adder_mask(Net(), x)
   >>> mask['AdderConv_0']['kernel'], mask['Conv_0']['kernel']
   (True, False)
   >>> tx = optim.addernet_sgd(0.1, mask=mask)
-  >>> state = tx.init(params)
+  >>> state = jax.jit(tx.init)(params)
   >>> grads = jax.tree.map(jnp.ones_like, params)
-  >>> updates, state = tx.update(grads, state, params)
+  >>> updates, state = jax.jit(tx.update)(grads, state, params)
   >>> jax.tree.structure(updates) == jax.tree.structure(params)
   True
 
@@ -54,6 +54,7 @@ from typing import Any
 
 import flax.linen as nn
 from flax import nnx
+from flax.linen import module as _linen_module
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -306,12 +307,22 @@ def _mask_from_paths(tree, owner_paths: dict[tuple, type], where: str):
   return mask
 
 
+# Flax runs lifted modules (nn.remat, nn.scan, ...) once more on a throw-away
+# scope to validate them; calls made there have no real path.
+_TEST_SCOPE = getattr(_linen_module, 'TestScope', None)
+
+
+def _is_validation_scope(scope) -> bool:
+  return _TEST_SCOPE is not None and isinstance(scope.root, _TEST_SCOPE)
+
+
 def _linen_mask(model: nn.Module, args, kwargs, adder_types, init_rngs):
   owners: dict[tuple, type] = {}
 
   def interceptor(next_fun, fargs, fkwargs, context):
     module = context.module
-    if isinstance(module, adder_types) and module.scope is not None:
+    if (isinstance(module, adder_types) and module.scope is not None and
+        not _is_validation_scope(module.scope)):
       owners.setdefault(tuple(module.path), type(module))
     return next_fun(*fargs, **fkwargs)
 
@@ -367,7 +378,14 @@ def adder_mask(model: nn.Module | nnx.Module,
     leaf). The example inputs may be arrays or :class:`jax.ShapeDtypeStruct`.
   * NNX: ``adder_mask(model)`` walks the module graph and returns a tree of
     bools shaped like ``nnx.as_pure(nnx.state(model, nnx.Param))``; it works
-    with ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
+    with ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and with abstract models
+    (``nnx.eval_shape``).
+
+  Modules inside ``setup``, ``nn.remat`` and other lifted transforms are found
+  with their real paths. Kernels stacked by ``nn.scan`` / ``nn.vmap`` (or an
+  NNX module built under ``nnx.vmap``) are one leaf, so
+  :func:`scale_by_adaptive_lr` would normalise the whole stack at once rather
+  than each layer.
 
   Args:
     model: a ``flax.linen.Module`` (unbound) or a ``flax.nnx.Module``.
@@ -402,7 +420,8 @@ def adder_mask(model: nn.Module | nnx.Module,
     ...     self.stem = nnx.Conv(1, 4, (3, 3), rngs=rngs)
     ...     self.adder = AdderConv(4, 4, (3, 3), rngs=rngs)
     ...     self.bn = nnx.BatchNorm(4, rngs=rngs)
-    >>> mask = optim.adder_mask(Net(nnx.Rngs(0)))
+    >>> model = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))  # or a real model
+    >>> mask = optim.adder_mask(model)
     >>> sorted(path for path, m in nnx.to_flat_state(mask) if m)
     [('adder', 'kernel')]
 
@@ -458,6 +477,11 @@ def addernet_sgd(
   :func:`increased_lr` (``ilr_factor``); with ``scaling='none'`` there is none.
   Under data parallelism with ``jax.jit`` + ``NamedSharding`` the adaptive
   norm is that of the global gradient (see :func:`scale_by_adaptive_lr`).
+  With sharded parameters, create the state with their shardings (an eager
+  ``tx.init(params)``, or ``jax.jit(tx.init, out_shardings=...)`` built with
+  :func:`optax.tree_map_params`): with Auto mesh axes a bare
+  ``jax.jit(tx.init)`` returns a replicated momentum buffer, and the second
+  train step then recompiles for the sharded one the first step returns.
 
   Args:
     learning_rate: a float or an optax schedule of the step count (e.g.

@@ -92,7 +92,7 @@ def test_adaptive_matches_eq13(dtype, use_jit):
                                np_adaptive(g), **tol(dtype), err_msg=k)
 
 
-def test_adaptive_other_eta_and_f64_free_leaf_types():
+def test_adaptive_other_eta_eps_and_f16():
   tx = optim.scale_by_adaptive_lr(eta=0.7, eps=1e-3)
   g = {'a': jnp.asarray([1e-5, -2e-5], jnp.float32),     # ||g|| < eps
        'b': jnp.asarray(np.arange(12.).reshape(3, 4) - 5, jnp.float16)}
@@ -291,17 +291,26 @@ def test_bad_arguments_raise_clear_errors():
 
 
 class LinenBlock(nn.Module):
+  """A residual block written with setup (the NNX-like style)."""
+  in_features: int
   features: int
   stride: int = 1
 
-  @nn.compact
+  def setup(self):
+    self.conv = alinen.AdderConv(self.features, (3, 3), self.stride,
+                                 use_bias=False)
+    self.bn = nn.BatchNorm()
+    if self.in_features != self.features or self.stride != 1:
+      self.proj = alinen.AdderConv(self.features, (1, 1), self.stride,
+                                   use_bias=False)
+      self.proj_bn = nn.BatchNorm()
+    else:
+      self.proj = None
+
   def __call__(self, x, train):
-    y = alinen.AdderConv(self.features, (3, 3), self.stride, use_bias=False)(x)
-    y = nn.BatchNorm(use_running_average=not train)(y)
-    if x.shape[-1] != self.features or self.stride != 1:
-      x = alinen.AdderConv(self.features, (1, 1), self.stride,
-                           use_bias=False, name='proj')(x)
-      x = nn.BatchNorm(use_running_average=not train, name='proj_bn')(x)
+    y = self.bn(self.conv(x), use_running_average=not train)
+    if self.proj is not None:
+      x = self.proj_bn(self.proj(x), use_running_average=not train)
     return nn.relu(x + y)
 
 
@@ -315,10 +324,11 @@ class LinenNet(nn.Module):
   def __call__(self, x, train=False):
     x = nn.Conv(4, (3, 3), name='stem')(x)               # plain first conv
     x = nn.BatchNorm(use_running_average=not train)(x)
-    x = LinenBlock(4)(x, train)
-    x = LinenBlock(8, stride=2)(x, train)
+    x = LinenBlock(4, 4)(x, train)
+    x = LinenBlock(4, 8, stride=2)(x, train)
     x = MyAdderConv(8, (3, 3), kernel_init=nn.with_partitioning(
         nn.initializers.normal(1.0), (None, None, None, 'model')))(x)
+    x = nn.remat(alinen.AdderConv)(8, (3, 3), name='remat_adder')(x)
     x = x.mean(axis=(1, 2))
     x = alinen.AdderDense(6)(x)
     x = nn.BatchNorm(use_running_average=not train)(x)
@@ -326,10 +336,11 @@ class LinenNet(nn.Module):
 
 
 LINEN_SELECTED = {
-    ('LinenBlock_0', 'AdderConv_0', 'kernel'),
-    ('LinenBlock_1', 'AdderConv_0', 'kernel'),
+    ('LinenBlock_0', 'conv', 'kernel'),
+    ('LinenBlock_1', 'conv', 'kernel'),
     ('LinenBlock_1', 'proj', 'kernel'),
     ('MyAdderConv_0', 'kernel'),
+    ('remat_adder', 'kernel'),
     ('AdderDense_0', 'kernel'),
 }
 
