@@ -4,8 +4,11 @@ from adderjax.ops import adder_conv
 from adderjax.ops import adder_dense
 from adderjax.ops import available_implementations
 from adderjax.ops import GRAD_MODES
+from adderjax import linen
+from adderjax import nnx
+from adderjax import optim
 
 __version__ = '0.1.0'
 
 __all__ = ['adder_conv', 'adder_dense', 'available_implementations',
-           'GRAD_MODES']
+           'GRAD_MODES', 'linen', 'nnx', 'optim']
