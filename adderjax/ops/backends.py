@@ -20,6 +20,9 @@ class Backend:
   """Base class: the pure-XLA implementation (works on every platform)."""
 
   name = 'xla'
+  #: Only used when named: ``implementation=None`` skips it (e.g. Pallas
+  #: interpret mode, which runs anywhere but slowly).
+  explicit_only = False
 
   def supported_on(self, platform: str) -> bool:  # pylint: disable=unused-argument
     """Whether this backend can run on ``platform`` ('cpu', 'gpu', 'tpu')."""
@@ -66,7 +69,8 @@ def resolve(implementation: str | None, platform: str | None = None) -> str:
   platform = platform or jax.default_backend()
   if implementation is None:
     for name in available():
-      if _REGISTRY[name].supported_on(platform):
+      backend = _REGISTRY[name]
+      if not backend.explicit_only and backend.supported_on(platform):
         return name
     return 'xla'
   if not isinstance(implementation, str) or implementation not in _REGISTRY:
@@ -84,3 +88,11 @@ def get(name: str) -> Backend:
 
 
 register(Backend(), prefer=False)
+
+
+# Optional accelerator backends (they register themselves on import, after
+# the XLA backend above, which stays last for None).
+try:
+  import pallas_kernels.backend  # pylint: disable=unused-import
+except ImportError:  # Pallas or the pallas_kernels package not installed.
+  pass

@@ -1,0 +1,1 @@
+"""Pallas kernels for the adder (l1) reductions."""

@@ -1,0 +1,271 @@
+"""The Pallas backends of ``adderjax.adder_conv`` / ``adder_dense``.
+
+Three backends are registered with :mod:`adderjax.ops.backends`:
+
+* ``'pallas'``: the compiled kernels, Triton on GPU (:mod:`.adder_gpu`) and
+  Mosaic on TPU (:mod:`.adder_tpu`), chosen when the computation is lowered
+  (``lax.platform_dependent``). ``implementation=None`` picks it on GPU and
+  TPU; naming it on CPU raises a ``ValueError`` that points to the interpret
+  backends.
+* ``'pallas_gpu_interpret'`` / ``'pallas_tpu_interpret'``: the same GPU- or
+  TPU-flavoured kernels run by the Pallas interpreter, on any platform (CPU
+  included). They exist for tests and debugging and are only used when named:
+  ``implementation=None`` never picks them (interpret mode is slow).
+
+What runs where:
+
+* Forward and input gradient: the kernels. The ``'unclipped'`` input gradient
+  is the matmul identity ``dP = W gy - P * sum_t gy`` (the kernels implement
+  it too, but the matmul units do it faster), like the XLA backend.
+* Weight gradient: the XLA matmul identity ``dW = P gy^T - W * sum_m gy`` (the
+  inherited :meth:`Backend.weight_grad`): it is a convolution's weight gradient
+  plus a rank-1 term and runs on tensor cores / the MXU, which an l1 kernel
+  cannot use (see ``docs/roofline.md``).
+
+Sharding: a ``pallas_call`` cannot be partitioned by XLA (on CPU it silently
+gathers its operands, on TPU it refuses). Each kernel is therefore wrapped in
+``jax.experimental.custom_partitioning`` with a Shardy rule: the ``G`` and
+``M`` axes of the patches (``M = N * prod(out_spatial)`` is batch-major, so a
+batch-sharded input shards ``M`` contiguously) are kept as they come and the
+kernel runs on each shard; the reduction axes and the small kernel ``W`` are
+replicated. No activation is gathered. The weight gradient is plain XLA and
+XLA partitions it (a reduction over ``M``, i.e. an all-reduce of ``dW``).
+Each op is also wrapped in ``jax.custom_batching.custom_vmap`` (folding a
+vmapped axis into ``G``), because ``custom_partitioning`` has no batching rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+from adderjax.ops import backends
+from pallas_kernels import adder_gpu
+from pallas_kernels import adder_tpu
+
+#: ``jax.default_backend()`` names on which the compiled kernels run.
+ACCELERATOR_PLATFORMS = ('gpu', 'tpu')
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSet:
+  """Which kernels an op runs (hashable: it keys the op caches).
+
+  Attributes:
+    flavour: ``'gpu'`` (Triton), ``'tpu'`` (Mosaic) or ``'auto'`` (chosen at
+      lowering time by the target platform).
+    interpret: run in the Pallas interpreter (any platform).
+  """
+  flavour: str
+  interpret: bool = False
+
+  def __post_init__(self):
+    if self.flavour not in ('gpu', 'tpu', 'auto'):
+      raise ValueError(f"flavour must be 'gpu', 'tpu' or 'auto', got "
+                       f'{self.flavour!r}.')
+    if self.flavour == 'auto' and self.interpret:
+      raise ValueError("interpret mode needs an explicit flavour ('gpu' or "
+                       "'tpu').")
+
+  def forward(self, p, w):
+    gpu = functools.partial(adder_gpu.l1_forward, interpret=self.interpret)
+    tpu = functools.partial(adder_tpu.l1_forward, interpret=self.interpret)
+    if self.flavour == 'gpu':
+      return gpu(p, w)
+    if self.flavour == 'tpu':
+      return tpu(p, w)
+    return lax.platform_dependent(p, w, cuda=gpu, rocm=gpu, tpu=tpu)
+
+  def input_grad(self, p, w, gy, mode):
+    gpu = functools.partial(adder_gpu.l1_input_grad, mode=mode,
+                            interpret=self.interpret)
+    tpu = functools.partial(adder_tpu.l1_input_grad, mode=mode,
+                            interpret=self.interpret)
+    if self.flavour == 'gpu':
+      return gpu(p, w, gy)
+    if self.flavour == 'tpu':
+      return tpu(p, w, gy)
+    return lax.platform_dependent(p, w, gy, cuda=gpu, rocm=gpu, tpu=tpu)
+
+
+# --- sharding ---------------------------------------------------------------
+
+
+def _spec(sharding, ndim: int) -> tuple:
+  if not isinstance(sharding, NamedSharding):
+    raise NotImplementedError(
+        f'the Pallas adder kernels are partitioned from NamedShardings (jit '
+        f'over a jax.sharding.Mesh); got {sharding!r}.')
+  spec = tuple(sharding.spec)
+  return spec + (None,) * (ndim - len(spec))
+
+
+def _patch_shardings(mesh, p_sharding):
+  """``(G, -, M)`` sharding kept from the patches, and ``(G, -, -)``."""
+  g_axes, _, m_axes = _spec(p_sharding, 3)
+  return (NamedSharding(mesh, PartitionSpec(g_axes, None, m_axes)),
+          NamedSharding(mesh, PartitionSpec(g_axes, None, None)))
+
+
+def _forward_partition(kernels, mesh, arg_shapes, result_shape):
+  del result_shape
+  gm, g_only = _patch_shardings(mesh, arg_shapes[0].sharding)
+  return mesh, kernels.forward, gm, (gm, g_only)
+
+
+def _forward_infer(kernels, mesh, arg_shapes, result_shape):
+  del kernels, result_shape
+  return _patch_shardings(mesh, arg_shapes[0].sharding)[0]
+
+
+def _input_grad_partition(kernels, mode, mesh, arg_shapes, result_shape):
+  del result_shape
+  gm, g_only = _patch_shardings(mesh, arg_shapes[0].sharding)
+  fn = functools.partial(kernels.input_grad, mode=mode)
+  return mesh, fn, gm, (gm, g_only, gm)
+
+
+def _input_grad_infer(kernels, mode, mesh, arg_shapes, result_shape):
+  del kernels, mode, result_shape
+  return _patch_shardings(mesh, arg_shapes[0].sharding)[0]
+
+
+# --- vmap: fold the batch axis into G ---------------------------------------
+
+
+def _fold_into_groups(axis_size, batched, *args):
+  """Moves a vmapped leading axis into ``G`` (broadcasting unbatched args)."""
+  out = []
+  for a, b in zip(args, batched):
+    if not b:
+      a = jnp.broadcast_to(a, (axis_size,) + a.shape)
+    out.append(a.reshape((axis_size * a.shape[1],) + a.shape[2:]))
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def forward_op(kernels: KernelSet):
+  """``(P[G,K,M], W[G,K,T]) -> Y[G,T,M]`` f32, partitionable and vmappable."""
+
+  @custom_partitioning
+  def partitioned(p, w):
+    return kernels.forward(p, w)
+
+  partitioned.def_partition(
+      partition=functools.partial(_forward_partition, kernels),
+      infer_sharding_from_operands=functools.partial(_forward_infer, kernels),
+      sharding_rule='g k m, g k t -> g t m',
+      need_replication_factors=('k', 't'))
+
+  @jax.custom_batching.custom_vmap
+  def op(p, w):
+    return partitioned(p, w)
+
+  @op.def_vmap
+  def _rule(axis_size, in_batched, p, w):
+    pf, wf = _fold_into_groups(axis_size, in_batched, p, w)
+    y = op(pf, wf)
+    return y.reshape((axis_size, -1) + y.shape[1:]), True
+
+  return op
+
+
+@functools.lru_cache(maxsize=None)
+def input_grad_op(kernels: KernelSet, mode: str):
+  """``(P, W, gy[G,T,M]) -> dP[G,K,M]`` f32, partitionable and vmappable."""
+
+  @custom_partitioning
+  def partitioned(p, w, gy):
+    return kernels.input_grad(p, w, gy, mode)
+
+  partitioned.def_partition(
+      partition=functools.partial(_input_grad_partition, kernels, mode),
+      infer_sharding_from_operands=functools.partial(_input_grad_infer,
+                                                     kernels, mode),
+      sharding_rule='g k m, g k t, g t m -> g k m',
+      need_replication_factors=('k', 't'))
+
+  @jax.custom_batching.custom_vmap
+  def op(p, w, gy):
+    return partitioned(p, w, gy)
+
+  @op.def_vmap
+  def _rule(axis_size, in_batched, p, w, gy):
+    pf, wf, gf = _fold_into_groups(axis_size, in_batched, p, w, gy)
+    dp = op(pf, wf, gf)
+    return dp.reshape((axis_size, -1) + dp.shape[1:]), True
+
+  return op
+
+
+# --- the registered backends --------------------------------------------------
+
+
+class PallasBackend(backends.Backend):
+  """Runs the l1 reductions with the Pallas kernels of this package.
+
+  Args:
+    name: registry name.
+    kernels: which kernels to run.
+  """
+
+  def __init__(self, name: str, kernels: KernelSet):
+    self.name = name
+    self.kernels = kernels
+    # Interpret mode is for tests and debugging: only used when named.
+    self.explicit_only = kernels.interpret
+
+  def supported_on(self, platform: str) -> bool:
+    if self.kernels.interpret:
+      return True
+    if self.kernels.flavour == 'auto':
+      return platform in ACCELERATOR_PLATFORMS
+    return platform == self.kernels.flavour
+
+  def unsupported_reason(self, platform: str) -> str:
+    return (f'the Pallas kernels need a GPU or TPU and the default backend is '
+            f"{platform!r}; use implementation='pallas_gpu_interpret' or "
+            "'pallas_tpu_interpret' to run them in interpret mode (slow, for "
+            "tests and debugging), or 'xla'")
+
+  def forward(self, p, w, *, precision=None):
+    del precision  # No matmul in the forward pass.
+    return forward_op(self.kernels)(p, w)
+
+  def input_grad(self, p, w, gy, mode, *, precision=None):
+    if mode == 'unclipped':  # A matmul: leave it to the matrix units.
+      return super().input_grad(p, w, gy, mode, precision=precision)
+    return input_grad_op(self.kernels, mode)(p, w, gy)
+
+
+def make_backends() -> tuple[PallasBackend, ...]:
+  """The backends this package registers, compiled one first."""
+  return (PallasBackend('pallas', KernelSet('auto')),
+          PallasBackend('pallas_gpu_interpret', KernelSet('gpu', True)),
+          PallasBackend('pallas_tpu_interpret', KernelSet('tpu', True)))
+
+
+def register(register_fn=None) -> None:
+  """Registers the Pallas backends (``'pallas'`` preferred, XLA stays last).
+
+  Args:
+    register_fn: the registry's ``register``; defaults to
+      :func:`adderjax.ops.backends.register`.
+  """
+  register_fn = register_fn or backends.register
+  compiled, *interpreted = make_backends()
+  register_fn(compiled, prefer=True)
+  for b in interpreted:
+    register_fn(b, prefer=False)
+
+
+# Importing this module registers its backends (adderjax.ops.backends imports
+# it inside try/except ImportError, so adderjax works without Pallas).
+register()
