@@ -1,0 +1,222 @@
+"""Every config key, with defaults; the experiment configs override it.
+
+Values marked ``[not fixed]`` are not set by the paper or its official code
+(see /work/shared/PAPER.md section 5); they are our choice.
+
+Config arguments (``--config experiments/configs/<name>.py:ARG``) are a
+comma-separated list of tokens, parsed by :func:`parse_arg`:
+
+* ``cnn`` / ``adder`` / ``bnn``: the model kind (also ``--config.model.kind``);
+* ``runlocal``: shrink everything for a quick local run (small model, few
+  steps; still needs the dataset);
+* ``full``: the paper's full schedule where the default is shortened (MNIST).
+
+Examples:
+  >>> parse_arg('cnn,runlocal')
+  {'kind': 'cnn', 'runlocal': True, 'full': False}
+  >>> get_config().model.kind
+  'adder'
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+KINDS = ('cnn', 'adder', 'bnn')
+
+
+def parse_arg(arg: str | None) -> dict:
+  """Parses the config argument string (see module docstring).
+
+  Raises:
+    ValueError: an unknown token.
+  """
+  out = {'kind': None, 'runlocal': False, 'full': False}
+  for token in filter(None, (t.strip() for t in (arg or '').split(','))):
+    if token in KINDS:
+      out['kind'] = token
+    elif token in ('runlocal', 'full'):
+      out[token] = True
+    else:
+      raise ValueError(f'unknown config argument {token!r}; use a kind '
+                       f'{KINDS}, runlocal or full.')
+  return out
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The default config: every key the training loop reads."""
+  args = parse_arg(arg)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'lenet5_bn'     # adderjax.models name, or 'module:factory'
+  c.model.kind = args['kind'] or 'adder'
+  c.model.dtype = 'float32'
+  # BatchNorm running-average momentum, Flax convention (PyTorch's 0.1).
+  c.model.bn_momentum = 0.9
+  c.model.grad = config_dict.placeholder(str)  # adder gradient mode
+  c.model.implementation = config_dict.placeholder(str)  # adder backend
+  c.model.overrides = ml_collections.ConfigDict()  # other model fields
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'mnist'
+  c.dataset.data_dir = 'data/mnist'          # MNIST-format IDX files
+  c.dataset.tfds_data_dir = config_dict.placeholder(str)  # TFDS data_dir
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'test'
+  c.dataset.num_classes = 10
+  c.dataset.image_size = 28
+  c.dataset.augment = False
+  c.dataset.eval_resize = 256                # ImageNet eval: resize, crop
+  c.dataset.num_workers = 8                  # decoding threads (ImageNet)
+  c.dataset.prefetch = 2                     # batches prepared ahead
+  c.dataset.max_train_examples = -1          # >0: use the first N only
+  c.dataset.max_eval_examples = -1
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.eta = 0.2                      # adaptive LR (official code)
+  c.optimizer.scaling = 'adaptive'           # 'adaptive' | 'ilr' | 'none'
+  c.optimizer.ilr_factor = config_dict.placeholder(float)
+  # 'cosine_epoch': the official per-epoch cosine; 'cosine_step': smooth.
+  c.optimizer.schedule = 'cosine_epoch'
+
+  c.num_epochs = 50
+  c.batch_size = 256
+  c.eval_batch_size = 1000
+  c.steps_per_epoch = -1    # >0: shorter epochs (runlocal)
+  c.num_train_steps = -1    # >0: stop after this many steps (schedule kept)
+  c.parallelism = 'jit'     # 'jit' (mesh + NamedSharding) or 'pmap'
+
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  c.checkpoint_every_steps = -1   # <=0: at the end of every epoch
+  c.max_to_keep = 2
+  c.async_checkpointing = True
+  c.progress_bar = True
+  c.tensorboard = True
+  # >0: recompute BN statistics over N training batches before each eval.
+  c.bn_recalibration_batches = 0
+  return c
+
+
+def shrink_for_runlocal(c: ml_collections.ConfigDict) -> None:
+  """Common ``runlocal`` settings: a few short epochs, small batches."""
+  c.num_epochs = 2
+  c.steps_per_epoch = 10
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.dataset.max_eval_examples = 256
+  c.log_every_steps = 5
+
+
+# ----------------------------------------------------------------------------
+# Builders shared by the experiment configs.
+
+# Model fields per architecture, written out so that they can be overridden
+# from the command line (e.g. --config.model.overrides.width=8).
+_ARCH = {
+    'lenet5_bn': {'pool': 'max'},
+    'vgg_small': {'widths': (128, 256, 512)},
+    'resnet20': {'stage_sizes': (3, 3, 3), 'width': 16},
+    'resnet32': {'stage_sizes': (5, 5, 5), 'width': 16},
+    'resnet18': {'stage_sizes': (2, 2, 2, 2), 'width': 64},
+    'resnet50': {'stage_sizes': (3, 4, 6, 3), 'width': 64},
+}
+_RUNLOCAL_ARCH = {
+    'lenet5_bn': {},
+    'vgg_small': {'widths': (8, 16, 32)},
+    'resnet20': {'stage_sizes': (1, 1, 1), 'width': 8},
+    'resnet32': {'stage_sizes': (1, 1, 1), 'width': 8},
+    'resnet18': {'stage_sizes': (1, 1, 1, 1), 'width': 8},
+    'resnet50': {'stage_sizes': (1, 1, 1, 1), 'width': 8},
+}
+
+
+def _set_model(c, name: str, runlocal: bool) -> None:
+  c.model.name = name
+  c.model.overrides = ml_collections.ConfigDict(dict(_ARCH[name]))
+  if runlocal:
+    c.model.overrides.update(_RUNLOCAL_ARCH[name])
+
+
+def mnist_config(arg: str | None, quick_epochs: int) -> ml_collections.ConfigDict:
+  """LeNet-5-BN on MNIST (PAPER.md section 5: lr 0.1 cosine, batch 256).
+
+  The default runs ``quick_epochs`` (minutes on 2 CPU cores); the ``full``
+  argument gives the paper's 50 epochs.
+  """
+  args = parse_arg(arg)
+  c = get_config(arg)
+  _set_model(c, 'lenet5_bn', args['runlocal'])
+  c.dataset.name = 'mnist'
+  c.dataset.data_dir = 'data/mnist'
+  c.dataset.num_classes = 10
+  c.dataset.image_size = 28
+  c.dataset.augment = False        # [not fixed] no augmentation
+  c.optimizer.learning_rate = 0.1  # paper
+  c.optimizer.momentum = 0.9       # [not fixed] as CIFAR
+  c.optimizer.weight_decay = 5e-4  # [not fixed] as CIFAR
+  c.batch_size = 256               # paper
+  c.num_epochs = 50 if args['full'] else quick_epochs  # paper: 50
+  c.eval_batch_size = 1000         # [not fixed] any divisor of 10000
+  c.log_every_steps = 50
+  if args['runlocal']:
+    shrink_for_runlocal(c)
+  return c
+
+
+def cifar_config(arg: str | None, model: str,
+                 dataset: str) -> ml_collections.ConfigDict:
+  """A CIFAR-10/100 experiment with the official recipe (PAPER.md sec. 5)."""
+  args = parse_arg(arg)
+  c = get_config(arg)
+  _set_model(c, model, args['runlocal'])
+  c.dataset.name = dataset
+  c.dataset.num_classes = {'cifar10': 10, 'cifar100': 100}[dataset]
+  c.dataset.image_size = 32
+  c.dataset.augment = True          # crop 32 with 4-pixel pad + flip
+  c.optimizer.learning_rate = 0.1   # 0.05 * (1 + cos(pi * epoch / 400))
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.schedule = 'cosine_epoch'  # official: set once per epoch
+  c.batch_size = 256
+  c.num_epochs = 400
+  c.eval_batch_size = 400           # [not fixed]; divides 10000
+  c.log_every_steps = 50
+  if args['runlocal']:
+    shrink_for_runlocal(c)
+  return c
+
+
+def imagenet_config(arg: str | None, model: str) -> ml_collections.ConfigDict:
+  """An ImageNet experiment (PAPER.md section 5: standard ResNet recipe)."""
+  args = parse_arg(arg)
+  c = get_config(arg)
+  _set_model(c, model, args['runlocal'])
+  c.dataset.name = 'imagenet2012'
+  c.dataset.eval_split = 'validation'
+  c.dataset.num_classes = 1000
+  c.dataset.image_size = 224        # eval: resize 256, centre crop 224
+  c.dataset.eval_resize = 256
+  c.dataset.augment = True          # random resized crop 224 + flip
+  c.optimizer.learning_rate = 0.1   # [not fixed] standard ResNet, batch 256
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.schedule = 'cosine_step'  # [not fixed] granularity
+  c.batch_size = 256
+  c.num_epochs = 150
+  c.eval_batch_size = 256           # [not fixed]; last batch padded
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000   # [not fixed] ~0.4 epoch
+  if args['runlocal']:
+    shrink_for_runlocal(c)
+    c.dataset.image_size = 64
+    c.dataset.eval_resize = 73
+  return c

@@ -1,0 +1,11 @@
+"""VGG-small on CIFAR-100: official recipe, 400 epochs (paper AdderNet: 72.64 %).
+
+Kinds: ``:cnn``, ``:adder`` (default), ``:bnn``; ``:runlocal`` shrinks it.
+Needs the TFDS dataset ``cifar100`` prepared (array_record), see the README.
+"""
+
+from experiments.configs import default
+
+
+def get_config(arg=None):
+  return default.cifar_config(arg, model='vgg_small', dataset='cifar100')

@@ -1,0 +1,334 @@
+"""Tests of the training loop (experiments.train) on one device.
+
+Tiny MNIST-format IDX directories are written by the tests; CIFAR/ImageNet
+use ``tfds.testing.mock_data``.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import checkpointing
+from experiments import data
+from experiments import idx
+from experiments import testing
+from experiments import train
+from experiments.configs import lenet5_mnist
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_mnist(path, n_train=96, n_test=40, seed=0):
+  return testing.write_synthetic_mnist(str(path), n_train, n_test, seed)
+
+
+def tiny_mnist_config(data_dir, kind='cnn', **updates):
+  c = lenet5_mnist.get_config(f'runlocal,{kind}')
+  c.dataset.data_dir = data_dir
+  c.batch_size = 16
+  c.eval_batch_size = 20
+  c.steps_per_epoch = 3
+  c.num_epochs = 2
+  c.log_every_steps = 2
+  c.progress_bar = False
+  c.dataset.prefetch = 1
+  c.dataset.max_eval_examples = -1
+  for key, value in updates.items():
+    section, _, leaf = key.rpartition('.')
+    (c[section] if section else c)[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='module')
+def mnist_dir(tmp_path_factory):
+  return write_mnist(tmp_path_factory.mktemp('mnist'))
+
+
+def _restore_params(workdir):
+  """Final parameters of a run, read back from its last checkpoint."""
+  config = train.load_config(workdir)
+  ckpt = checkpointing.Checkpointer(workdir, primary=False)
+  step = ckpt.latest_step()
+  state, _ = ckpt.restore_saved(step)
+  ckpt.close()
+  return step, state
+
+
+def _tree_bytes(tree):
+  leaves = jax.tree.leaves(tree)
+  return hashlib.sha256(b''.join(np.asarray(x).tobytes()
+                                 for x in leaves)).hexdigest()
+
+
+# --- the step against the paper's update rule -------------------------------
+
+
+def test_first_step_matches_the_paper_update(mnist_dir):
+  """One step = SGD on the mean loss with eta*sqrt(k)*g/||g|| on adder kernels."""
+  from adderjax import models
+  config = tiny_mnist_config(mnist_dir, kind='adder')
+  ds = data.build_datasets(config.dataset, seed=0, global_batch_size=16,
+                           eval_batch_size=20)
+  model = train.create_model(config.model, 10)
+  example = jnp.zeros((1, 28, 28, 1))
+  tx, schedule = train.create_optimizer(config, model, example, 3)
+  state = train.init_host_state(model, tx, 0, (28, 28, 1))
+  batch = ds.train.batch(0)
+  step = jax.jit(train.make_train_step(model.apply, tx, ds.mean, ds.std))
+  new_state, metrics = step(jax.tree.map(jnp.asarray, state), batch)
+
+  # Independent reference: gradients of the mean cross-entropy by jax.grad
+  # of a hand-written loss, and the update written from the paper.
+  x = (batch['image'].astype(np.float32) / 255 - 0.1307) / 0.3081
+
+  def loss(params):
+    logits, _ = model.apply({'params': params,
+                             'batch_stats': state.batch_stats}, x,
+                            train=True, mutable=['batch_stats'])
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(logp[jnp.arange(16), batch['label']])
+
+  grads = jax.jit(jax.grad(loss))(state.params)
+  lr, wd, eta = 0.1, 5e-4, 0.2
+  adder_layers = {'conv2', 'fc1', 'fc2'}
+  for layer, leaves in state.params.items():
+    for name, w0 in leaves.items():
+      g = np.asarray(grads[layer][name], np.float64)
+      if layer in adder_layers and name == 'kernel':
+        g = eta * np.sqrt(g.size) * g / max(np.linalg.norm(g), 1e-12)
+      expected = -lr * (g + wd * w0)
+      actual = np.asarray(new_state.params[layer][name], np.float64) - w0
+      # float32 sums in another order: compare at the update's scale.
+      np.testing.assert_allclose(actual, expected,
+                                 atol=2e-3 * np.abs(expected).max() + 1e-7,
+                                 err_msg=f'{layer}/{name}')
+  assert isinstance(model, models.LeNet5BN)
+  assert float(schedule(0)) == pytest.approx(0.1)
+  assert int(new_state.step) == 1
+  assert float(metrics['count']) == 16
+  np.testing.assert_allclose(float(metrics['loss']) / 16,
+                             float(loss(state.params)), rtol=1e-5)
+
+
+def test_classification_metrics_against_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(50, 12)).astype(np.float32)
+  labels = rng.integers(0, 12, size=50)
+  mask = rng.random(50) < 0.7
+  m = train.classification_metrics(jnp.asarray(logits), jnp.asarray(labels),
+                                   jnp.asarray(mask))
+  order = np.argsort(-logits, axis=1)
+  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  ce = -logp[np.arange(50), labels]
+  np.testing.assert_allclose(float(m['loss']), ce[mask].sum(), rtol=1e-5)
+  assert float(m['top1']) == (order[:, 0] == labels)[mask].sum()
+  assert float(m['top5']) == (order[:, :5] == labels[:, None]).any(1)[
+      mask].sum()
+  assert float(m['count']) == mask.sum()
+
+
+# --- the whole loop ----------------------------------------------------------
+
+
+def test_train_and_evaluate_writes_everything(mnist_dir, tmp_path, capsys):
+  workdir = str(tmp_path / 'run')
+  config = tiny_mnist_config(mnist_dir, kind='adder')
+  summary = train.train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out.strip().splitlines()
+  assert out[-1].startswith('Final test accuracy: ')
+  assert f"{100 * summary['eval']['top1']:.2f}%" in out[-1]
+  assert summary['steps'] == 6 and summary['eval']['count'] == 40
+  records = [json.loads(l) for l in open(os.path.join(workdir,
+                                                      'metrics.jsonl'))]
+  train_records = [r for r in records if 'train/loss' in r]
+  eval_records = [r for r in records if 'eval/top1' in r]
+  assert [r['step'] for r in train_records] == [2, 4, 6]
+  assert [r['step'] for r in eval_records] == [3, 6]
+  for r in train_records:
+    assert {'train/top1', 'train/top5', 'train/learning_rate',
+            'train/images_per_second'} <= set(r)
+  # lr: cosine per epoch over 2 epochs: 0.1 in epoch 0, 0.05 in epoch 1.
+  assert [round(r['train/learning_rate'], 6) for r in train_records] == [
+      0.1, 0.05, 0.05]
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert json.load(open(os.path.join(workdir, 'config.json')))['model'][
+      'kind'] == 'adder'
+  # Evaluating the checkpoint reproduces the final evaluation.
+  result = train.evaluate_checkpoint(train.load_config(workdir), workdir)
+  assert result['step'] == 6
+  assert result['top1'] == pytest.approx(summary['eval']['top1'])
+  assert result['loss'] == pytest.approx(summary['eval']['loss'], rel=1e-5)
+
+
+def test_learns_the_tiny_task(mnist_dir, tmp_path):
+  config = tiny_mnist_config(mnist_dir, kind='cnn', num_epochs=6,
+                             steps_per_epoch=6)
+  config.optimizer.learning_rate = 0.05
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['eval']['top1'] > 0.5  # chance is 0.1
+
+
+def test_resume_is_bit_identical(mnist_dir, tmp_path):
+  config = tiny_mnist_config(mnist_dir)
+  full = str(tmp_path / 'full')
+  train.train_and_evaluate(config, full)
+  parts = str(tmp_path / 'parts')
+  config.num_train_steps = 4     # stops after step 4 (mid-epoch 2)
+  train.train_and_evaluate(config, parts)
+  config.num_train_steps = -1
+  summary = train.train_and_evaluate(config, parts)
+  assert summary['resumed_from'] == 4
+  step_a, state_a = _restore_params(full)
+  step_b, state_b = _restore_params(parts)
+  assert step_a == step_b == 6
+  assert _tree_bytes(state_a) == _tree_bytes(state_b)
+  # Metrics of the steps after the resume point appear once.
+  steps = [json.loads(l)['step'] for l in open(os.path.join(parts,
+                                                            'metrics.jsonl'))
+           if 'train/loss' in l]
+  assert steps == [2, 4, 6]
+
+
+def test_bn_recalibration_uses_exact_batch_statistics(mnist_dir, tmp_path):
+  import flax.linen as nn
+  config = tiny_mnist_config(mnist_dir, kind='adder',
+                             bn_recalibration_batches=2)
+  ds = data.build_datasets(config.dataset, seed=0, global_batch_size=16,
+                           eval_batch_size=20)
+  model = train.create_model(config.model, 10)
+  tx, _ = train.create_optimizer(config, model, jnp.zeros((1, 28, 28, 1)), 3)
+  state = jax.tree.map(jnp.asarray, train.init_host_state(model, tx, 0,
+                                                          (28, 28, 1)))
+  runner = train.parallel.make_runner('jit')
+  ctx = train._Ctx(config=config, runner=runner, datasets=ds, eval_step=None,
+                   bn_stats_step=jax.jit(train.make_bn_stats_step(
+                       model.apply, ds.mean, ds.std)))
+  new = train.recalibrate_batch_stats(ctx, state, 2, 0.9)
+  # Oracle: the conv1 outputs (BatchNorm bn1's inputs) of the two batches,
+  # captured, and their per-batch mean / biased variance averaged.
+  means, variances = [], []
+  for i in range(2):
+    x = train.normalize(ds.train.batch(i)['image'], ds.mean, ds.std)
+    _, inter = model.apply({'params': state.params,
+                            'batch_stats': state.batch_stats}, x,
+                           train=True, mutable=['batch_stats',
+                                                'intermediates'],
+                           capture_intermediates=lambda m, _: m.name ==
+                           'conv1')
+    y = np.asarray(inter['intermediates']['conv1']['__call__'][0],
+                   np.float64)
+    means.append(y.mean((0, 1, 2)))
+    variances.append(y.var((0, 1, 2)))
+  np.testing.assert_allclose(new.batch_stats['bn1']['mean'],
+                             np.mean(means, 0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(new.batch_stats['bn1']['var'],
+                             np.mean(variances, 0), rtol=1e-3, atol=1e-5)
+  del nn
+
+
+# --- bad input ---------------------------------------------------------------
+
+
+def _snapshot(directory):
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      p = os.path.join(root, f)
+      out[os.path.relpath(p, directory)] = hashlib.sha256(
+          open(p, 'rb').read()).hexdigest()
+  return out
+
+
+def test_workdir_of_another_model_is_refused(mnist_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = tiny_mnist_config(mnist_dir, num_epochs=1)
+  train.train_and_evaluate(config, workdir)
+  before = _snapshot(workdir)
+  other = tiny_mnist_config(mnist_dir, kind='bnn', num_epochs=1)
+  with pytest.raises(checkpointing.WorkdirMismatchError,
+                     match="another model: model.kind: stored 'cnn', now "
+                     "'bnn'"):
+    train.train_and_evaluate(other, workdir)
+  changed = tiny_mnist_config(mnist_dir, num_epochs=1)
+  changed.optimizer.learning_rate = 0.5
+  with pytest.raises(checkpointing.WorkdirMismatchError,
+                     match='optimizer.learning_rate'):
+    train.train_and_evaluate(changed, workdir)
+  assert _snapshot(workdir) == before
+
+
+def test_unknown_and_bad_config_values(mnist_dir, tmp_path):
+  config = tiny_mnist_config(mnist_dir)
+  with config.unlocked():
+    config.optimizer.lerning_rate = 0.1
+  with pytest.raises(ValueError, match='lerning_rate'):
+    train.train_and_evaluate(config, str(tmp_path / 'a'))
+  config = tiny_mnist_config(mnist_dir)
+  config.model.kind = 'quantum'
+  with pytest.raises(ValueError, match="'quantum'"):
+    train.train_and_evaluate(config, str(tmp_path / 'b'))
+  config = tiny_mnist_config(mnist_dir)
+  config.model.overrides = ml_collections.ConfigDict({'depth': 3})
+  with pytest.raises(ValueError, match='depth'):
+    train.train_and_evaluate(config, str(tmp_path / 'c'))
+  assert not os.path.exists(tmp_path / 'a')
+
+
+def test_corrupt_data_file_is_named(mnist_dir, tmp_path):
+  bad = tmp_path / 'bad'
+  write_mnist(bad)
+  path = bad / 'train-images-idx3-ubyte'
+  path.write_bytes(path.read_bytes()[:-100])
+  workdir = tmp_path / 'run'
+  with pytest.raises(idx.IdxFormatError, match='train-images-idx3-ubyte.*'
+                     'truncated'):
+    train.train_and_evaluate(tiny_mnist_config(str(bad)), str(workdir))
+  assert not workdir.exists() or not os.listdir(workdir)
+  with pytest.raises(data.DataError, match='fetch_data mnist'):
+    train.train_and_evaluate(tiny_mnist_config(str(tmp_path / 'none')),
+                             str(workdir))
+
+
+def test_cli_rejects_unknown_key_and_prints_accuracy(mnist_dir, tmp_path):
+  base = [sys.executable, '-m', 'experiments.main', '--config',
+          'experiments/configs/lenet5_mnist.py:runlocal,cnn',
+          '--workdir', str(tmp_path / 'run')]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  bad = subprocess.run(base + ['--config.optimizer.lr=0.1'], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0
+  assert bad.returncode == 2
+  assert "unknown config key 'lr' in --config.optimizer.lr" in bad.stderr
+  good = subprocess.run(
+      base + [f'--config.dataset.data_dir={mnist_dir}',
+              '--config.batch_size=16', '--config.eval_batch_size=20',
+              '--config.steps_per_epoch=2', '--config.num_epochs=1',
+              '--config.progress_bar=False'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert good.returncode == 0, good.stderr[-3000:]
+  assert good.stdout.strip().splitlines()[-1].startswith(
+      'Final test accuracy:')
+  ev = subprocess.run([sys.executable, '-m', 'experiments.evaluate',
+                       '--workdir', str(tmp_path / 'run')], cwd=REPO,
+                      env=env, capture_output=True, text=True, timeout=300)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert 'Test accuracy:' in ev.stdout
+
+
+def test_load_config_roundtrip(mnist_dir, tmp_path):
+  config = tiny_mnist_config(mnist_dir)
+  config.model.overrides = ml_collections.ConfigDict({'pool': 'avg'})
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.write_config(config)
+  loaded = train.load_config(str(tmp_path))
+  checkpointing.compare_configs(checkpointing.config_to_dict(config),
+                                checkpointing.config_to_dict(loaded))
+  assert loaded.model.overrides.pool == 'avg'
