@@ -18,6 +18,7 @@ loops and the lane axis of the TPU kernels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -268,3 +269,141 @@ def output_to_canonical(y: jax.Array, geo: ConvGeometry) -> jax.Array:
   g = geo.groups
   return y.reshape(geo.m, geo.out_features).T.reshape(
       g, geo.out_features // g, geo.m)
+
+
+# --- The flat shifted-phase layout of the patch-free XLA kernels -------------
+#
+# A stride-1 convolution reads, for kernel tap ``i``, the padded input shifted
+# by ``i``. Flatten the padded spatial grid row-major and compute the output
+# on an *extended* grid that keeps the padded row length: output position
+# ``l`` then reads flat input position ``l + offset(tap)`` for every tap, so
+# each tap is one contiguous slice of the flat input and no patch matrix is
+# built. The extended grid has ``Q_d - O_d`` junk columns in every trailing
+# spatial dim (they read wrapped-around values and are cropped away).
+# Strides split the padded input into ``prod(strides)`` phases (sub-grids of
+# step ``s``); tap ``i`` reads phase ``(i * d) % s`` shifted by ``(i * d) // s``
+# grid steps, so strided and dilated convolutions become the same contiguous
+# slices of one phase each.
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatLayout:
+  """Static description of the flat shifted-phase layout of one convolution.
+
+  Attributes:
+    geo: the convolution.
+    grid: phase-grid shape ``Q_d = ceil(padded_d / s_d)`` per spatial dim.
+    ext: extended output grid ``(O_0, Q_1, ..., Q_{D-1})``.
+    phases: phase multi-indices, row-major over ``strides``.
+    taps: per kernel tap (row-major over ``kernel_size``, the order of a flax
+      kernel), its ``(phase index, flat offset)``.
+    length_in: flat length of each phase (``>= prod(grid)``, zero tail).
+  """
+  geo: ConvGeometry
+  grid: tuple[int, ...]
+  ext: tuple[int, ...]
+  phases: tuple[tuple[int, ...], ...]
+  taps: tuple[tuple[int, int], ...]
+  length_in: int
+
+  @property
+  def length_out(self) -> int:
+    """Flat length of the extended output grid."""
+    return math.prod(self.ext)
+
+  @property
+  def max_offset(self) -> int:
+    return max(off for _, off in self.taps)
+
+  def phase_taps(self, phase: int) -> tuple[tuple[int, int], ...]:
+    """``(tap index, offset)`` of the taps that read ``phase``."""
+    return tuple((i, off) for i, (ph, off) in enumerate(self.taps)
+                 if ph == phase)
+
+
+@functools.lru_cache(maxsize=None)
+def flat_layout(geo: ConvGeometry) -> FlatLayout:
+  """The :class:`FlatLayout` of ``geo`` (cached)."""
+  nsp = len(geo.kernel_size)
+  padded = [size + lo + hi for size, (lo, hi) in
+            zip(geo.in_shape[1:-1], geo.padding)]
+  grid = tuple(-(-p // s) for p, s in zip(padded, geo.strides))
+  ext = (geo.out_spatial[0],) + grid[1:]
+  flat_strides = [math.prod(grid[d + 1:]) for d in range(nsp)]
+  phases = tuple(itertools.product(*[range(s) for s in geo.strides]))
+  taps = []
+  for tap in itertools.product(*[range(k) for k in geo.kernel_size]):
+    pos = [t * d for t, d in zip(tap, geo.dilation)]
+    phase = tuple(p % s for p, s in zip(pos, geo.strides))
+    off = sum((p // s) * f for p, s, f in zip(pos, geo.strides, flat_strides))
+    taps.append((phases.index(phase), off))
+  max_off = max(off for _, off in taps)
+  length_in = max(math.prod(grid), math.prod(ext) + max_off)
+  return FlatLayout(geo, grid, ext, phases, tuple(taps), length_in)
+
+
+def to_flat(x: jax.Array, fl: FlatLayout) -> jax.Array:
+  """Feature-last input ``(N, *spatial, C)`` -> phases ``[PH, N, Lin, C]``.
+
+  Zero padding (the convolution's, then up to a multiple of the stride, then
+  a zero tail) is included. For stride 1 this is a pad and a reshape.
+  """
+  geo = fl.geo
+  nsp = len(fl.grid)
+  n, c = geo.batch, geo.in_features
+  pads = [(0, 0, 0)]
+  for (lo, hi), q, s, size in zip(geo.padding, fl.grid, geo.strides,
+                                  geo.in_shape[1:-1]):
+    pads.append((lo, q * s - size - lo, 0))
+  pads.append((0, 0, 0))
+  x = lax.pad(x, jnp.zeros((), x.dtype), pads)
+  if any(s > 1 for s in geo.strides):
+    shape = [n]
+    for q, s in zip(fl.grid, geo.strides):
+      shape += [q, s]
+    x = x.reshape(*shape, c)
+    perm = ([2 + 2 * d for d in range(nsp)] + [0] +
+            [1 + 2 * d for d in range(nsp)] + [1 + 2 * nsp])
+    x = x.transpose(perm)
+  lq = math.prod(fl.grid)
+  x = x.reshape(len(fl.phases), n, lq, c)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, fl.length_in - lq), (0, 0)))
+
+
+def from_flat(xf: jax.Array, fl: FlatLayout) -> jax.Array:
+  """Inverse of :func:`to_flat` on the valid region: ``[PH, N, Lin, C]`` ->
+  ``(N, *spatial, C)`` (padding cropped)."""
+  geo = fl.geo
+  nsp = len(fl.grid)
+  n, c = geo.batch, xf.shape[-1]
+  lq = math.prod(fl.grid)
+  x = xf[:, :, :lq].reshape(*geo.strides, n, *fl.grid, c)
+  if any(s > 1 for s in geo.strides):
+    perm = [nsp]
+    for d in range(nsp):
+      perm += [nsp + 1 + d, d]
+    perm.append(2 * nsp + 1)
+    x = x.transpose(perm)
+  x = x.reshape(n, *[q * s for q, s in zip(fl.grid, geo.strides)], c)
+  starts = [0] + [lo for lo, _ in geo.padding] + [0]
+  limits = [n] + [lo + size for (lo, _), size in
+                  zip(geo.padding, geo.in_shape[1:-1])] + [c]
+  return lax.slice(x, starts, limits)
+
+
+def out_to_flat(y: jax.Array, fl: FlatLayout) -> jax.Array:
+  """Feature-last output (or its cotangent) ``(N, *out, C)`` -> ``[N, L, C]``
+  on the extended grid, junk positions zero."""
+  geo = fl.geo
+  pads = [(0, 0, 0)] + [(0, e - o, 0) for e, o in
+                        zip(fl.ext, geo.out_spatial)] + [(0, 0, 0)]
+  y = lax.pad(y, jnp.zeros((), y.dtype), pads)
+  return y.reshape(geo.batch, fl.length_out, y.shape[-1])
+
+
+def out_from_flat(y: jax.Array, fl: FlatLayout) -> jax.Array:
+  """``[N, L, C]`` on the extended grid -> ``(N, *out, C)``."""
+  geo = fl.geo
+  y = y.reshape(geo.batch, *fl.ext, y.shape[-1])
+  return lax.slice(y, (0,) * y.ndim,
+                   (geo.batch, *geo.out_spatial, y.shape[-1]))

@@ -27,10 +27,13 @@ Design (see DESIGN.md section 2):
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from adderjax.ops import geometry
 
 _F32 = jnp.float32
 
@@ -175,3 +178,245 @@ def l1_weight_grad(p: jax.Array, w: jax.Array, gy: jax.Array, mode: str, *,
 
   out = _chunked_loop(k, u, chunk, jnp.zeros(pp.shape[:2] + (t,), dt))
   return out[:, :k]
+
+
+# --- Patch-free kernels on the feature-last input (the 'xla' backend) -------
+#
+# These take the convolution's own arrays (feature-last ``x``, flax kernel,
+# output cotangent) and never build the patch matrix: each kernel tap is a
+# contiguous slice of the flat shifted-phase layout of
+# :func:`adderjax.ops.geometry.flat_layout`. The vector axis of the inner
+# loops is the feature axis (output features in the forward pass, input
+# features in the input gradient), which is the contiguous axis of NHWC, so
+# no layout transpose is needed for stride 1.
+#
+# Two facts of XLA:CPU shape the code (measured with jax 0.10.2):
+#
+# * ``jnp.maximum`` / ``jnp.minimum`` propagate NaNs, which costs 4
+#   instructions per element (max, unordered-compare, ternary-logic, masked
+#   move); ``jnp.where(a > b, a, b)`` compiles to one ``vmaxps``. NaNs still
+#   reach the output through the plain sums of the identity below.
+# * XLA does not reassociate float sums, so ``acc + t0 + t1 + ...`` is one
+#   long dependency chain of 3-cycle adds; a pairwise tree of the chunk's terms
+#   gives the out-of-order core independent work.
+
+#: Taps x input features per fused chunk of :func:`conv_forward`.
+CONV_FORWARD_TERMS = 18
+#: Taps x output features per fused chunk of :func:`conv_input_grad`.
+CONV_INPUT_GRAD_TERMS = 18
+
+
+def fast_max(a, b):
+  """``max(a, b)`` as one vector instruction (no NaN propagation)."""
+  return jnp.where(a > b, a, b)
+
+
+def fast_min(a, b):
+  """``min(a, b)`` as one vector instruction (no NaN propagation)."""
+  return jnp.where(a < b, a, b)
+
+
+def _tree_sum(terms):
+  terms = list(terms)
+  while len(terms) > 1:
+    pairs = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+    if len(terms) % 2:
+      pairs.append(terms[-1])
+    terms = pairs
+  return terms[0]
+
+
+def _chunking(n: int, per_item: int, target: int) -> tuple[int, int]:
+  """Items per chunk and the padded item count for a ``target`` terms/chunk.
+
+  Prefers a divisor of ``n`` (no padding) unless it is less than half the
+  wanted chunk.
+  """
+  want = max(1, target // per_item)
+  if want >= n:
+    return n, n
+  best = max(d for d in range(1, want + 1) if n % d == 0)
+  if 2 * best >= want:
+    return best, n
+  return want, -(-n // want) * want
+
+
+def _pad_to(a: jax.Array, axis: int, size: int) -> jax.Array:
+  if a.shape[axis] == size:
+    return a
+  widths = [(0, 0)] * a.ndim
+  widths[axis] = (0, size - a.shape[axis])
+  return jnp.pad(a, widths)
+
+
+def _conv_dimension_numbers(nsp: int) -> lax.ConvDimensionNumbers:
+  spatial = tuple(range(1, nsp + 1))
+  return lax.ConvDimensionNumbers(
+      lhs_spec=(0, nsp + 1) + spatial,
+      rhs_spec=(nsp + 1, nsp) + tuple(range(nsp)),
+      out_spec=(0, nsp + 1) + spatial)
+
+
+def _lax_conv(x, kernel, geo: geometry.ConvGeometry, precision, dtype):
+  return lax.conv_general_dilated(
+      x, kernel, geo.strides, geo.padding, rhs_dilation=geo.dilation,
+      dimension_numbers=_conv_dimension_numbers(len(geo.kernel_size)),
+      feature_group_count=geo.groups, precision=precision,
+      preferred_element_type=dtype)
+
+
+def conv_forward(x: jax.Array, kernel: jax.Array,
+                 geo: geometry.ConvGeometry, *,
+                 terms: int = CONV_FORWARD_TERMS) -> jax.Array:
+  """Adder convolution forward pass without patches, in the accumulation dtype.
+
+  ``-sum |x - w| = sum x + sum w - 2 sum max(x, w)``: the two plain sums are
+  cheap (a channel sum and a box filter), and the hot loop adds
+  ``max(x_slice, w)`` for ``terms`` (tap, input feature) pairs per fused
+  XLA loop into an ``[N, L, G, T]`` accumulator whose last axis (the output
+  features) is the vector axis.
+
+  Args:
+    x: feature-last input ``(N, *spatial, C_in)``.
+    kernel: flax kernel ``(*kernel_size, C_in / G, C_out)``.
+    geo: the convolution (see :func:`adderjax.ops.geometry.make_geometry`).
+    terms: (tap, feature) pairs per fused loop chunk.
+
+  Returns:
+    ``(N, *out_spatial, C_out)`` in float32 (float64 for float64 inputs).
+  """
+  fl = geometry.flat_layout(geo)
+  dt = acc_dtype(x, kernel)
+  g = geo.groups
+  cg, tg = geo.in_features // g, geo.out_features // g
+  n, length = geo.batch, fl.length_out
+  nph, ntaps = len(fl.phases), len(fl.taps)
+  xf = geometry.to_flat(x.astype(dt), fl)
+  xf = xf.reshape(nph, n, fl.length_in, g, cg)
+  w = kernel.astype(dt).reshape(ntaps, cg, g, tg)
+
+  xsum = jnp.sum(xf, axis=-1)  # [PH, N, Lin, G]
+  sum_x = _tree_sum([xsum[ph, :, off:off + length] for ph, off in fl.taps])
+  sum_w = jnp.sum(w, axis=(0, 1))  # [G, T]
+
+  cu, cpad = _chunking(cg, ntaps, terms)
+  xf = lax.optimization_barrier(_pad_to(xf, 4, cpad))
+  wp = _pad_to(w, 1, cpad)  # zero features add max(0, 0) = 0
+
+  def chunk(c0, acc):
+    xc = lax.dynamic_slice_in_dim(xf, c0, cu, axis=4)
+    wc = lax.dynamic_slice_in_dim(wp, c0, cu, axis=1)
+    parts = [fast_max(xc[ph, :, off:off + length, :, j, None], wc[ti, j])
+             for ti, (ph, off) in enumerate(fl.taps) for j in range(cu)]
+    return acc + _tree_sum(parts)
+
+  acc = _chunked_loop(cpad, cu, chunk, jnp.zeros((n, length, g, tg), dt))
+  y = sum_x[..., None] + sum_w - 2.0 * acc
+  return geometry.out_from_flat(y.reshape(n, length, g * tg), fl)
+
+
+def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
+                    geo: geometry.ConvGeometry, mode: str, *,
+                    terms: int = CONV_INPUT_GRAD_TERMS,
+                    precision=None) -> jax.Array:
+  """Input gradient ``dx = sum_{tap, t} gy * h(w - x)`` without patches.
+
+  Gather form: each input position of each phase sums, over the taps that
+  read that phase and the output features, the cotangent of the output
+  position that read it times ``h(w - x)``; the vector axis is the input
+  feature axis. ``h`` is HardTanh (``'full_precision'``, computed as
+  ``min(max(w, x - 1), x + 1) - x`` with the ``- x`` summed once), ``sign``
+  (``'sign'``), or the identity (``'unclipped'``: two transposed
+  convolutions, ``conv^T(gy, w) - x * conv^T(gy, 1)``).
+
+  Args:
+    x: feature-last input ``(N, *spatial, C_in)``.
+    kernel: flax kernel ``(*kernel_size, C_in / G, C_out)``.
+    gy: output cotangent ``(N, *out_spatial, C_out)``.
+    geo: the convolution.
+    mode: ``'full_precision'``, ``'sign'`` or ``'unclipped'``.
+    terms: (tap, output feature) pairs per fused loop chunk.
+    precision: matmul precision of the ``'unclipped'`` transposed
+      convolutions.
+
+  Returns:
+    ``(N, *spatial, C_in)`` in the accumulation dtype.
+  """
+  dt = acc_dtype(x, kernel, gy)
+  if mode == 'unclipped':
+    xd, kd, gd = x.astype(dt), kernel.astype(dt), gy.astype(dt)
+    conv = lambda a, k: _lax_conv(a, k, geo, precision, dt)
+    _, vjp_w = jax.vjp(lambda a: conv(a, kd), xd)
+    _, vjp_1 = jax.vjp(lambda a: conv(a, jnp.ones_like(kd)), xd)
+    return vjp_w(gd)[0] - xd * vjp_1(gd)[0]
+  fl = geometry.flat_layout(geo)
+  g = geo.groups
+  cg, tg = geo.in_features // g, geo.out_features // g
+  n, length, lin = geo.batch, fl.length_out, fl.length_in
+  nph, ntaps = len(fl.phases), len(fl.taps)
+  mo = fl.max_offset
+  xf = geometry.to_flat(x.astype(dt), fl).reshape(nph, n, lin, g, cg)
+  w = kernel.astype(dt).reshape(ntaps, cg, g, tg).transpose(0, 3, 2, 1)
+  gf = geometry.out_to_flat(gy.astype(dt), fl).reshape(n, length, g, tg)
+  # gbig[:, mo + l] = gy at extended output position l, zero elsewhere, so
+  # input position q of a tap with offset `off` reads gbig[:, q - off + mo].
+  gbig = jnp.pad(gf, ((0, 0), (mo, lin - length), (0, 0), (0, 0)))
+  gsum = jnp.sum(gbig, axis=-1)  # [N, Lin + mo, G]
+
+  outs = []
+  for p in range(nph):
+    ptaps = fl.phase_taps(p)
+    if not ptaps:  # No tap reads this phase (e.g. a strided 1x1 kernel).
+      outs.append(jnp.zeros((n, lin, g, cg), dt))
+      continue
+    tu, tpad = _chunking(tg, len(ptaps), terms)
+    gp = lax.optimization_barrier(_pad_to(gbig, 3, tpad))
+    wp = _pad_to(w, 1, tpad)  # zero cotangents contribute nothing
+    xp = xf[p]
+    if mode == 'full_precision':
+      lo, hi = xp - 1.0, xp + 1.0
+
+    def chunk(t0, acc, ptaps=ptaps, tu=tu, gp=gp, wp=wp, xp=xp):
+      gc = lax.dynamic_slice_in_dim(gp, t0, tu, axis=3)
+      wc = lax.dynamic_slice_in_dim(wp, t0, tu, axis=1)
+      parts = []
+      for ti, off in ptaps:
+        for j in range(tu):
+          gs = gc[:, mo - off:mo - off + lin, :, j, None]
+          wv = wc[ti, j]  # [G, Cg]
+          if mode == 'full_precision':
+            parts.append(gs * fast_min(fast_max(wv, lo), hi))
+          else:
+            parts.append(jnp.where(wv > xp, gs, 0.0) -
+                         jnp.where(wv < xp, gs, 0.0))
+      return acc + _tree_sum(parts)
+
+    acc = _chunked_loop(tpad, tu, chunk, jnp.zeros((n, lin, g, cg), dt))
+    if mode == 'full_precision':
+      box = _tree_sum([gsum[:, mo - off:mo - off + lin] for _, off in ptaps])
+      acc = acc - xp * box[..., None]
+    outs.append(acc)
+  dxf = jnp.stack(outs).reshape(nph, n, lin, g * cg)
+  return geometry.from_flat(dxf, fl)
+
+
+def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
+                     geo: geometry.ConvGeometry, mode: str, *,
+                     precision=None) -> jax.Array:
+  """Kernel gradient in the flax kernel layout, in the accumulation dtype.
+
+  Full-precision modes: ``dW = conv_weight_grad(x, gy) - W * sum gy`` (the
+  convolution's own weight gradient, a matmul, plus a rank-1 term). ``'sign'``
+  (an ablation) reduces ``gy * sgn(P - W)`` over the patch matrix.
+  """
+  dt = acc_dtype(x, kernel, gy)
+  if mode == 'sign':
+    p = geometry.extract_patches(x, geo)
+    w = geometry.kernel_to_canonical(kernel, geo)
+    gyc = geometry.output_to_canonical(gy, geo)
+    return geometry.kernel_from_canonical(
+        l1_weight_grad(p, w, gyc, mode, precision=precision), geo)
+  xd, kd, gd = x.astype(dt), kernel.astype(dt), gy.astype(dt)
+  _, vjp = jax.vjp(lambda k: _lax_conv(xd, k, geo, precision, dt), kd)
+  gsum = jnp.sum(gd, axis=tuple(range(gd.ndim - 1)))
+  return vjp(gd)[0] - kd * gsum
