@@ -95,11 +95,11 @@ class InputGradConfig:
   Examples:
     >>> from pallas_kernels.adder_tpu_config import InputGradConfig
     >>> InputGradConfig.get_default(k=144, m=131072, t=16)
-    InputGradConfig(block_k=32, block_m=512, block_t=256)
+    InputGradConfig(block_k=32, block_m=512, block_t=128)
   """
   block_k: int = 32
   block_m: int = 512
-  block_t: int = 256
+  block_t: int = 128
 
   def __post_init__(self):
     owner = type(self).__name__

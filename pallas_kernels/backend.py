@@ -23,21 +23,39 @@ What runs where:
   cannot use (see ``docs/roofline.md``).
 
 Sharding: a ``pallas_call`` cannot be partitioned by XLA (on CPU it silently
-gathers its operands, on TPU it refuses). Each kernel is therefore wrapped in
-``jax.experimental.custom_partitioning`` with a Shardy rule: the ``G`` and
-``M`` axes of the patches (``M = N * prod(out_spatial)`` is batch-major, so a
-batch-sharded input shards ``M`` contiguously) are kept as they come and the
-kernel runs on each shard; the reduction axes and the small kernel ``W`` are
-replicated. No activation is gathered. The weight gradient is plain XLA and
-XLA partitions it (a reduction over ``M``, i.e. an all-reduce of ``dW``).
-Each op is also wrapped in ``jax.custom_batching.custom_vmap`` (folding a
-vmapped axis into ``G``), because ``custom_partitioning`` has no batching rule.
+gathers its operands, on TPU it refuses), so every kernel call runs per shard
+of ``M`` (``M = N * prod(out_spatial)`` is batch-major: a batch-sharded input
+shards ``M`` contiguously). The reduction axes and the small kernel ``W`` are
+replicated; no activation is gathered. Two mechanisms, picked at trace time:
+
+* under a mesh context (``jax.set_mesh(mesh)``, the recommended way, and the
+  only one that works on TPU): ``jax.shard_map`` over ``M``. With
+  ``Explicit`` mesh axes ``M`` is split over the axes the patches are sharded
+  on; with ``Auto`` axes, whose shardings are not known at trace time, over
+  the mesh axes (in order, dropping trailing ones until their size divides
+  ``M``).
+* otherwise (plain ``jax.jit`` with ``NamedSharding`` inputs):
+  ``jax.experimental.custom_partitioning`` with a Shardy rule, which keeps the
+  ``G`` and ``M`` shardings of the patches as XLA propagated them. In jax
+  0.10.2 this works on CPU and GPU but not on TPU (the partitioner callback
+  is not registered with libtpu: "Custom emitter for CustomSPMDPartitioning
+  not found", jax-ml/jax#38196).
+
+The weight gradient is plain XLA and XLA partitions it (a reduction over
+``M``, i.e. an all-reduce of ``dW``). Each op is also wrapped in
+``jax.custom_batching.custom_vmap`` (folding a vmapped axis into ``G``),
+because ``custom_partitioning`` has no batching rule.
+
+Lowering for several platforms at once (``jax.export`` with
+``platforms=['cuda', 'tpu']``) is not supported: each ``pallas_call`` only
+lowers for its own platform.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +155,48 @@ def _input_grad_infer(kernels, mode, mesh, arg_shapes, result_shape):
   return _patch_shardings(mesh, arg_shapes[0].sharding)[0]
 
 
+def _shard_map_m_axes(mesh, p) -> tuple[str, ...] | None:
+  """Mesh axes to split ``M`` over with shard_map, or None (no context)."""
+  if mesh.empty:
+    return None
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  free = [n for n in mesh.axis_names if types[n] != jax.sharding.AxisType.Manual]
+  if not free:  # Already inside a shard_map over every axis: per shard.
+    return ()
+  if all(types[n] == jax.sharding.AxisType.Explicit for n in free):
+    m_spec = _spec(jax.typeof(p).sharding, 3)[2]
+    if m_spec is None:
+      return ()
+    return (m_spec,) if isinstance(m_spec, str) else tuple(m_spec)
+  m = p.shape[2]
+  while free and m % math.prod(mesh.shape[n] for n in free):
+    free.pop()
+  return tuple(free)
+
+
+def _per_m_shard(fn, partitioned, n_sharded: int):
+  """Runs ``fn`` per ``M`` shard: shard_map under a mesh, else ``partitioned``.
+
+  The first ``n_sharded`` arguments are ``[G, ., M]`` arrays split along
+  ``M``; the rest are replicated. The output is ``[G, ., M]``.
+  """
+
+  def run(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = _shard_map_m_axes(mesh, args[0])
+    if axes is None:
+      return partitioned(*args)
+    if not axes:
+      return fn(*args)
+    m_spec = PartitionSpec(None, None, axes)
+    specs = tuple(m_spec if i < n_sharded else PartitionSpec()
+                  for i in range(len(args)))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=m_spec,
+                         check_vma=False)(*args)
+
+  return run
+
+
 # --- vmap: fold the batch axis into G ---------------------------------------
 
 
@@ -164,9 +224,11 @@ def forward_op(kernels: KernelSet):
       sharding_rule='g k m, g k t -> g t m',
       need_replication_factors=('k', 't'))
 
+  per_shard = _per_m_shard(kernels.forward, partitioned, 1)
+
   @jax.custom_batching.custom_vmap
   def op(p, w):
-    return partitioned(p, w)
+    return per_shard(p, w)
 
   @op.def_vmap
   def _rule(axis_size, in_batched, p, w):
@@ -192,9 +254,13 @@ def input_grad_op(kernels: KernelSet, mode: str):
       sharding_rule='g k m, g k t, g t m -> g k m',
       need_replication_factors=('k', 't'))
 
+  per_shard = _per_m_shard(
+      lambda p, gy, w: kernels.input_grad(p, w, gy, mode),
+      lambda p, gy, w: partitioned(p, w, gy), 2)
+
   @jax.custom_batching.custom_vmap
   def op(p, w, gy):
-    return partitioned(p, w, gy)
+    return per_shard(p, gy, w)
 
   @op.def_vmap
   def _rule(axis_size, in_batched, p, w, gy):
