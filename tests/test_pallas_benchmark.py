@@ -9,6 +9,7 @@ import pytest
 from experiments.benchmarks import kernels
 
 
+@pytest.mark.slow
 def test_cpu_run_times_conv_and_xla_and_says_pallas_needs_accelerator(capsys):
   import jax  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != 'cpu':

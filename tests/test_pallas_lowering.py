@@ -71,12 +71,9 @@ def test_every_gpu_kernel_lowers_for_cuda(dtype_name):
 
 def test_gpu_lowering_rejects_non_power_of_two_tiles():
   # The constraint the GPU configs encode: Triton tiles are powers of two.
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from pallas_kernels import adder_gpu_config  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match='power of two'):
     adder_gpu_config.ForwardConfig(block_m=48)
-  del jax, jnp
 
 
 @pytest.mark.parametrize('platform,target,other', [
