@@ -14,34 +14,39 @@ Example::
 from absl import app
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: last).')
-_DATA_DIR = flags.DEFINE_string('data_dir', None,
-                                'Override dataset.data_dir (MNIST files).')
-_TFDS_DATA_DIR = flags.DEFINE_string('tfds_data_dir', None,
-                                     'Override dataset.tfds_data_dir.')
-_SPLIT = flags.DEFINE_string('split', None, 'Override dataset.eval_split.')
-_BATCH = flags.DEFINE_integer('eval_batch_size', None,
-                              'Override eval_batch_size.')
-_RECAL = flags.DEFINE_integer('bn_recalibration_batches', None,
-                              'Recompute BN statistics from N batches.')
-flags.mark_flag_as_required('workdir')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this CLI's flags (only when run as a program, so that importing
+  the module next to other CLIs never clashes on flag names)."""
+  flags.DEFINE_string('workdir', None, 'Run directory.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: last).')
+  flags.DEFINE_string('data_dir', None,
+                      'Override dataset.data_dir (MNIST files).')
+  flags.DEFINE_string('tfds_data_dir', None, 'Override dataset.tfds_data_dir.')
+  flags.DEFINE_string('split', None, 'Override dataset.eval_split.')
+  flags.DEFINE_integer('eval_batch_size', None, 'Override eval_batch_size.')
+  flags.DEFINE_integer('bn_recalibration_batches', None,
+                       'Recompute BN statistics from N batches.')
+  flags.mark_flag_as_required('workdir')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from experiments import train  # pylint: disable=g-import-not-at-top
-  config = train.load_config(_WORKDIR.value)
-  for flag, key in ((_DATA_DIR, 'dataset.data_dir'),
-                    (_TFDS_DATA_DIR, 'dataset.tfds_data_dir'),
-                    (_SPLIT, 'dataset.eval_split'),
-                    (_BATCH, 'eval_batch_size'),
-                    (_RECAL, 'bn_recalibration_batches')):
-    if flag.value is not None:
+  config = train.load_config(FLAGS.workdir)
+  for flag, key in (('data_dir', 'dataset.data_dir'),
+                    ('tfds_data_dir', 'dataset.tfds_data_dir'),
+                    ('split', 'dataset.eval_split'),
+                    ('eval_batch_size', 'eval_batch_size'),
+                    ('bn_recalibration_batches', 'bn_recalibration_batches')):
+    value = FLAGS[flag].value
+    if value is not None:
       section, _, leaf = key.rpartition('.')
-      (config[section] if section else config)[leaf] = flag.value
-  result = train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+      (config[section] if section else config)[leaf] = value
+  result = train.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.step)
   print(f"checkpoint step {result['step']}: {config.dataset.name} "
         f"{config.dataset.eval_split}, {int(result['count'])} images")
   print(f"Test accuracy: {100 * result['top1']:.2f}% (top-5 "
@@ -49,4 +54,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

