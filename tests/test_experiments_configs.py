@@ -97,9 +97,9 @@ def test_smoke_every_config(name, mnist_dir, tmp_path):
   _run(name, 'cnn', mnist_dir, tmp_path)
 
 
-@pytest.mark.parametrize('name,kind', [('lenet5_mnist', 'adder'),
-                                       ('lenet5_mnist', 'bnn'),
-                                       ('resnet20_cifar10', 'adder')])
+@pytest.mark.parametrize('name,kind', [
+    ('lenet5_mnist', 'adder'), ('lenet5_mnist', 'bnn'),
+    pytest.param('resnet20_cifar10', 'adder', marks=pytest.mark.slow)])
 def test_smoke_other_kinds(name, kind, mnist_dir, tmp_path):
   _run(name, kind, mnist_dir, tmp_path)
 

@@ -43,7 +43,12 @@ def _final_state(workdir):
 def test_two_processes_match_one(kind, tmp_path):
   data_dir = testing.write_synthetic_mnist(str(tmp_path / 'mnist'),
                                            n_train=64, n_test=20)
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             # Runs of one config share compiled programs (same executables,
+             # compiled once): saves most of the time of the later runs.
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   env.pop('XLA_FLAGS', None)
   port = _free_port()
   multi = str(tmp_path / 'multi')

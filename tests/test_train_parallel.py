@@ -75,8 +75,9 @@ def test_jit_mesh_and_pmap_match_one_device(kind, tmp_path):
   for name in ('jit8', 'pmap8'):
     np.testing.assert_allclose(out[name]['losses'], one['losses'],
                                rtol=2e-5, err_msg=name)
+    # BN statistics of adder outputs are large sums (values ~1e2).
     for a, b in zip(out[name]['stats'], one['stats']):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5, err_msg=name)
     # Parameters: float32 reductions in another order; the adaptive LR
     # rescales every adder kernel's gradient to a fixed norm, so absolute
     # differences are at the scale of the updates (~1e-2 per step).

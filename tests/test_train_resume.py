@@ -47,7 +47,12 @@ def _state_digest(workdir):
 def test_sigkill_then_resume_is_bit_identical(kind, tmp_path):
   data_dir = testing.write_synthetic_mnist(
       str(tmp_path / 'mnist'), n_train=16 * STEPS_PER_EPOCH, n_test=20)
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             # Runs of one config share compiled programs (same executables,
+             # compiled once): saves most of the time of the later runs.
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   killed = str(tmp_path / 'killed')
   proc = subprocess.Popen(_command(killed, data_dir, kind), cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
