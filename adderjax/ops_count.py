@@ -1,0 +1,418 @@
+"""Operation counts per image (#Mul, #Add, #XNOR) and an energy estimate.
+
+:func:`count_ops` runs a Linen model abstractly (``jax.eval_shape`` of
+``model.init``, nothing is allocated or computed) under
+``flax.linen.intercept_methods`` and records every call of a counted layer
+with its input, output and kernel shapes. Nothing is read from hand tables.
+
+Counting convention (per image, batch of one):
+
+* Counted layers: ``nn.Conv``, ``nn.Dense`` (full precision),
+  :class:`adderjax.linen.AdderConv` / ``AdderDense`` and
+  :class:`adderjax.bnn.BinaryConv` / ``BinaryDense``, wherever they are in
+  the model: the stem, the classifier and the 1x1 projection shortcuts
+  included. A layer has ``MACs = output elements x taps per output``
+  (``kh * kw * C_in / groups`` for a conv, ``C_in`` for a dense layer).
+* Full-precision layer: ``#Mul = MACs`` and ``#Add = MACs`` (one
+  multiply-accumulate per tap).
+* Adder layer: ``#Add = 2 x MACs`` (a subtraction and an accumulation per tap;
+  the absolute value is a sign-bit operation, not counted), ``#Mul = 0``.
+* Binary layer: ``#XNOR = MACs`` (the bit product; an AND for {0, 1}
+  activations) and ``#Add = MACs`` (the popcount accumulation).
+* A bias adds ``output elements`` to ``#Add``.
+* Not counted: BatchNorm (an affine map per channel; the binary layers'
+  per-channel scale folds into it), activations, pooling, residual additions,
+  the binarisation of activations, and layers of other types (reported in
+  ``OpsReport.uncounted``).
+
+The paper's Tables 1-2 attribute the model's kind to all its layers: with
+``M`` the total MACs of all counted layers, a CNN has ``M`` Mul + ``M`` Add, an
+AdderNet ``2M`` Add and a BNN ``M`` XNOR + ``M`` Add, though the stem and
+classifier are full precision in every kind. :attr:`OpsReport.paper_total`
+gives that; :attr:`OpsReport.total` is the layer-by-layer (honest) count.
+
+Energy: :meth:`OpsReport.energy_pj` prices the counts per operation with an
+:class:`EnergyModel`; :data:`FP32_45NM` and :data:`INT8_45NM` hold the 45 nm
+figures (Horowitz, ISSCC 2014) used by the AdderNet literature: fp32 add
+0.9 pJ, fp32 mul 3.7 pJ, int8 add 0.03 pJ, int8 mul 0.2 pJ. Those tables
+have no XNOR figure, so XNOR is unpriced unless an ``EnergyModel`` gives one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from adderjax import bnn
+from adderjax import linen as adder_linen
+
+#: Layer kinds of :class:`LayerOps`.
+LAYER_KINDS = ('fp', 'adder', 'binary')
+
+
+@dataclasses.dataclass(frozen=True)
+class EnergyModel:
+  """Energy per operation in picojoules.
+
+  Attributes:
+    name: label for tables.
+    add_pj: energy of one addition.
+    mul_pj: energy of one multiplication.
+    xnor_pj: energy of one XNOR (bit product), or ``None`` if unknown.
+  """
+  name: str
+  add_pj: float
+  mul_pj: float
+  xnor_pj: float | None = None
+
+  def __post_init__(self):
+    for field in ('add_pj', 'mul_pj', 'xnor_pj'):
+      value = getattr(self, field)
+      if value is not None and not value >= 0:
+        raise ValueError(f'{field} must be a non-negative energy in pJ, got '
+                         f'{value!r}.')
+
+
+#: 45 nm, 32-bit float (Horowitz 2014): add 0.9 pJ, mul 3.7 pJ.
+FP32_45NM = EnergyModel('fp32 45nm', add_pj=0.9, mul_pj=3.7)
+#: 45 nm, 8-bit integer (Horowitz 2014): add 0.03 pJ, mul 0.2 pJ.
+INT8_45NM = EnergyModel('int8 45nm', add_pj=0.03, mul_pj=0.2)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCounts:
+  """Operation counts per image.
+
+  Attributes:
+    mul: multiplications.
+    add: additions (and subtractions).
+    xnor: bit products (XNOR / AND).
+  """
+  mul: int
+  add: int
+  xnor: int
+
+  def __add__(self, other: 'OpCounts') -> 'OpCounts':
+    return OpCounts(self.mul + other.mul, self.add + other.add,
+                    self.xnor + other.xnor)
+
+  def energy_pj(self, energy: EnergyModel = FP32_45NM) -> float:
+    """Energy in pJ: ``mul * mul_pj + add * add_pj + xnor * xnor_pj``.
+
+    Raises:
+      ValueError: XNOR operations to price and ``energy.xnor_pj`` is None.
+
+    Examples:
+      >>> OpCounts(mul=10, add=10, xnor=0).energy_pj(FP32_45NM)
+      46.0
+    """
+    total = self.mul * energy.mul_pj + self.add * energy.add_pj
+    if self.xnor:
+      if energy.xnor_pj is None:
+        raise ValueError(f'{self.xnor} XNOR operations to price, but '
+                         f'EnergyModel {energy.name!r} has xnor_pj=None; pass '
+                         'an EnergyModel with an XNOR energy.')
+      total += self.xnor * energy.xnor_pj
+    return float(total)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOps:
+  """One counted layer call.
+
+  Attributes:
+    path: module path in the model, e.g. ``'layer2_0/conv1'``.
+    layer: class name of the layer.
+    kind: ``'fp'``, ``'adder'`` or ``'binary'``.
+    input_shape: input shape (batch of one).
+    output_shape: output shape.
+    kernel_shape: kernel shape.
+    macs: output elements x taps per output.
+    ops: :class:`OpCounts` of this layer.
+    params: parameters of this layer (kernel and bias).
+  """
+  path: str
+  layer: str
+  kind: str
+  input_shape: tuple[int, ...]
+  output_shape: tuple[int, ...]
+  kernel_shape: tuple[int, ...]
+  macs: int
+  ops: OpCounts
+  params: int
+
+
+def _human(n: float) -> str:
+  """``1234567 -> '1.23M'``."""
+  for scale, suffix in ((1e9, 'G'), (1e6, 'M'), (1e3, 'K')):
+    if abs(n) >= scale:
+      return f'{n / scale:.2f}{suffix}'
+  return f'{n:g}'
+
+
+@dataclasses.dataclass(frozen=True)
+class OpsReport:
+  """Per-layer and total operation counts of a model, per image.
+
+  Attributes:
+    input_shape: shape of one example (no batch dim).
+    layers: one :class:`LayerOps` per counted layer call, in call order.
+    params: number of parameters of the model (the ``'params'`` collection).
+    uncounted: ``'path (Class)'`` of layers with a ``kernel`` parameter that
+      the convention does not count.
+  """
+  input_shape: tuple[int, ...]
+  layers: tuple[LayerOps, ...]
+  params: int
+  uncounted: tuple[str, ...] = ()
+
+  @property
+  def macs(self) -> int:
+    """Total multiply-accumulate positions of all counted layers."""
+    return sum(layer.macs for layer in self.layers)
+
+  @property
+  def total(self) -> OpCounts:
+    """Layer-by-layer count: each layer counted as what it is."""
+    out = OpCounts(0, 0, 0)
+    for layer in self.layers:
+      out = out + layer.ops
+    return out
+
+  @property
+  def model_kind(self) -> str:
+    """``'adder'``, ``'bnn'`` or ``'cnn'`` from the body layers
+    (``'mixed'`` if the model has both adder and binary layers)."""
+    kinds = {layer.kind for layer in self.layers}
+    if 'adder' in kinds and 'binary' in kinds:
+      return 'mixed'
+    if 'adder' in kinds:
+      return 'adder'
+    if 'binary' in kinds:
+      return 'bnn'
+    return 'cnn'
+
+  @property
+  def paper_total(self) -> OpCounts | None:
+    """The paper's convention: every layer counted as the model's kind.
+
+    ``M`` = :attr:`macs`: CNN ``(M, M, 0)``, AdderNet ``(0, 2M, 0)``, BNN
+    ``(0, M, M)`` as (Mul, Add, XNOR); ``None`` for a mixed model.
+    """
+    m = self.macs
+    return {'cnn': OpCounts(m, m, 0), 'adder': OpCounts(0, 2 * m, 0),
+            'bnn': OpCounts(0, m, m)}.get(self.model_kind)
+
+  def energy_pj(self, energy: EnergyModel = FP32_45NM, *,
+                paper_convention: bool = False) -> float:
+    """Energy per image in pJ of :attr:`total` (or :attr:`paper_total`).
+
+    Every operation is priced at the energy model's precision.
+
+    Raises:
+      ValueError: XNOR operations and no XNOR energy in ``energy``, or a
+        mixed model with ``paper_convention=True``.
+    """
+    counts = self.paper_total if paper_convention else self.total
+    if counts is None:
+      raise ValueError('the paper convention is undefined for a model with '
+                       'both adder and binary layers.')
+    return counts.energy_pj(energy)
+
+  def __str__(self) -> str:
+    head = ('layer', 'type', 'kind', 'input', 'output', 'MACs', '#Mul',
+            '#Add', '#XNOR')
+    rows = [head]
+    for l in self.layers:
+      rows.append((l.path, l.layer, l.kind,
+                   'x'.join(map(str, l.input_shape[1:])),
+                   'x'.join(map(str, l.output_shape[1:])), f'{l.macs:,}',
+                   f'{l.ops.mul:,}', f'{l.ops.add:,}', f'{l.ops.xnor:,}'))
+    t = self.total
+    rows.append(('total (per layer)', '', '', '', '', f'{self.macs:,}',
+                 f'{t.mul:,}', f'{t.add:,}', f'{t.xnor:,}'))
+    p = self.paper_total
+    if p is not None:
+      rows.append((f'paper convention ({self.model_kind})', '', '', '', '',
+                   '', f'{p.mul:,}', f'{p.add:,}', f'{p.xnor:,}'))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = []
+    for i, r in enumerate(rows):
+      cells = [c.ljust(w) if j < 5 else c.rjust(w)
+               for j, (c, w) in enumerate(zip(r, widths))]
+      lines.append('  '.join(cells).rstrip())
+      if i == 0 or i == len(self.layers):
+        lines.append('-' * len(lines[-1]))
+    lines.append(
+        f'input {"x".join(map(str, self.input_shape))}: {len(self.layers)} '
+        f'counted layers, {_human(self.macs)} MACs, #Mul {_human(t.mul)}, '
+        f'#Add {_human(t.add)}, #XNOR {_human(t.xnor)}; '
+        f'params {self.params:,} ({_human(self.params)})')
+    if p is not None:
+      lines.append(f'paper convention: #Mul {_human(p.mul)}, #Add '
+                   f'{_human(p.add)}, #XNOR {_human(p.xnor)}')
+    for energy in (FP32_45NM, INT8_45NM):
+      e = t.mul * energy.mul_pj + t.add * energy.add_pj
+      unpriced = (f' + {_human(t.xnor)} XNOR unpriced'
+                  if t.xnor and energy.xnor_pj is None else '')
+      if t.xnor and energy.xnor_pj is not None:
+        e += t.xnor * energy.xnor_pj
+      lines.append(f'energy ({energy.name}): {e / 1e6:,.3f} uJ per image'
+                   f'{unpriced}')
+    if self.uncounted:
+      lines.append('not counted (other layer types): '
+                   + ', '.join(self.uncounted))
+    return '\n'.join(lines)
+
+
+def _layer_kind(module: nn.Module) -> tuple[str, str] | None:
+  """``(kind, 'conv' | 'dense')`` of a counted layer, else ``None``."""
+  if isinstance(module, bnn.BinaryConv):
+    return 'binary', 'conv'
+  if isinstance(module, bnn.BinaryDense):
+    return 'binary', 'dense'
+  if isinstance(module, adder_linen.AdderConv):
+    return 'adder', 'conv'
+  if isinstance(module, adder_linen.AdderDense):
+    return 'adder', 'dense'
+  if isinstance(module, nn.Conv):
+    return 'fp', 'conv'
+  if isinstance(module, nn.Dense):
+    return 'fp', 'dense'
+  return None
+
+
+def _layer_ops(kind: str, macs: int, bias_adds: int) -> OpCounts:
+  if kind == 'fp':
+    return OpCounts(mul=macs, add=macs + bias_adds, xnor=0)
+  if kind == 'adder':
+    return OpCounts(mul=0, add=2 * macs + bias_adds, xnor=0)
+  return OpCounts(mul=0, add=macs + bias_adds, xnor=macs)
+
+
+def _size(shape) -> int:
+  return int(math.prod(shape))
+
+
+def count_params(variables: Any) -> int:
+  """Number of parameters: the leaves of ``variables['params']``.
+
+  Args:
+    variables: a variables dict (``{'params': ..., 'batch_stats': ...}``),
+      or a params tree; arrays or ``jax.ShapeDtypeStruct`` leaves (from
+      ``jax.eval_shape``). BatchNorm statistics are not parameters.
+
+  Returns:
+    The total number of parameter entries.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> v = jax.eval_shape(nn.Dense(3).init, jax.random.key(0),
+    ...                    jnp.zeros((1, 4)))
+    >>> count_params(v)  # 4 * 3 kernel + 3 bias
+    15
+  """
+  if hasattr(variables, 'keys') and 'params' in variables:
+    variables = variables['params']
+  return sum(_size(jnp.shape(leaf)) for leaf in jax.tree.leaves(variables))
+
+
+def _accepts(fn, name: str) -> bool:
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  return name in params or any(p.kind == p.VAR_KEYWORD
+                               for p in params.values())
+
+
+def count_ops(model: nn.Module, input_shape, *, dtype: Any = jnp.float32,
+              **call_kwargs) -> OpsReport:
+  """Counts #Mul / #Add / #XNOR per image, layer by layer.
+
+  The model is run abstractly (``jax.eval_shape`` of ``model.init`` on a
+  batch of one) under ``flax.linen.intercept_methods``; every call of a
+  counted layer is recorded with its shapes. See the module docstring for the
+  convention (which layers are counted, and how).
+
+  Args:
+    model: an unbound Linen module, e.g. from
+      :func:`adderjax.models.create_model`.
+    input_shape: shape of one example without the batch dim, e.g.
+      ``(32, 32, 3)``.
+    dtype: input dtype.
+    **call_kwargs: extra arguments of the model call; ``train=False`` is
+      passed by default when the model's ``__call__`` takes ``train``.
+
+  Returns:
+    An :class:`OpsReport` (``str()`` of it is a readable table).
+
+  Raises:
+    ValueError: a bad ``input_shape``.
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> from adderjax.linen import AdderConv
+    >>> report = count_ops(AdderConv(8, (3, 3), use_bias=False), (16, 16, 4))
+    >>> report.macs == 16 * 16 * 8 * (3 * 3 * 4)
+    True
+    >>> report.total.add == 2 * report.macs
+    True
+    >>> count_ops(nn.Dense(10), (84,)).total
+    OpCounts(mul=840, add=850, xnor=0)
+  """
+  try:
+    shape = tuple(int(d) for d in input_shape)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'input_shape must be a sequence of ints (one example, '
+                     f'no batch dim), got {input_shape!r}.') from e
+  if not shape or any(d < 1 for d in shape):
+    raise ValueError(f'input_shape must be non-empty positive ints (one '
+                     f'example, no batch dim), got {input_shape!r}.')
+  if 'train' not in call_kwargs and _accepts(type(model).__call__, 'train'):
+    call_kwargs['train'] = False
+
+  records: list[LayerOps] = []
+  uncounted: list[str] = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name != '__call__':
+      return out
+    module = context.module
+    path = '/'.join(module.path)
+    kinds = _layer_kind(module)
+    if kinds is None:
+      if module.has_variable('params', 'kernel'):
+        uncounted.append(f'{path} ({type(module).__name__})')
+      return out
+    kind, op = kinds
+    kernel = jnp.shape(module.get_variable('params', 'kernel'))
+    has_bias = module.has_variable('params', 'bias')
+    out_shape = tuple(jnp.shape(out))
+    taps = _size(kernel[:-1]) if op == 'conv' else kernel[0]
+    macs = _size(out_shape) * taps
+    bias_adds = _size(out_shape) if has_bias else 0
+    params = _size(kernel) + (kernel[-1] if has_bias else 0)
+    records.append(LayerOps(
+        path=path, layer=type(module).__name__, kind=kind,
+        input_shape=tuple(jnp.shape(args[0])), output_shape=out_shape,
+        kernel_shape=tuple(kernel), macs=int(macs),
+        ops=_layer_ops(kind, int(macs), int(bias_adds)), params=int(params)))
+    return out
+
+  def init(x):
+    return model.init(jax.random.key(0), x, **call_kwargs)
+
+  with nn.intercept_methods(interceptor):
+    variables = jax.eval_shape(init, jax.ShapeDtypeStruct((1,) + shape,
+                                                          dtype))
+  return OpsReport(input_shape=shape, layers=tuple(records),
+                   params=count_params(variables), uncounted=tuple(uncounted))
