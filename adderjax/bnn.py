@@ -30,10 +30,11 @@ Examples:
   >>> import jax, jax.numpy as jnp
   >>> from adderjax.bnn import BinaryConv
   >>> layer = BinaryConv(features=4, kernel_size=(3, 3), use_bias=False)
-  >>> x = jnp.ones((1, 6, 6, 2))
-  >>> variables = layer.init(jax.random.key(0), x)
-  >>> layer.apply(variables, x).shape
-  (1, 6, 6, 4)
+  >>> x = jnp.full((1, 6, 6, 2), 0.3)
+  >>> kernel = jnp.full((3, 3, 2, 4), -0.5)
+  >>> y = layer.apply({'params': {'kernel': kernel}}, x)
+  >>> y.shape, float(y[0, 2, 2, 0])  # 18 taps of (+1) * (-1) * mean|W|
+  ((1, 6, 6, 4), -9.0)
 
 References:
   Zhou et al., "DoReFa-Net: Training Low Bitwidth Convolutional Neural
@@ -381,9 +382,16 @@ class BinaryDense(nn.Module):
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> layer = BinaryDense(features=3)
-    >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 5)))
-    >>> layer.apply(variables, jnp.ones((2, 5))).shape
-    (2, 3)
+    >>> variables = jax.eval_shape(layer.init, jax.random.key(0),
+    ...                            jnp.ones((2, 5)))
+    >>> jax.tree.map(jnp.shape, variables['params'])
+    {'bias': (3,), 'kernel': (5, 3)}
+    >>> kernel = jnp.array([[1.], [-1.], [2.], [0.]])  # mean |W| = 1
+    >>> layer = BinaryDense(features=1, use_bias=False)
+    >>> # sgn(x) = (+, -, -, +), sgn(W) = (+, -, +, +): 1 + 1 - 1 + 1
+    >>> layer.apply({'params': {'kernel': kernel}},
+    ...             jnp.array([[0.5, -0.5, -1., 3.]])).tolist()
+    [[2.0]]
   """
   features: int
   use_bias: bool = True
