@@ -344,10 +344,12 @@ def recalibrate_batch_stats(ctx: _Ctx, state, num_batches: int, momentum):
 
 def _print_summary(summary: dict) -> None:
   ev = summary['eval']
+  ips = summary['images_per_second']
+  speed = (f'{ips:.0f} training images/s' if ips is not None
+           else 'no training steps run')
   print(f"== {summary['model']} ({summary['kind']}) on {summary['dataset']}: "
         f"{summary['steps']} steps ({summary['epochs']:.2f} epochs) in "
-        f"{summary['wall_seconds']:.1f} s, "
-        f"{summary['images_per_second']:.0f} training images/s ==")
+        f"{summary['wall_seconds']:.1f} s, {speed} ==")
   print(f"Final test accuracy: {100 * ev['top1']:.2f}% (top-5 "
         f"{100 * ev['top5']:.2f}%, loss {ev['loss']:.4f}, "
         f"{int(ev['count'])} images)", flush=True)
@@ -521,7 +523,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'epochs': stop_step / steps_per_epoch,
       'wall_seconds': time.time() - t_start,
       'images_per_second': (train_images / train_seconds
-                            if train_seconds > 0 else float('nan')),
+                            if train_seconds > 0 else None),
       'resumed_from': start_step if resumed else None,
       'devices': jax.device_count(), 'processes': jax.process_count(),
       'eval': last_eval,
