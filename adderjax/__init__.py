@@ -7,8 +7,15 @@ from adderjax.ops import GRAD_MODES
 from adderjax import linen
 from adderjax import nnx
 from adderjax import optim
+from adderjax import bnn
+from adderjax import models
+from adderjax.models import create_model
+from adderjax.ops_count import count_ops
+from adderjax.ops_count import count_params
+from adderjax.ops_count import EnergyModel
 
 __version__ = '0.1.0'
 
 __all__ = ['adder_conv', 'adder_dense', 'available_implementations',
-           'GRAD_MODES', 'linen', 'nnx', 'optim']
+           'GRAD_MODES', 'linen', 'nnx', 'optim', 'bnn', 'models',
+           'create_model', 'count_ops', 'count_params', 'EnergyModel']
