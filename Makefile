@@ -5,7 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: venv test test-fast clean
+.PHONY: venv run test test-fast clean
+
+# The main job: the adder LeNet-5-BN on real MNIST (3 epochs, minutes on 2 cores);
+# `make run CONFIG=experiments/configs/lenet5_mnist.py:full` is the paper's 50-epoch recipe.
+CONFIG ?= experiments/configs/lenet5_mnist.py
+WORKDIR ?= workdirs/$(subst :,_,$(notdir $(basename $(CONFIG))))$(if $(findstring :,$(CONFIG)),_$(lastword $(subst :, ,$(CONFIG))))
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+run: venv
+	$(PY) -m experiments.fetch_data mnist
+	$(PY) -m experiments.main --config $(CONFIG) --workdir $(WORKDIR)
 
 test: venv
 	$(PY) -m pytest -n 2 -q
