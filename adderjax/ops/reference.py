@@ -226,17 +226,24 @@ def _tree_sum(terms):
   return terms[0]
 
 
-def _chunking(n: int, per_item: int, target: int) -> tuple[int, int]:
-  """Items per chunk and the padded item count for a ``target`` terms/chunk.
+#: Fewest terms per fused chunk: with fewer, LLVM unrolls the short feature
+#: loop of the fusion and leaves it scalar (checked in the emitted assembly).
+MIN_CHUNK_TERMS = 16
 
-  Prefers a divisor of ``n`` (no padding) unless it is less than half the
-  wanted chunk.
+
+def _chunking(n: int, per_item: int, target: int) -> tuple[int, int]:
+  """Items per chunk and the padded item count for ``target`` terms/chunk.
+
+  A chunk holds at least :data:`MIN_CHUNK_TERMS` terms when there are that
+  many. A divisor of ``n`` near the wanted size is preferred (no padding).
   """
-  want = max(1, target // per_item)
+  lo = -(-max(MIN_CHUNK_TERMS, 1) // per_item)
+  want = max(lo, round(target / per_item))
   if want >= n:
     return n, n
-  best = max(d for d in range(1, want + 1) if n % d == 0)
-  if 2 * best >= want:
+  divisors = [d for d in range(lo, 2 * want + 1) if n % d == 0]
+  if divisors:
+    best = min(divisors, key=lambda d: (abs(d - want), d))
     return best, n
   return want, -(-n // want) * want
 
@@ -263,6 +270,27 @@ def _lax_conv(x, kernel, geo: geometry.ConvGeometry, precision, dtype):
       dimension_numbers=_conv_dimension_numbers(len(geo.kernel_size)),
       feature_group_count=geo.groups, precision=precision,
       preferred_element_type=dtype)
+
+
+def _feature_sum(a: jax.Array, *, in_loop_fusion: bool) -> jax.Array:
+  """Sum over the last axis.
+
+  XLA:CPU hands a ``reduce`` to a YNNPACK fusion, together with every
+  elementwise op fused around it. That is fine (and fast) on its own, but when
+  the whole l1 reduction is a single chunk (no loop), its terms would join
+  that fusion and each be materialised (10x slower); then the sum is written
+  as a tree of adds, which XLA fuses into the same vectorised loop.
+  """
+  if in_loop_fusion:
+    return _tree_sum([a[..., i] for i in range(a.shape[-1])])
+  return jnp.sum(a, axis=-1)
+
+
+def _loop(n: int, body, init):
+  """``fori_loop`` over ``n`` steps (a plain call when ``n == 1``)."""
+  if n == 1:
+    return body(0, init)
+  return lax.fori_loop(0, n, body, init)
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array,
@@ -295,22 +323,22 @@ def conv_forward(x: jax.Array, kernel: jax.Array,
   xf = xf.reshape(nph, n, fl.length_in, g, cg)
   w = kernel.astype(dt).reshape(ntaps, cg, g, tg)
 
-  xsum = jnp.sum(xf, axis=-1)  # [PH, N, Lin, G]
+  cu, cpad = _chunking(cg, ntaps, terms)
+  xsum = _feature_sum(xf, in_loop_fusion=cpad == cu)  # [PH, N, Lin, G]
   sum_x = _tree_sum([xsum[ph, :, off:off + length] for ph, off in fl.taps])
   sum_w = jnp.sum(w, axis=(0, 1))  # [G, T]
 
-  cu, cpad = _chunking(cg, ntaps, terms)
-  xf = lax.optimization_barrier(_pad_to(xf, 4, cpad))
+  xf = _pad_to(xf, 4, cpad)
   wp = _pad_to(w, 1, cpad)  # zero features add max(0, 0) = 0
 
-  def chunk(c0, acc):
-    xc = lax.dynamic_slice_in_dim(xf, c0, cu, axis=4)
-    wc = lax.dynamic_slice_in_dim(wp, c0, cu, axis=1)
+  def chunk(i, acc):
+    xc = lax.dynamic_slice_in_dim(xf, i * cu, cu, axis=4)
+    wc = lax.dynamic_slice_in_dim(wp, i * cu, cu, axis=1)
     parts = [fast_max(xc[ph, :, off:off + length, :, j, None], wc[ti, j])
              for ti, (ph, off) in enumerate(fl.taps) for j in range(cu)]
     return acc + _tree_sum(parts)
 
-  acc = _chunked_loop(cpad, cu, chunk, jnp.zeros((n, length, g, tg), dt))
+  acc = _loop(cpad // cu, chunk, jnp.zeros((n, length, g, tg), dt))
   y = sum_x[..., None] + sum_w - 2.0 * acc
   return geometry.out_from_flat(y.reshape(n, length, g * tg), fl)
 
@@ -361,7 +389,6 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
   # gbig[:, mo + l] = gy at extended output position l, zero elsewhere, so
   # input position q of a tap with offset `off` reads gbig[:, q - off + mo].
   gbig = jnp.pad(gf, ((0, 0), (mo, lin - length), (0, 0), (0, 0)))
-  gsum = jnp.sum(gbig, axis=-1)  # [N, Lin + mo, G]
 
   outs = []
   for p in range(nph):
@@ -370,15 +397,17 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
       outs.append(jnp.zeros((n, lin, g, cg), dt))
       continue
     tu, tpad = _chunking(tg, len(ptaps), terms)
-    gp = lax.optimization_barrier(_pad_to(gbig, 3, tpad))
+    gp = _pad_to(gbig, 3, tpad)
     wp = _pad_to(w, 1, tpad)  # zero cotangents contribute nothing
-    xp = xf[p]
-    if mode == 'full_precision':
-      lo, hi = xp - 1.0, xp + 1.0
 
-    def chunk(t0, acc, ptaps=ptaps, tu=tu, gp=gp, wp=wp, xp=xp):
-      gc = lax.dynamic_slice_in_dim(gp, t0, tu, axis=3)
-      wc = lax.dynamic_slice_in_dim(wp, t0, tu, axis=1)
+    xp = xf[p]
+    # clip(w - x, -1, 1) = min(max(w, x - 1), x + 1) - x: 3 vector ops per
+    # term (max, min, fma) instead of 4; the "- x" is summed once below.
+    lo, hi = (xp - 1.0, xp + 1.0) if mode == 'full_precision' else (xp, xp)
+
+    def chunk(i, acc, ptaps=ptaps, tu=tu, gp=gp, wp=wp, xp=xp, lo=lo, hi=hi):
+      gc = lax.dynamic_slice_in_dim(gp, i * tu, tu, axis=3)
+      wc = lax.dynamic_slice_in_dim(wp, i * tu, tu, axis=1)
       parts = []
       for ti, off in ptaps:
         for j in range(tu):
@@ -391,10 +420,11 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
                          jnp.where(wv < xp, gs, 0.0))
       return acc + _tree_sum(parts)
 
-    acc = _chunked_loop(tpad, tu, chunk, jnp.zeros((n, lin, g, cg), dt))
+    acc = _loop(tpad // tu, chunk, jnp.zeros((n, lin, g, cg), dt))
     if mode == 'full_precision':
+      gsum = _feature_sum(gbig, in_loop_fusion=tpad == tu)  # [N, Lg, G]
       box = _tree_sum([gsum[:, mo - off:mo - off + lin] for _, off in ptaps])
-      acc = acc - xp * box[..., None]
+      acc = acc - xf[p] * box[..., None]
     outs.append(acc)
   dxf = jnp.stack(outs).reshape(nph, n, lin, g * cg)
   return geometry.from_flat(dxf, fl)
