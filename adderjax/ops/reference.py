@@ -293,6 +293,22 @@ def _loop(n: int, body, init):
   return lax.fori_loop(0, n, body, init)
 
 
+def after_cotangent(x: jax.Array, gy: jax.Array) -> jax.Array:
+  """``x`` (exactly), made to depend on the cotangent ``gy``.
+
+  XLA:CPU's scheduler computes a value as soon as its operands exist, so a
+  backward-pass copy of a layer input (padded layout, ``x - 1``, ``x + 1``,
+  the transposes of the weight gradient) would be made during the forward
+  pass and held until the backward pass reaches the layer: several
+  activation-sized buffers per layer for the whole step. Adding
+  ``0 * gy[0, ..., 0]`` (not simplified away for floats) delays them until the
+  cotangent exists. A non-finite cotangent makes the result non-finite, as the
+  gradient would be anyway.
+  """
+  zero = jnp.zeros((), x.dtype) * gy.reshape(-1)[0].astype(x.dtype)
+  return x + zero
+
+
 def conv_forward(x: jax.Array, kernel: jax.Array,
                  geo: geometry.ConvGeometry, *,
                  terms: int = CONV_FORWARD_TERMS) -> jax.Array:
@@ -371,8 +387,9 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
     ``(N, *spatial, C_in)`` in the accumulation dtype.
   """
   dt = acc_dtype(x, kernel, gy)
+  x = after_cotangent(x.astype(dt), gy)
   if mode == 'unclipped':
-    xd, kd, gd = x.astype(dt), kernel.astype(dt), gy.astype(dt)
+    xd, kd, gd = x, kernel.astype(dt), gy.astype(dt)
     conv = lambda a, k: _lax_conv(a, k, geo, precision, dt)
     _, vjp_w = jax.vjp(lambda a: conv(a, kd), xd)
     _, vjp_1 = jax.vjp(lambda a: conv(a, jnp.ones_like(kd)), xd)
@@ -383,7 +400,8 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
   n, length, lin = geo.batch, fl.length_out, fl.length_in
   nph, ntaps = len(fl.phases), len(fl.taps)
   mo = fl.max_offset
-  xf = geometry.to_flat(x.astype(dt), fl).reshape(nph, n, lin, g, cg)
+  xf = geometry.to_flat(x, fl)
+  xf = xf.reshape(nph, n, lin, g, cg)
   w = kernel.astype(dt).reshape(ntaps, cg, g, tg).transpose(0, 3, 2, 1)
   gf = geometry.out_to_flat(gy.astype(dt), fl).reshape(n, length, g, tg)
   # gbig[:, mo + l] = gy at extended output position l, zero elsewhere, so
@@ -446,7 +464,8 @@ def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
     gyc = geometry.output_to_canonical(gy, geo)
     return geometry.kernel_from_canonical(
         l1_weight_grad(p, w, gyc, mode, precision=precision), geo)
-  xd, kd, gd = x.astype(dt), kernel.astype(dt), gy.astype(dt)
+  xd = after_cotangent(x.astype(dt), gy)
+  kd, gd = kernel.astype(dt), gy.astype(dt)
   _, vjp = jax.vjp(lambda k: _lax_conv(xd, k, geo, precision, dt), kd)
   gsum = jnp.sum(gd, axis=tuple(range(gd.ndim - 1)))
   return vjp(gd)[0] - kd * gsum
