@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: venv run test test-fast clean
+.PHONY: venv run test test-all clean
 
 # The main job: the adder LeNet-5-BN on real MNIST (3 epochs, minutes on 2 cores);
 # `make run CONFIG=experiments/configs/lenet5_mnist.py:full` is the paper's 50-epoch recipe.
@@ -24,11 +24,14 @@ run: venv
 	$(PY) -m experiments.fetch_data mnist
 	$(PY) -m experiments.main --config $(CONFIG) --workdir $(WORKDIR)
 
+# The suite CI runs: everything but the tests marked slow (minutes on 2 cores).
 test: venv
-	$(PY) -m pytest -n 2 -q
-
-test-fast: venv
 	$(PY) -m pytest -n 2 -q -m 'not slow'
+
+# Everything, the slow tests included (ImageNet-size models, adder variants of
+# the parallel/resume/config smoke tests, the deviceless TPU compile).
+test-all: venv
+	$(PY) -m pytest -n 2 -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info
