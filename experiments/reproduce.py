@@ -7,7 +7,8 @@ Usage::
       --out experiments/results/mnist             # ~1 hour on 2 CPU cores
   python -m experiments.reproduce mnist --out DIR --quick   # smoke run
   python -m experiments.reproduce mnist --out DIR --full    # paper: 50 epochs
-  python -m experiments.reproduce report --out DIR  # re-render report.md
+  python -m experiments.reproduce report --out DIR  # redraw the curves
+                                                    # and report.md
 
 ``mnist`` trains LeNet-5-BN as CNN, AddNN and BNN, the optimisation ablation
 of the paper's Figure 4, the eta sensitivity and the LeNet++-style nets of
@@ -26,7 +27,6 @@ import time
 _T0 = time.time()  # before the heavy imports: the wall time covers them
 
 import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
-import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import logging as std_logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 import os  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
       prog='python -m experiments.reproduce',
       description='Reproduce the AdderNet paper\'s MNIST experiments.')
   p.add_argument('experiment', choices=('mnist', 'report'),
-                 help='mnist: run everything; report: re-render report.md '
-                 'from --out/results.json.')
+                 help='mnist: run everything; report: redraw the curve '
+                 'figures and report.md from --out/results.json.')
   p.add_argument('--out', required=True,
                  help='output directory (PNGs, results.json, report.md).')
   size = p.add_mutually_exclusive_group()
@@ -90,14 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
   """Runs the CLI; returns ``results.json``'s content."""
   args = build_parser().parse_args(argv)
-  from experiments.reproduce_lib import report  # pylint: disable=g-import-not-at-top
   if args.experiment == 'report':
-    path = os.path.join(args.out, 'results.json')
-    with open(path) as f:
-      results = json.load(f)
-    with open(os.path.join(args.out, 'report.md'), 'w') as f:
-      f.write(report.render(results))
-    return results
+    from experiments.reproduce_lib import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.rerender(
+        args.out, command='python -m experiments.reproduce ' +
+        ' '.join(sys.argv[1:] if argv is None else argv))
 
   from absl import logging  # pylint: disable=g-import-not-at-top
   from experiments import data as data_lib  # pylint: disable=g-import-not-at-top

@@ -37,7 +37,8 @@ def _curve(points, index):
 
 
 def plot_learning_curves(runs: Sequence[dict[str, Any]], path: str, *,
-                         title: str, eval_label: str = 'test') -> str:
+                         title: str, eval_label: str = 'test',
+                         zoom: bool = True) -> str:
   """Training loss and test accuracy against epochs for several runs.
 
   Args:
@@ -46,14 +47,19 @@ def plot_learning_curves(runs: Sequence[dict[str, Any]], path: str, *,
     path: PNG to write.
     title: figure title.
     eval_label: what the evaluation curve measures (y-axis label).
+    zoom: zoom the accuracy axis on the top 80% of the points (the others
+      are marked on the bottom edge with their values); else show all.
 
   Returns:
     ``path``.
   """
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.8),
                                         layout='constrained')
-  for r in runs:
-    style = dict(color=r.get('color'), linestyle=r.get('linestyle', '-'))
+  colours = []
+  for i, r in enumerate(runs):
+    colour = r.get('color') or f'C{i % 10}'
+    colours.append(colour)
+    style = dict(color=colour, linestyle=r.get('linestyle', '-'))
     x, loss = _curve(r['train_curve'], 1)
     ax_loss.plot(x, loss, label=r['label'], **style)
     x, acc = _curve(r['eval_curve'], 2)
@@ -65,12 +71,29 @@ def plot_learning_curves(runs: Sequence[dict[str, Any]], path: str, *,
   ax_loss.set_title('Training loss')
   ax_acc.set_xlabel('epoch')
   ax_acc.set_ylabel(f'{eval_label} accuracy (%)')
-  ax_acc.set_title('Test accuracy')
   accs = [100 * p[2] for r in runs for p in r['eval_curve']]
-  if accs:
+  clipped = False
+  if accs and zoom:
     top = max(accs)
-    ax_acc.set_ylim(max(0.0, min(np.percentile(accs, 20), top - 5) - 1),
-                    min(100.0, top + 0.5))
+    low = max(0.0, min(np.percentile(accs, 20), top - 5) - 1)
+    ax_acc.set_ylim(low, min(100.0, top + 0.5))
+    # Points below the zoomed range: a marker on the bottom edge + value.
+    span = min(100.0, top + 0.5) - low
+    labels_at: dict[float, int] = {}
+    for r, colour in zip(runs, colours):
+      for epoch, _, acc in r['eval_curve']:
+        if 100 * acc < low:
+          clipped = True
+          k = labels_at.get(round(epoch, 6), 0)
+          labels_at[round(epoch, 6)] = k + 1
+          ax_acc.plot(epoch, low + 0.02 * span, marker='v', markersize=7,
+                      color=colour, clip_on=False)
+          ax_acc.annotate(f'{100 * acc:.1f}%',
+                          (epoch, low + (0.05 + 0.05 * k) * span),
+                          fontsize=7, ha='center', color=colour)
+  ax_acc.set_title('Test accuracy' + (
+      ' (v on the bottom edge: a point below the axis, value shown)'
+      if clipped else ''))
   for ax in (ax_loss, ax_acc):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

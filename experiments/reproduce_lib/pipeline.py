@@ -166,37 +166,6 @@ def reproduce_mnist(out_dir: str, plan: plan_lib.Plan,
   # Figures.
   t = time.time()
   paths = {}
-  paths['main_curves'] = figures.plot_learning_curves(
-      [dict(label=f'{figures.KIND_LABELS[k]} (seed {r.config["seed"]})',
-            color=figures.KIND_COLOURS[k],
-            linestyle='-' if i == 0 else ':',
-            train_curve=r.train_curve, eval_curve=r.eval_curve)
-       for k in plan_lib.MAIN_KINDS for i, r in enumerate(main[k])],
-      os.path.join(out_dir, 'main_curves.png'),
-      title=f'LeNet-5-BN on MNIST, {plan.main.epochs:g} epochs (test '
-            'accuracy with running BN statistics, as the official code)')
-  paths['fig4_ablation'] = figures.plot_learning_curves(
-      [dict(label=_ablation_label(r), color=figures.SCALING_COLOURS[
-          r.extra['scaling']], linestyle=figures.GRAD_STYLES[r.extra['grad']],
-            train_curve=r.train_curve, eval_curve=r.eval_curve)
-       for r in ablation],
-      os.path.join(out_dir, 'fig4_ablation.png'),
-      title=f'Figure 4: AddNN LeNet-5-BN optimisation schemes, '
-            f'{plan.ablation.epochs:g} epochs (ILR factor {ilr_factor:g})',
-      eval_label=_curve_eval_label(plan.ablation))
-  paths['eta_curves'] = figures.plot_learning_curves(
-      [dict(label=f'eta = {eta:g}', train_curve=r.train_curve,
-            eval_curve=r.eval_curve) for eta, r in eta_runs],
-      os.path.join(out_dir, 'eta_curves.png'),
-      title=f'AddNN LeNet-5-BN, adaptive LR with several eta, '
-            f'{plan.eta.epochs:g} epochs',
-      eval_label=_curve_eval_label(plan.eta))
-  paths['eta_sensitivity'] = figures.plot_eta(
-      [e for e, _ in eta_runs], [r.final['top1'] for _, r in eta_runs],
-      [r.train_curve[-1][1] if r.train_curve else float('nan')
-       for _, r in eta_runs],
-      os.path.join(out_dir, 'eta_sensitivity.png'),
-      title=f'eta sensitivity (AddNN LeNet-5-BN, {plan.eta.epochs:g} epochs)')
   paths['fig1_features'] = figures.plot_features(
       [dict(title=(f'{"AdderNet" if k == "adder" else "CNN"} '
                    f'(test accuracy {100 * r.final["top1"]:.2f}%)\n'
@@ -251,9 +220,10 @@ def reproduce_mnist(out_dir: str, plan: plan_lib.Plan,
           0).tolist(), feature_std=f['features'].std(0).tolist())
                   for k, (r, f) in fig1.items()},
       'weight_fits': fits,
-      'figures': {k: os.path.basename(v) for k, v in paths.items()},
       'part_seconds': part_seconds,
   }
+  paths.update(draw_curve_figures(results, out_dir))
+  results['figures'] = {k: os.path.basename(v) for k, v in paths.items()}
   results['environment']['load_average_end'] = list(os.getloadavg())
   results['wall_seconds'] = time.time() - t_start
   with open(os.path.join(out_dir, 'results.json'), 'w') as f:
@@ -263,6 +233,93 @@ def reproduce_mnist(out_dir: str, plan: plan_lib.Plan,
   log(f'wrote {out_dir}/report.md; total wall time '
       f'{results["wall_seconds"] / 60:.1f} min')
   return results
+
+
+def rerender(out_dir: str, command: str | None = None) -> dict[str, Any]:
+  """Redraws the curve figures and ``report.md`` from ``results.json``.
+
+  The figures drawn from trained parameters (Figures 1-3) are left as they
+  are. The redraw is recorded in ``results.json`` (``'rerendered'``) and in
+  the report.
+
+  Args:
+    out_dir: a directory written by :func:`reproduce_mnist`.
+    command: the command line, for the record.
+
+  Returns:
+    The updated ``results.json`` content.
+  """
+  path = os.path.join(out_dir, 'results.json')
+  with open(path) as f:
+    results = json.load(f)
+  results.setdefault('rerendered', []).append({
+      'command': command, 'at': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+      'git_commit': _git('rev-parse', 'HEAD').strip()})
+  paths = draw_curve_figures(results, out_dir)
+  results['figures'].update(
+      {k: os.path.basename(v) for k, v in paths.items()})
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=1)
+  with open(os.path.join(out_dir, 'report.md'), 'w') as f:
+    f.write(report_lib.render(results))
+  return results
+
+
+def _epochs_text(epochs: float) -> str:
+  return f'{epochs:g} epoch{"" if epochs == 1 else "s"}'
+
+
+def draw_curve_figures(results: dict[str, Any], out_dir: str
+                       ) -> dict[str, str]:
+  """The learning-curve figures, drawn from a ``results.json`` dict.
+
+  ``main_curves.png``, ``fig4_ablation.png``, ``eta_curves.png`` and
+  ``eta_sensitivity.png`` need only the stored curves and final numbers, so
+  ``python -m experiments.reproduce report`` can redraw them.
+
+  Returns:
+    ``{figure name: path}``.
+  """
+  plan = results['plan']
+  paths = {}
+  paths['main_curves'] = figures.plot_learning_curves(
+      [dict(label=f'{figures.KIND_LABELS[k]} (seed {r["config"]["seed"]})',
+            color=figures.KIND_COLOURS[k],
+            linestyle='-' if i == 0 else ':',
+            train_curve=r['train_curve'], eval_curve=r['eval_curve'])
+       for k in plan_lib.MAIN_KINDS
+       for i, r in enumerate(results['main'][k])],
+      os.path.join(out_dir, 'main_curves.png'),
+      title=f'LeNet-5-BN on MNIST, {_epochs_text(plan["main"]["epochs"])} '
+            '(test accuracy with running BN statistics, as the official '
+            'code)')
+  paths['fig4_ablation'] = figures.plot_learning_curves(
+      [dict(label=_ablation_label(r['extra']),
+            color=figures.SCALING_COLOURS[r['extra']['scaling']],
+            linestyle=figures.GRAD_STYLES[r['extra']['grad']],
+            train_curve=r['train_curve'], eval_curve=r['eval_curve'])
+       for r in results['ablation']],
+      os.path.join(out_dir, 'fig4_ablation.png'),
+      title=f'Figure 4: AddNN LeNet-5-BN optimisation schemes, '
+            f'{_epochs_text(plan["ablation"]["epochs"])} (ILR factor '
+            f'{results["ilr_factor"]:g})',
+      eval_label=_curve_eval_label(plan['ablation']), zoom=False)
+  paths['eta_curves'] = figures.plot_learning_curves(
+      [dict(label=f'eta = {e["eta"]:g}', train_curve=e['train_curve'],
+            eval_curve=e['eval_curve']) for e in results['eta']],
+      os.path.join(out_dir, 'eta_curves.png'),
+      title=f'AddNN LeNet-5-BN, adaptive LR with several eta, '
+            f'{_epochs_text(plan["eta"]["epochs"])}',
+      eval_label=_curve_eval_label(plan['eta']))
+  paths['eta_sensitivity'] = figures.plot_eta(
+      [e['eta'] for e in results['eta']],
+      [e['final']['top1'] for e in results['eta']],
+      [e['train_curve'][-1][1] if e['train_curve'] else float('nan')
+       for e in results['eta']],
+      os.path.join(out_dir, 'eta_sensitivity.png'),
+      title=f'eta sensitivity (AddNN LeNet-5-BN, '
+            f'{_epochs_text(plan["eta"]["epochs"])})')
+  return paths
 
 
 def _train_all(plan, data, run_kw, part_seconds, log):
@@ -333,16 +390,16 @@ def _train_all(plan, data, run_kw, part_seconds, log):
   return main, scales, ilr_factor, ablation, eta_runs, fig1
 
 
-def _ablation_label(r: runs.RunResult) -> str:
+def _ablation_label(extra: dict[str, Any]) -> str:
   grad = {'full_precision': 'full-precision grad', 'sign': 'sign grad'}[
-      r.extra['grad']]
+      extra['grad']]
   scaling = {'adaptive': 'adaptive LR', 'ilr': 'increased LR',
-             'none': 'no scaling'}[r.extra['scaling']]
+             'none': 'no scaling'}[extra['scaling']]
   return f'{grad} + {scaling}'
 
 
-def _curve_eval_label(part: plan_lib.Part) -> str:
-  if part.evals_per_epoch > 1:
+def _curve_eval_label(part: dict[str, Any]) -> str:
+  if part['evals_per_epoch'] > 1:
     return (f'test (first {plan_lib.CURVE_EVAL_EXAMPLES} images, '
             'recalibrated BN)')
   return 'test (recalibrated BN)'
