@@ -291,6 +291,13 @@ def render(r: dict[str, Any]) -> str:
     'cosine steps once per chunk). `--full` runs the paper\'s 50 epochs '
     'everywhere; `--epochs N` sets the main runs\' epochs; `--seeds 0,1,2` '
     'adds seeds.')
+  per_seed = r['part_seconds']['main'] / len(seeds)
+  w(f'* Seeds: {len(seeds)} for the main runs'
+    + (' (no spread to report)' if len(seeds) == 1 else '') +
+    f'; each seed of the three main runs took {_minutes(per_seed)} here, '
+    f'so a further seed would have taken the whole reproduction to about '
+    f'{_minutes(r["wall_seconds"] + per_seed)}. The other parts use seed '
+    f'{seeds[0]}.')
   w('* Figures 2 and 3 use the main runs\' final weights; no extra training.')
   w('* BNN: DoReFa-style 1-bit activations and per-channel scaled binary '
     'weights in the body layers (adderjax.models, kind `bnn`); the paper '
