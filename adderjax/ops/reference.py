@@ -1,31 +1,45 @@
-"""Pure-JAX (XLA) adder kernels on the canonical patch layout.
+"""Pure-JAX (XLA) adder kernels: the ``'xla'`` backend and the reference.
 
 This is the ``'xla'`` backend, available on every platform, and the fallback
-of ``implementation=None``. All functions take the canonical layout of
-:mod:`adderjax.ops.geometry`: patches ``P[G, K, M]``, kernel ``W[G, K, T]``,
-output / output cotangent ``[G, T, M]``.
+of ``implementation=None``. It has two sets of functions.
 
-Design (see DESIGN.md section 2):
+**Patch-free kernels** (what :func:`adderjax.adder_conv` runs for
+``implementation='xla'``): :func:`conv_forward`, :func:`conv_input_grad`,
+:func:`conv_weight_grad` take the convolution's own arrays (feature-last
+input, flax kernel, output cotangent) and never build a patch matrix. Each
+kernel tap reads one contiguous slice of the flat shifted-phase layout of
+:func:`adderjax.ops.geometry.flat_layout`; the vector axis is the feature
+axis. Design (see ``docs/performance.md`` for the measurements behind it):
 
-* Forward. ``-sum_k |p - w| = sum_k p + sum_k w - 2 sum_k max(p, w)``: the two
-  plain sums are cheap reductions, and the inner loop is ``max`` + ``add`` (2
-  vector ops) instead of ``sub`` + ``abs`` + ``add`` (3). The loop runs over
-  ``K`` in chunks of ``unroll`` taps; each chunk is one fused XLA loop whose
-  ``[G, T, M]`` accumulator stays in registers for ``unroll`` steps, so the
-  accumulator makes one round trip to memory per chunk, not per tap. The
-  ``[G, K, T, M]`` tensor of the official code is never built.
-* Weight gradient, full-precision modes: ``dW = P g^T - W * sum_m g``: one
-  batched matmul (the conv weight gradient) plus a rank-1 correction.
-* Input gradient: ``dP[k, m] = sum_t g[t, m] h(W[k, t] - P[k, m])`` with ``h``
-  HardTanh, sign or identity. The identity (``'unclipped'``) is again a matmul;
-  the other two loop over ``T`` in fused chunks with an f32 ``[G, K, M]``
-  accumulator.
-* Everything accumulates in float32 (float64 for float64 inputs) and casts
-  back at the end.
+* Forward: ``-sum |x - w| = sum x + sum w - 2 sum max(x, w)``. The plain sums
+  are a feature sum and a box filter; the hot loop adds ``max(x, w)`` for
+  about 18 (tap, input feature) terms per fused XLA loop into an
+  ``[N, L, G, T]`` accumulator.
+* Input gradient: a gather over (tap, output feature) terms per input
+  position, ``g * min(max(w, x - 1), x + 1)`` (HardTanh, with the ``- x * sum
+  g`` part summed once) or ``g * sgn(w - x)``; the ``'unclipped'`` mode is two
+  transposed convolutions.
+* Weight gradient: the convolution's own weight gradient (a matmul) minus
+  ``W * sum g``; ``'sign'`` mode (an ablation) uses the patch path below.
+* Large batches are processed in tiles whose working set fits the last-level
+  cache (:data:`TILE_BYTES`).
+
+**Patch-layout kernels** :func:`l1_forward`, :func:`l1_input_grad`,
+:func:`l1_weight_grad` work on the canonical layout of
+:mod:`adderjax.ops.geometry` (patches ``P[G, K, M]``, kernel ``W[G, K, T]``,
+output / cotangent ``[G, T, M]``). They are the reference the accelerator
+backends are tested against, and the weight gradient (a matmul) of every
+backend.
+
+Everything accumulates in float32 (float64 for float64 inputs); callers cast
+back. Max/min are written ``jnp.where(a > b, a, b)``: one vector instruction
+instead of four for NaN-propagating ``jnp.maximum`` on XLA:CPU. A NaN input
+still yields a NaN output (through the plain sums of the identity).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -96,7 +110,7 @@ def l1_forward(p: jax.Array, w: jax.Array, *, unroll: int = FORWARD_UNROLL
     pc = lax.dynamic_slice_in_dim(pp, start, u, axis=1).astype(dt)
     wc = lax.dynamic_slice_in_dim(wp, start, u, axis=1).astype(dt)
     for j in range(u):
-      acc = acc + jnp.maximum(pc[:, j, None, :], wc[:, j, :, None])
+      acc = acc + fast_max(pc[:, j, None, :], wc[:, j, :, None])
     return acc
 
   acc = _chunked_loop(k, u, chunk, jnp.zeros((g, t, m), dt))
@@ -107,7 +121,7 @@ def l1_forward(p: jax.Array, w: jax.Array, *, unroll: int = FORWARD_UNROLL
 
 def _h(mode: str, d: jax.Array) -> jax.Array:
   if mode == 'full_precision':
-    return jnp.clip(d, -1.0, 1.0)
+    return fast_min(fast_max(d, -1.0), 1.0)
   if mode == 'sign':
     return jnp.sign(d)
   return d
@@ -272,6 +286,46 @@ def _lax_conv(x, kernel, geo: geometry.ConvGeometry, precision, dtype):
       preferred_element_type=dtype)
 
 
+#: Bytes of activations a batch tile of the patch-free kernels works on. Each
+#: chunk of the reduction streams the tile's accumulator and inputs once, so a
+#: tile that fits in the last-level cache (32 MB here, shared) keeps those
+#: passes out of DRAM.
+TILE_BYTES = 8 * 2**20
+
+
+def _forward_bytes_per_example(geo: geometry.ConvGeometry) -> int:
+  fl = geometry.flat_layout(geo)
+  return 4 * (len(fl.phases) * fl.length_in * geo.in_features +
+              2 * fl.length_out * geo.out_features)
+
+
+def _input_grad_bytes_per_example(geo: geometry.ConvGeometry) -> int:
+  fl = geometry.flat_layout(geo)
+  return 4 * len(fl.phases) * fl.length_in * (4 * geo.in_features +
+                                              geo.out_features)
+
+
+def _batch_tile(geo: geometry.ConvGeometry, per_example: int,
+                tile_bytes: float) -> int:
+  """Largest divisor of the batch whose working set fits ``tile_bytes``."""
+  n = geo.batch
+  want = max(1, int(tile_bytes // max(per_example, 1)))
+  if want >= n:
+    return n
+  return max(d for d in range(1, want + 1) if n % d == 0)
+
+
+def _map_batch_tiles(fn, geo: geometry.ConvGeometry, tile: int, *arrays):
+  """``fn(geo_of_tile, *tiles)`` over batch tiles (one call if untiled)."""
+  n = geo.batch
+  if tile == n:
+    return fn(geo, *arrays)
+  geo_t = dataclasses.replace(geo, in_shape=(tile,) + geo.in_shape[1:])
+  tiled = [a.reshape((n // tile, tile) + a.shape[1:]) for a in arrays]
+  out = lax.map(lambda ts: fn(geo_t, *ts), tuple(tiled))
+  return out.reshape((n,) + out.shape[2:])
+
+
 def _feature_sum(a: jax.Array, *, in_loop_fusion: bool) -> jax.Array:
   """Sum over the last axis.
 
@@ -300,18 +354,22 @@ def after_cotangent(x: jax.Array, gy: jax.Array) -> jax.Array:
   backward-pass copy of a layer input (padded layout, ``x - 1``, ``x + 1``,
   the transposes of the weight gradient) would be made during the forward
   pass and held until the backward pass reaches the layer: several
-  activation-sized buffers per layer for the whole step. Adding
-  ``0 * gy[0, ..., 0]`` (not simplified away for floats) delays them until the
-  cotangent exists. A non-finite cotangent makes the result non-finite, as the
-  gradient would be anyway.
+  activation-sized buffers per layer for the whole step. Adding ``0 * gy`` at
+  one position per example (not simplified away for floats) delays them until
+  the cotangent exists; per example, so a batch-sharded step needs no
+  communication for it. A non-finite cotangent makes the result non-finite,
+  as the gradient would be anyway.
   """
-  zero = jnp.zeros((), x.dtype) * gy.reshape(-1)[0].astype(x.dtype)
+  n = gy.shape[0]
+  first = gy.reshape(n, -1)[:, :1].astype(x.dtype)
+  zero = jnp.zeros((), x.dtype) * first.reshape((n,) + (1,) * (x.ndim - 1))
   return x + zero
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array,
                  geo: geometry.ConvGeometry, *,
-                 terms: int = CONV_FORWARD_TERMS) -> jax.Array:
+                 terms: int = CONV_FORWARD_TERMS,
+                 tile_bytes: float = TILE_BYTES) -> jax.Array:
   """Adder convolution forward pass without patches, in the accumulation dtype.
 
   ``-sum |x - w| = sum x + sum w - 2 sum max(x, w)``: the two plain sums are
@@ -325,17 +383,26 @@ def conv_forward(x: jax.Array, kernel: jax.Array,
     kernel: flax kernel ``(*kernel_size, C_in / G, C_out)``.
     geo: the convolution (see :func:`adderjax.ops.geometry.make_geometry`).
     terms: (tap, feature) pairs per fused loop chunk.
+    tile_bytes: working set per batch tile (see :data:`TILE_BYTES`).
 
   Returns:
     ``(N, *out_spatial, C_out)`` in float32 (float64 for float64 inputs).
   """
-  fl = geometry.flat_layout(geo)
   dt = acc_dtype(x, kernel)
+  tile = _batch_tile(geo, _forward_bytes_per_example(geo), tile_bytes)
+  return _map_batch_tiles(
+      lambda geo_t, xt: _forward_flat(xt, kernel, geo_t, dt, terms),
+      geo, tile, x.astype(dt))
+
+
+def _forward_flat(x, kernel, geo, dt, terms):
+  """:func:`conv_forward` of one batch tile (``x`` already in ``dt``)."""
+  fl = geometry.flat_layout(geo)
   g = geo.groups
   cg, tg = geo.in_features // g, geo.out_features // g
   n, length = geo.batch, fl.length_out
   nph, ntaps = len(fl.phases), len(fl.taps)
-  xf = geometry.to_flat(x.astype(dt), fl)
+  xf = geometry.to_flat(x, fl)
   xf = xf.reshape(nph, n, fl.length_in, g, cg)
   w = kernel.astype(dt).reshape(ntaps, cg, g, tg)
 
@@ -362,7 +429,8 @@ def conv_forward(x: jax.Array, kernel: jax.Array,
 def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
                     geo: geometry.ConvGeometry, mode: str, *,
                     terms: int = CONV_INPUT_GRAD_TERMS,
-                    precision=None) -> jax.Array:
+                    precision=None,
+                    tile_bytes: float = TILE_BYTES) -> jax.Array:
   """Input gradient ``dx = sum_{tap, t} gy * h(w - x)`` without patches.
 
   Gather form: each input position of each phase sums, over the taps that
@@ -382,6 +450,7 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
     terms: (tap, output feature) pairs per fused loop chunk.
     precision: matmul precision of the ``'unclipped'`` transposed
       convolutions.
+    tile_bytes: working set per batch tile (see :data:`TILE_BYTES`).
 
   Returns:
     ``(N, *spatial, C_in)`` in the accumulation dtype.
@@ -394,6 +463,15 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
     _, vjp_w = jax.vjp(lambda a: conv(a, kd), xd)
     _, vjp_1 = jax.vjp(lambda a: conv(a, jnp.ones_like(kd)), xd)
     return vjp_w(gd)[0] - xd * vjp_1(gd)[0]
+  tile = _batch_tile(geo, _input_grad_bytes_per_example(geo), tile_bytes)
+  return _map_batch_tiles(
+      lambda geo_t, xt, gt: _input_grad_flat(xt, kernel, gt, geo_t, mode, dt,
+                                             terms),
+      geo, tile, x, gy)
+
+
+def _input_grad_flat(x, kernel, gy, geo, mode, dt, terms):
+  """:func:`conv_input_grad` of one batch tile (``x`` already in ``dt``)."""
   fl = geometry.flat_layout(geo)
   g = geo.groups
   cg, tg = geo.in_features // g, geo.out_features // g

@@ -13,8 +13,8 @@ adder layers (batch 256: conv2 5x5 14x14x6->16, fc1 400->120, fc2 120->84):
 * the peak memory of each (XLA buffer assignment of the compiled function);
 * the ratios adder/conv and unfold/adder.
 
-Forward+backward is ``jax.grad`` of ``<op(x, w), g>`` for a fixed random
-cotangent ``g``: one forward and both gradients. Method (interleaved medians
+Forward+backward is ``jax.grad`` of ``<op(x, w), g>`` for a random cotangent
+``g`` (an argument): one forward and both gradients. Method (interleaved medians
 after warm-up, memory analysis): see :mod:`experiments.benchmarks.common`.
 
 Examples:
@@ -160,9 +160,13 @@ def unfold_bytes(case: LayerCase) -> int:
   return case.terms * 4
 
 
-def fwd_bwd(op, gy):
-  """``(x, k) -> (dx, dk)`` of ``<op(x, k), gy>`` (one forward included)."""
-  return jax.grad(lambda x, k: jnp.vdot(op(x, k), gy), argnums=(0, 1))
+def fwd_bwd(op):
+  """``(x, k, gy) -> (dx, dk)`` of ``<op(x, k), gy>`` (one forward included).
+
+  ``gy`` is an argument, not a closed-over constant: XLA would otherwise
+  constant-fold the backward pass's work on it at compile time.
+  """
+  return jax.grad(lambda x, k, gy: jnp.vdot(op(x, k), gy), argnums=(0, 1))
 
 
 def case_inputs(case: LayerCase, dtype=jnp.float32, seed: int = 0):
@@ -196,15 +200,15 @@ def bench_layer(case: LayerCase, *, repeats: int, with_unfold: bool,
   cands = [
       common.Candidate('conv_f', conv_op(case), (x, k)),
       common.Candidate('adder_f', adder_op(case), (x, k)),
-      common.Candidate('conv_fb', fwd_bwd(conv_op(case), gy), (x, k)),
-      common.Candidate('adder_fb', fwd_bwd(adder_op(case), gy), (x, k)),
+      common.Candidate('conv_fb', fwd_bwd(conv_op(case)), (x, k, gy)),
+      common.Candidate('adder_fb', fwd_bwd(adder_op(case)), (x, k, gy)),
   ]
   common.run_group(cands, repeats=repeats, min_time=min_time)
   out = {c.name: c for c in cands}
   if with_unfold and unfold_bytes(case) <= unfold_max_bytes:
     ucands = [
         common.Candidate('unfold_f', unfold_op(case), (x, k)),
-        common.Candidate('unfold_fb', fwd_bwd(unfold_op(case), gy), (x, k)),
+        common.Candidate('unfold_fb', fwd_bwd(unfold_op(case)), (x, k, gy)),
     ]
     # Seconds per call: the first call after compilation is timed too.
     common.run_group(ucands, repeats=unfold_repeats, warmup=0,

@@ -126,7 +126,7 @@ def default_cases(quick: bool = False) -> list[ModelCase]:
   cases = [ModelCase('lenet5_bn', 256), ModelCase('resnet20', 64),
            ModelCase('resnet20', 128)]
   if not quick:
-    cases += [ModelCase('vgg_small', 64)]
+    cases += [ModelCase('vgg_small', 32)]
   cases += [ModelCase('lenet5_bn', 256, 'bfloat16'),
             ModelCase('resnet20', 64, 'bfloat16')]
   return cases
