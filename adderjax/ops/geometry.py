@@ -315,6 +315,20 @@ class FlatLayout:
   def max_offset(self) -> int:
     return max(off for _, off in self.taps)
 
+  def interior(self, phase: int) -> tuple[int, int]:
+    """Flat range ``[q0, q1)`` of ``phase`` holding all its input positions.
+
+    Whole grid rows of the first spatial dim whose padded coordinate lies
+    in the input (not in the padding): the only rows whose gradient is kept.
+    """
+    geo = self.geo
+    a, s = self.phases[phase][0], geo.strides[0]
+    lo, size = geo.padding[0][0], geo.in_shape[1]
+    r0 = max(0, -(-(lo - a) // s))
+    r1 = max(r0, -(-(lo + size - a) // s))
+    rest = math.prod(self.grid[1:])
+    return r0 * rest, r1 * rest
+
   def phase_taps(self, phase: int) -> tuple[tuple[int, int], ...]:
     """``(tap index, offset)`` of the taps that read ``phase``."""
     return tuple((i, off) for i, (ph, off) in enumerate(self.taps)

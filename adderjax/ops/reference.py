@@ -489,25 +489,31 @@ def _input_grad_flat(x, kernel, gy, geo, mode, dt, terms):
   outs = []
   for p in range(nph):
     ptaps = fl.phase_taps(p)
-    if not ptaps:  # No tap reads this phase (e.g. a strided 1x1 kernel).
+    # Only the grid rows that hold input positions: the padding rows' gradient
+    # is cropped anyway (a quarter of the work for 8x8 inputs).
+    q0, q1 = fl.interior(p)
+    lq = q1 - q0
+    if not ptaps or not lq:  # Nothing reads this phase (strided 1x1 kernel).
       outs.append(jnp.zeros((n, lin, g, cg), dt))
       continue
     tu, tpad = _chunking(tg, len(ptaps), terms)
     gp = _pad_to(gbig, 3, tpad)
     wp = _pad_to(w, 1, tpad)  # zero cotangents contribute nothing
 
-    xp = xf[p]
+    xp = xf[p, :, q0:q1]
     # clip(w - x, -1, 1) = min(max(w, x - 1), x + 1) - x: 3 vector ops per
     # term (max, min, fma) instead of 4; the "- x" is summed once below.
     lo, hi = (xp - 1.0, xp + 1.0) if mode == 'full_precision' else (xp, xp)
 
-    def chunk(i, acc, ptaps=ptaps, tu=tu, gp=gp, wp=wp, xp=xp, lo=lo, hi=hi):
+    def chunk(i, acc, ptaps=ptaps, tu=tu, gp=gp, wp=wp, xp=xp, lo=lo, hi=hi,
+              q0=q0, lq=lq):
       gc = lax.dynamic_slice_in_dim(gp, i * tu, tu, axis=3)
       wc = lax.dynamic_slice_in_dim(wp, i * tu, tu, axis=1)
       parts = []
       for ti, off in ptaps:
+        start = mo - off + q0
         for j in range(tu):
-          gs = gc[:, mo - off:mo - off + lin, :, j, None]
+          gs = gc[:, start:start + lq, :, j, None]
           wv = wc[ti, j]  # [G, Cg]
           if mode == 'full_precision':
             parts.append(gs * fast_min(fast_max(wv, lo), hi))
@@ -516,12 +522,13 @@ def _input_grad_flat(x, kernel, gy, geo, mode, dt, terms):
                          jnp.where(wv < xp, gs, 0.0))
       return acc + _tree_sum(parts)
 
-    acc = _loop(tpad // tu, chunk, jnp.zeros((n, lin, g, cg), dt))
+    acc = _loop(tpad // tu, chunk, jnp.zeros((n, lq, g, cg), dt))
     if mode == 'full_precision':
       gsum = _feature_sum(gbig, in_loop_fusion=tpad == tu)  # [N, Lg, G]
-      box = _tree_sum([gsum[:, mo - off:mo - off + lin] for _, off in ptaps])
-      acc = acc - xf[p] * box[..., None]
-    outs.append(acc)
+      box = _tree_sum([gsum[:, mo - off + q0:mo - off + q1]
+                       for _, off in ptaps])
+      acc = acc - xp * box[..., None]
+    outs.append(jnp.pad(acc, ((0, 0), (q0, lin - q1), (0, 0), (0, 0))))
   dxf = jnp.stack(outs).reshape(nph, n, lin, g * cg)
   return geometry.from_flat(dxf, fl)
 
