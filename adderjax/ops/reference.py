@@ -295,14 +295,17 @@ TILE_BYTES = 8 * 2**20
 
 def _forward_bytes_per_example(geo: geometry.ConvGeometry) -> int:
   fl = geometry.flat_layout(geo)
-  return 4 * (len(fl.phases) * fl.length_in * geo.in_features +
+  read = len({ph for ph, _ in fl.taps})  # phases some tap reads
+  return 4 * (read * fl.length_in * geo.in_features +
               2 * fl.length_out * geo.out_features)
 
 
 def _input_grad_bytes_per_example(geo: geometry.ConvGeometry) -> int:
   fl = geometry.flat_layout(geo)
-  return 4 * len(fl.phases) * fl.length_in * (4 * geo.in_features +
-                                              geo.out_features)
+  rows = sum(fl.interior(p)[1] - fl.interior(p)[0]
+             for p in range(len(fl.phases)) if fl.phase_taps(p))
+  return 4 * (4 * rows * geo.in_features +
+              (fl.length_in + fl.max_offset) * geo.out_features)
 
 
 def _batch_tile(geo: geometry.ConvGeometry, per_example: int,
@@ -361,7 +364,9 @@ def after_cotangent(x: jax.Array, gy: jax.Array) -> jax.Array:
   as the gradient would be anyway.
   """
   n = gy.shape[0]
-  first = gy.reshape(n, -1)[:, :1].astype(x.dtype)
+  # A real (2-element) reduction, so that XLA computes the [N] vector on its
+  # own instead of fusing a strided gather of gy into every consumer of x.
+  first = jnp.max(gy.reshape(n, -1)[:, :2], axis=1).astype(x.dtype)
   zero = jnp.zeros((), x.dtype) * first.reshape((n,) + (1,) * (x.ndim - 1))
   return x + zero
 
