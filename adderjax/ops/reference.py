@@ -544,8 +544,9 @@ def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
   """Kernel gradient in the flax kernel layout, in the accumulation dtype.
 
   Full-precision modes: ``dW = conv_weight_grad(x, gy) - W * sum gy`` (the
-  convolution's own weight gradient, a matmul, plus a rank-1 term). ``'sign'``
-  (an ablation) reduces ``gy * sgn(P - W)`` over the patch matrix.
+  convolution's own weight gradient, a matmul, plus a rank-1 term; a plain
+  ``einsum`` for one-tap kernels). ``'sign'`` (an ablation) reduces
+  ``gy * sgn(P - W)`` over the patch matrix.
   """
   dt = acc_dtype(x, kernel, gy)
   if mode == 'sign':
@@ -556,6 +557,24 @@ def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
         l1_weight_grad(p, w, gyc, mode, precision=precision), geo)
   xd = after_cotangent(x.astype(dt), gy)
   kd, gd = kernel.astype(dt), gy.astype(dt)
-  _, vjp = jax.vjp(lambda k: _lax_conv(xd, k, geo, precision, dt), kd)
   gsum = jnp.sum(gd, axis=tuple(range(gd.ndim - 1)))
+  if geo.taps == 1:
+    # One tap (1x1 kernels, dense layers): a plain matmul of the (strided)
+    # input with the cotangent, 3-5x faster here than XLA:CPU's lowering of
+    # the convolution weight gradient (which transposes both operands).
+    g = geo.groups
+    cg, tg = geo.in_features // g, geo.out_features // g
+    xp = lax.pad(xd, jnp.zeros((), dt),
+                 [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in geo.padding] +
+                 [(0, 0, 0)])
+    xs = lax.slice(xp, (0,) * xp.ndim,
+                   (geo.batch,) + tuple((o - 1) * s + 1 for o, s in
+                                        zip(geo.out_spatial, geo.strides))
+                   + (geo.in_features,),
+                   (1,) + geo.strides + (1,))
+    pg = jnp.einsum('mgc,mgt->cgt', xs.reshape(-1, g, cg),
+                    gd.reshape(-1, g, tg), precision=precision,
+                    preferred_element_type=dt)
+    return pg.reshape(kd.shape) - kd * gsum
+  _, vjp = jax.vjp(lambda k: _lax_conv(xd, k, geo, precision, dt), kd)
   return vjp(gd)[0] - kd * gsum
