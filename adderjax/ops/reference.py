@@ -371,6 +371,41 @@ def after_cotangent(x: jax.Array, gy: jax.Array) -> jax.Array:
   return x + zero
 
 
+def one_tap_input(x: jax.Array, geo: geometry.ConvGeometry
+                  ) -> tuple[jax.Array, geometry.ConvGeometry]:
+  """The input positions a one-tap kernel reads, and their unit geometry.
+
+  A one-tap kernel (``1x1``, any stride and padding) reads one input position
+  per output position: after padding and a strided slice, the layer is the
+  same layer with unit strides and no padding on the sliced input (which is
+  what the flat layout would otherwise build, with a copy of every phase).
+
+  Args:
+    x: feature-last input ``(N, *spatial, C_in)`` of a layer with
+      ``geo.taps == 1``.
+    geo: its geometry.
+
+  Returns:
+    ``(xs, geo_s)``: ``xs`` of shape ``(N, *out_spatial, C_in)`` and the
+    geometry of the stride-1, unpadded layer on it.
+  """
+  if geo.taps != 1:
+    raise ValueError(f'one_tap_input needs a one-tap kernel, got kernel size '
+                     f'{geo.kernel_size}')
+  nsp = len(geo.kernel_size)
+  if any(geo.padding[i] != (0, 0) for i in range(nsp)):
+    x = lax.pad(x, jnp.zeros((), x.dtype),
+                [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in geo.padding] +
+                [(0, 0, 0)])
+  limit = tuple((o - 1) * s + 1 for o, s in zip(geo.out_spatial, geo.strides))
+  if limit != x.shape[1:-1] or any(s != 1 for s in geo.strides):
+    x = lax.slice(x, (0,) * x.ndim, (x.shape[0],) + limit + (x.shape[-1],),
+                  (1,) + geo.strides + (1,))
+  geo_s = dataclasses.replace(geo, in_shape=x.shape, strides=(1,) * nsp,
+                              padding=((0, 0),) * nsp, dilation=(1,) * nsp)
+  return x, geo_s
+
+
 def conv_forward(x: jax.Array, kernel: jax.Array,
                  geo: geometry.ConvGeometry, *,
                  terms: int = CONV_FORWARD_TERMS,
@@ -394,6 +429,9 @@ def conv_forward(x: jax.Array, kernel: jax.Array,
     ``(N, *out_spatial, C_out)`` in float32 (float64 for float64 inputs).
   """
   dt = acc_dtype(x, kernel)
+  if geo.taps == 1 and (any(s != 1 for s in geo.strides) or
+                        any(p != (0, 0) for p in geo.padding)):
+    x, geo = one_tap_input(x, geo)
   tile = _batch_tile(geo, _forward_bytes_per_example(geo), tile_bytes)
   return _map_batch_tiles(
       lambda geo_t, xt: _forward_flat(xt, kernel, geo_t, dt, terms),
@@ -564,14 +602,7 @@ def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
     # the convolution weight gradient (which transposes both operands).
     g = geo.groups
     cg, tg = geo.in_features // g, geo.out_features // g
-    xp = lax.pad(xd, jnp.zeros((), dt),
-                 [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in geo.padding] +
-                 [(0, 0, 0)])
-    xs = lax.slice(xp, (0,) * xp.ndim,
-                   (geo.batch,) + tuple((o - 1) * s + 1 for o, s in
-                                        zip(geo.out_spatial, geo.strides))
-                   + (geo.in_features,),
-                   (1,) + geo.strides + (1,))
+    xs, _ = one_tap_input(xd, geo)
     pg = jnp.einsum('mgc,mgt->cgt', xs.reshape(-1, g, cg),
                     gd.reshape(-1, g, tg), precision=precision,
                     preferred_element_type=dt)

@@ -13,8 +13,9 @@ adder layers (batch 256: conv2 5x5 14x14x6->16, fc1 400->120, fc2 120->84):
 * the peak memory of each (XLA buffer assignment of the compiled function);
 * the ratios adder/conv and unfold/adder.
 
-Forward+backward is ``jax.grad`` of ``<op(x, w), g>`` for a random cotangent
-``g`` (an argument): one forward and both gradients. Method (interleaved medians
+Forward+backward is ``jax.value_and_grad`` of ``<op(x, w), g>`` for a random
+cotangent ``g`` (an argument): one forward and both gradients, as in a train
+step (with ``jax.grad`` alone XLA drops the forward, which no gradient reads). Method (interleaved medians
 after warm-up, memory analysis): see :mod:`experiments.benchmarks.common`.
 
 Examples:
@@ -161,12 +162,16 @@ def unfold_bytes(case: LayerCase) -> int:
 
 
 def fwd_bwd(op):
-  """``(x, k, gy) -> (dx, dk)`` of ``<op(x, k), gy>`` (one forward included).
+  """``(x, k, gy) -> (<y, gy>, (dx, dk))`` for ``y = op(x, k)``.
 
+  One forward and both gradients, as in a train step. The value depends on
+  ``y``: with ``jax.grad`` alone XLA would drop the forward pass (neither the
+  conv's nor the adder's gradients read ``y``) and time the backward only.
   ``gy`` is an argument, not a closed-over constant: XLA would otherwise
   constant-fold the backward pass's work on it at compile time.
   """
-  return jax.grad(lambda x, k, gy: jnp.vdot(op(x, k), gy), argnums=(0, 1))
+  return jax.value_and_grad(lambda x, k, gy: jnp.vdot(op(x, k), gy),
+                            argnums=(0, 1))
 
 
 def case_inputs(case: LayerCase, dtype=jnp.float32, seed: int = 0):
