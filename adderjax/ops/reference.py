@@ -343,6 +343,21 @@ def _feature_sum(a: jax.Array, *, in_loop_fusion: bool) -> jax.Array:
   return jnp.sum(a, axis=-1)
 
 
+def _fence(y: jax.Array, nan_source: jax.Array) -> jax.Array:
+  """``y`` unchanged, ending in an op that YNNPACK fusions do not take.
+
+  XLA:CPU grows a YNNPACK fusion from a reduction (a BatchNorm's mean, a
+  loss) back through the elementwise ops that YNNPACK supports (add, max,
+  ...), and materialises every operand it stops at: a layer's whole
+  unrolled l1 sum (one buffer per term) when the sum is not inside a loop.
+  A ``select`` is not supported, so ``where(isnan(s), s, y)``, with ``s`` a
+  term of ``y`` (``y`` is NaN wherever ``s`` is), ends the layer in one
+  fused loop. Optimization barriers do not help: XLA:CPU removes them before
+  fusion.
+  """
+  return jnp.where(jnp.isnan(nan_source), nan_source, y)
+
+
 def _loop(n: int, body, init):
   """``fori_loop`` over ``n`` steps (a plain call when ``n == 1``)."""
   if n == 1:
@@ -466,6 +481,7 @@ def _forward_flat(x, kernel, geo, dt, terms):
 
   acc = _loop(cpad // cu, chunk, jnp.zeros((n, length, g, tg), dt))
   y = sum_x[..., None] + sum_w - 2.0 * acc
+  y = _fence(y, sum_x[..., None])
   return geometry.out_from_flat(y.reshape(n, length, g * tg), fl)
 
 
