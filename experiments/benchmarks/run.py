@@ -19,8 +19,9 @@ Markdown tables with ratios:
    ResNet-20 at batch 64 and 128, VGG-small at 32; float32 and bfloat16).
 4. **Targets**: each figure of the speed issue against its target.
 
-The default run takes about 10 minutes on an idle 2-core machine (longer
-under load); ``--quick`` trims repeats and cases.
+The default run takes about 5 minutes on an idle 2-core machine (longer
+under load); ``--quick`` trims repeats and cases. The results of one run, with
+the method and an analysis, are in ``docs/performance.md``.
 
 Examples:
   python -m experiments.benchmarks.run
