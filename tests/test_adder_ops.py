@@ -107,6 +107,32 @@ class ForwardTest(parameterized.TestCase):
                                oracle.forward(x, w, s, pads, d, 1),
                                rtol=1e-5, atol=2e-3)
 
+  @parameterized.product(value=[np.nan, np.inf, -np.inf],
+                          case=['2d_same', '2d_1x1_stride2', '2d_stride2_same',
+                                '1d_1x1_pad_groups'])
+  def test_non_finite_input_reaches_exactly_its_receptive_field(self, value,
+                                                                 case):
+    # The oracle's -|x - w| is NaN / -inf exactly where a window holds the
+    # bad value. The XLA backend's x + w - 2 max(x, w) turns +-inf into NaN;
+    # either way those outputs, and only those, are non-finite.
+    case = CASES[case]
+    x, w = _data(case, seed=5)
+    x[(0,) * (x.ndim - 1)] = value  # the first position of example 0
+    x[(-1,) * (x.ndim - 1)] = value  # the last position of the last example
+    _, _, strides, padding, dilation, groups = case
+    y = np.asarray(adder_conv(x, w, strides=strides, padding=padding,
+                              kernel_dilation=dilation,
+                              feature_group_count=groups))
+    s, d, pads = _pads(case)
+    with np.errstate(invalid='ignore'):
+      expected = oracle.forward(x, w, s, pads, d, groups)
+    np.testing.assert_array_equal(np.isfinite(y), np.isfinite(expected))
+    if np.isnan(value):
+      np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(y[finite], expected[finite], rtol=1e-5,
+                               atol=1e-4)
+
   def test_zero_padding_enters_distance(self):
     x = jnp.zeros((1, 1, 1, 1))
     w = jnp.full((3, 3, 1, 1), 2.0)
