@@ -1,7 +1,9 @@
 """Train-step speed and memory of AddNN vs CNN models of the zoo.
 
 ``python -m experiments.benchmarks.models`` times one SGD train step (forward,
-backward, ``optax.sgd`` momentum update, BatchNorm in train mode) of the
+backward, :func:`adderjax.optim.addernet_sgd` update: momentum 0.9 and weight decay
+for both kinds, plus the paper's adaptive learning rate on the AddNN's adder
+kernels; BatchNorm in train mode) of the
 adder and the CNN version of LeNet-5-BN, ResNet-20 and VGG-small
 (:func:`adderjax.models.create_model`), in float32 and bfloat16 compute, and
 prints median step time, images/s, compile time and peak memory (XLA buffer
@@ -47,6 +49,7 @@ def make_train_step(model_name: str, kind: str, batch: int, dtype: str,
     ``(step, args)`` with ``step(params, batch_stats, opt_state, x, y) ->
     (params, batch_stats, opt_state, loss)``.
   """
+  import adderjax  # pylint: disable=import-outside-toplevel
   from adderjax import models  # pylint: disable=import-outside-toplevel
   model = models.create_model(model_name, kind=kind, num_classes=num_classes,
                               dtype=jnp.dtype(dtype))
@@ -57,7 +60,13 @@ def make_train_step(model_name: str, kind: str, batch: int, dtype: str,
   variables = jax.jit(lambda k, x: model.init(k, x, train=False))(
       jax.random.key(seed), x)
   params, batch_stats = variables['params'], variables['batch_stats']
-  tx = optax.sgd(0.1, momentum=0.9)
+  if kind == 'adder':
+    # The paper's optimiser: eq. 13's adaptive learning rate on the adder
+    # kernels, then the SGD + momentum + weight decay the CNN also gets.
+    mask = adderjax.optim.adder_mask(model, x, train=False)
+    tx = adderjax.optim.addernet_sgd(0.1, mask=mask)
+  else:
+    tx = adderjax.optim.addernet_sgd(0.1, scaling='none')
   opt_state = tx.init(params)
 
   def step(params, batch_stats, opt_state, x, y):
@@ -166,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(common.machine_line(), flush=True)
   results = run_suite(cases, repeats=3 if args.quick else args.repeats)
   print()
-  print('## Train step (forward + backward + SGD momentum, BN train mode)\n')
+  print('## Train step (forward + backward + SGD momentum/weight decay '
+        '(+ adaptive LR for AddNN), BN train mode)\n')
   print(report(results))
   print(common.machine_line())
 
