@@ -206,6 +206,27 @@ def test_batchnorm_train_mode_updates_running_stats(momentum):
                              rtol=1e-4)
 
 
+@pytest.mark.parametrize('name', ['lenet5_bn', 'resnet20'])
+def test_batchnorm_is_exact_for_adder_outputs_with_a_large_mean(name):
+  """Adder outputs -sum|x - w| sit hundreds of standard deviations below 0.
+
+  The zoo's BatchNorm must normalise them as the two-pass formula does
+  (float64 numpy oracle); E[y^2] - E[y]^2 in float32 cancels to noise here.
+  """
+  model = create_model(name, kind='adder', num_classes=10)
+  bn = model.norm(train=True)()
+  rng = np.random.default_rng(0)
+  y = (-3e4 + rng.standard_normal((256, 16)) *
+       np.linspace(0.5, 4.0, 16)).astype(np.float32)
+  variables = bn.init(init_key(), y)
+  out, _ = bn.apply(variables, y, mutable=['batch_stats'])
+  y64 = y.astype(np.float64)
+  expected = (y64 - y64.mean(0)) / np.sqrt(y64.var(0) + 1e-5)
+  # float32 holds y to 2e-3 (0.004 standard deviations at worst); the
+  # one-pass formula is off by thousands here.
+  np.testing.assert_allclose(out, expected, rtol=0, atol=1e-2)
+
+
 def test_batchnorm_eval_mode_is_per_example_and_train_mode_is_not():
   model = resnet._ResNet1(num_classes=10)
   x = randn(4, 8, 8, 3)

@@ -107,9 +107,11 @@ class LeNetPP(nn.Module):
     x = jnp.asarray(x, self.dtype)
     if x.ndim != 4:
       raise ValueError(f'LeNetPP expects NHWC images, got shape {x.shape}.')
+    # Two-pass variance, as in the zoo (adderjax.models.common): adder
+    # outputs have a large mean that E[y^2] - E[y]^2 cancels in float32.
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=1e-5,
-                             dtype=self.dtype)
+                             dtype=self.dtype, use_fast_variance=False)
     adder_kwargs = {}
     if self.grad is not None:
       adder_kwargs['grad'] = self.grad
