@@ -145,7 +145,9 @@ class GradientTest(parameterized.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.product(
       case=['1d_stride2_valid', '2d_same', '2d_stride2_same', '2d_pairs',
-            '2d_dilation', '2d_groups', '2d_depthwise', '3d_stride_valid'],
+            '2d_dilation', '2d_groups', '2d_depthwise', '3d_stride_valid',
+            '2d_1x1_stride2', '2d_1x1_pad_stride', '1d_1x1_pad_groups',
+            '3d_1x1_groups'],
       mode=['full_precision', 'sign', 'unclipped'])
   def test_grads_match_paper_formulas(self, case, mode):
     case = CASES[case]
@@ -238,6 +240,35 @@ class XlaBatchTilingTest(parameterized.TestCase):
     for mode in ('full_precision', 'sign'):
       dx = jax.jit(lambda a, b, g, mode=mode: reference.conv_input_grad(
           a, b, g, geo, mode, tile_bytes=1))(x, w, gy)
+      edx, _ = oracle.grads(x, w, gy, s, pads, d, groups, mode)
+      np.testing.assert_allclose(dx, edx, rtol=1e-4, atol=1e-4)
+
+
+class XlaChunkingTest(parameterized.TestCase):
+  """The XLA kernels sum ``terms`` (tap, feature) pairs per fused chunk; the
+  loop over chunks starts from the first chunk's sum when it has 3 or more
+  steps and from zeros when it has 2. Cover 1, 2 and many chunks."""
+
+  @parameterized.product(
+      case_name=['2d_same', '2d_stride2_same', '2d_groups',
+                 '2d_1x1_pad_stride', '3d_stride_valid'],
+      terms=[1, 2, 5, 1000])
+  def test_chunked_kernels_match_oracle(self, case_name, terms):
+    case = CASES[case_name]
+    x, w = _data(case, seed=8)
+    _, _, strides, padding, dilation, groups = case
+    geo = geometry.make_geometry(x.shape, w.shape, strides, padding,
+                                 dilation, groups)
+    s, d, pads = _pads(case)
+    expected = oracle.forward(x, w, s, pads, d, groups)
+    y = jax.jit(lambda a, b: reference.conv_forward(a, b, geo, terms=terms))(
+        x, w)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-4)
+    gy = np.random.default_rng(9).normal(size=expected.shape).astype(
+        np.float32)
+    for mode in ('full_precision', 'sign'):
+      dx = jax.jit(lambda a, b, g, mode=mode: reference.conv_input_grad(
+          a, b, g, geo, mode, terms=terms))(x, w, gy)
       edx, _ = oracle.grads(x, w, gy, s, pads, d, groups, mode)
       np.testing.assert_allclose(dx, edx, rtol=1e-4, atol=1e-4)
 

@@ -358,11 +358,21 @@ def _fence(y: jax.Array, nan_source: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(nan_source), nan_source, y)
 
 
-def _loop(n: int, body, init):
-  """``fori_loop`` over ``n`` steps (a plain call when ``n == 1``)."""
+def _loop(n: int, body, zeros: tuple):
+  """``fori_loop`` over ``n`` steps (a plain call when ``n == 1``).
+
+  With ``zeros`` (the accumulator's shape and dtype), a loop of at least
+  3 steps starts from ``body(0, None)`` (the body then returns its first
+  partial sum without adding), which saves zero-filling the accumulator and
+  a pass over it; shorter loops stay loops (straight-line chunks would be
+  fused with their consumers, which XLA:CPU may hand to YNNPACK, see
+  :func:`_fence`).
+  """
   if n == 1:
-    return body(0, init)
-  return lax.fori_loop(0, n, body, init)
+    return body(0, None)
+  if n >= 3:
+    return lax.fori_loop(1, n, body, body(0, None))
+  return lax.fori_loop(0, n, body, jnp.zeros(*zeros))
 
 
 def after_cotangent(x: jax.Array, gy: jax.Array) -> jax.Array:
@@ -477,9 +487,10 @@ def _forward_flat(x, kernel, geo, dt, terms):
     wc = lax.dynamic_slice_in_dim(wp, i * cu, cu, axis=1)
     parts = [fast_max(xc[ph, :, off:off + length, :, j, None], wc[ti, j])
              for ti, (ph, off) in enumerate(fl.taps) for j in range(cu)]
-    return acc + _tree_sum(parts)
+    total = _tree_sum(parts)
+    return total if acc is None else acc + total
 
-  acc = _loop(cpad // cu, chunk, jnp.zeros((n, length, g, tg), dt))
+  acc = _loop(cpad // cu, chunk, ((n, length, g, tg), dt))
   y = sum_x[..., None] + sum_w - 2.0 * acc
   y = _fence(y, sum_x[..., None])
   return geometry.out_from_flat(y.reshape(n, length, g * tg), fl)
@@ -522,6 +533,17 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
     _, vjp_w = jax.vjp(lambda a: conv(a, kd), xd)
     _, vjp_1 = jax.vjp(lambda a: conv(a, jnp.ones_like(kd)), xd)
     return vjp_w(gd)[0] - xd * vjp_1(gd)[0]
+  if geo.taps == 1 and (any(s != 1 for s in geo.strides) or
+                        any(p != (0, 0) for p in geo.padding)):
+    # A one-tap kernel reads only the strided slice of its input: the
+    # gradient of the unit layer on that slice, scattered back by the
+    # transpose of the slice (a pad with interior zeros), instead of a loop
+    # per stride phase over phases that nothing reads.
+    xs, slice_vjp = jax.vjp(lambda a: one_tap_input(a, geo)[0], x)
+    _, geo_s = one_tap_input(x, geo)
+    return slice_vjp(conv_input_grad(xs, kernel, gy, geo_s, mode,
+                                     terms=terms, precision=precision,
+                                     tile_bytes=tile_bytes))[0]
   tile = _batch_tile(geo, _input_grad_bytes_per_example(geo), tile_bytes)
   return _map_batch_tiles(
       lambda geo_t, xt, gt: _input_grad_flat(xt, kernel, gt, geo_t, mode, dt,
@@ -560,14 +582,15 @@ def _input_grad_flat(x, kernel, gy, geo, mode, dt, terms):
     wp = _pad_to(w, 1, tpad)  # zero cotangents contribute nothing
 
     xp = xf[p, :, q0:q1]
-    # clip(w - x, -1, 1) = min(max(w, x - 1), x + 1) - x: 3 vector ops per
-    # term (max, min, fma) instead of 4; the "- x" is summed once below.
-    lo, hi = (xp - 1.0, xp + 1.0) if mode == 'full_precision' else (xp, xp)
 
-    def chunk(i, acc, ptaps=ptaps, tu=tu, gp=gp, wp=wp, xp=xp, lo=lo, hi=hi,
-              q0=q0, lq=lq):
+    def chunk(i, acc, ptaps=ptaps, tu=tu, gp=gp, wp=wp, xp=xp, q0=q0, lq=lq):
       gc = lax.dynamic_slice_in_dim(gp, i * tu, tu, axis=3)
       wc = lax.dynamic_slice_in_dim(wp, i * tu, tu, axis=1)
+      # clip(w - x, -1, 1) = min(max(w, x - 1), x + 1) - x: 3 vector ops per
+      # term (max, min, fma) instead of 4; the "- x" is summed once below.
+      # x -/+ 1 are computed here, in the loop's fusion, not held as arrays.
+      lo, hi = ((xp - 1.0, xp + 1.0) if mode == 'full_precision'
+                else (xp, xp))
       parts = []
       for ti, off in ptaps:
         start = mo - off + q0
@@ -579,9 +602,10 @@ def _input_grad_flat(x, kernel, gy, geo, mode, dt, terms):
           else:
             parts.append(jnp.where(wv > xp, gs, 0.0) -
                          jnp.where(wv < xp, gs, 0.0))
-      return acc + _tree_sum(parts)
+      total = _tree_sum(parts)
+      return total if acc is None else acc + total
 
-    acc = _loop(tpad // tu, chunk, jnp.zeros((n, lq, g, cg), dt))
+    acc = _loop(tpad // tu, chunk, ((n, lq, g, cg), dt))
     if mode == 'full_precision':
       gsum = _feature_sum(gbig, in_loop_fusion=tpad == tu)  # [N, Lg, G]
       box = _tree_sum([gsum[:, mo - off + q0:mo - off + q1]
@@ -619,9 +643,13 @@ def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
     g = geo.groups
     cg, tg = geo.in_features // g, geo.out_features // g
     xs, _ = one_tap_input(xd, geo)
-    pg = jnp.einsum('mgc,mgt->cgt', xs.reshape(-1, g, cg),
-                    gd.reshape(-1, g, tg), precision=precision,
-                    preferred_element_type=dt)
+    if g == 1:  # No batch axis in the dot (its layout would cost copies).
+      pg = jnp.einsum('mc,mt->ct', xs.reshape(-1, cg), gd.reshape(-1, tg),
+                      precision=precision, preferred_element_type=dt)
+    else:
+      pg = jnp.einsum('mgc,mgt->cgt', xs.reshape(-1, g, cg),
+                      gd.reshape(-1, g, tg), precision=precision,
+                      preferred_element_type=dt)
     return pg.reshape(kd.shape) - kd * gsum
   _, vjp = jax.vjp(lambda k: _lax_conv(xd, k, geo, precision, dt), kd)
   return vjp(gd)[0] - kd * gsum
