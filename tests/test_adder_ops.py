@@ -245,9 +245,9 @@ class XlaBatchTilingTest(parameterized.TestCase):
 
 
 class XlaChunkingTest(parameterized.TestCase):
-  """The XLA kernels sum ``terms`` (tap, feature) pairs per fused chunk; the
-  loop over chunks starts from the first chunk's sum when it has 3 or more
-  steps and from zeros when it has 2. Cover 1, 2 and many chunks."""
+  """The XLA kernels sum ``terms`` (tap, feature) pairs per fused chunk: one
+  chunk is straight-line code, more are a loop. Cover 1, 2 and many chunks
+  (and chunks that straddle taps and padded features)."""
 
   @parameterized.product(
       case_name=['2d_same', '2d_stride2_same', '2d_groups',

@@ -361,17 +361,15 @@ def _fence(y: jax.Array, nan_source: jax.Array) -> jax.Array:
 def _loop(n: int, body, zeros: tuple):
   """``fori_loop`` over ``n`` steps (a plain call when ``n == 1``).
 
-  With ``zeros`` (the accumulator's shape and dtype), a loop of at least
-  3 steps starts from ``body(0, None)`` (the body then returns its first
-  partial sum without adding), which saves zero-filling the accumulator and
-  a pass over it; shorter loops stay loops (straight-line chunks would be
-  fused with their consumers, which XLA:CPU may hand to YNNPACK, see
-  :func:`_fence`).
+  A single step is ``body(0, None)`` (the body then returns its partial
+  sum without adding it to an accumulator); a loop starts from ``zeros``
+  (the accumulator's shape and dtype). Peeling the first step off a loop
+  instead would save the zero fill, but doubles the unrolled code XLA
+  compiles (ResNet-20's train step compiled in 13.6 s instead of 10 s)
+  for about 2 % of its run time.
   """
   if n == 1:
     return body(0, None)
-  if n >= 3:
-    return lax.fori_loop(1, n, body, body(0, None))
   return lax.fori_loop(0, n, body, jnp.zeros(*zeros))
 
 
