@@ -216,6 +216,25 @@ class GradientTest(parameterized.TestCase):
                                atol=2e-1)
 
 
+def _check_xla_kernels(x, w, case, **kernel_kwargs):
+  """The XLA backend's forward and input-gradient kernels, called with
+  ``kernel_kwargs`` (tile sizes, chunk sizes), against the numpy oracle."""
+  _, _, strides, padding, dilation, groups = case
+  geo = geometry.make_geometry(x.shape, w.shape, strides, padding, dilation,
+                               groups)
+  s, d, pads = _pads((x.shape,) + case[1:])
+  expected = oracle.forward(x, w, s, pads, d, groups)
+  y = jax.jit(lambda a, b: reference.conv_forward(a, b, geo,
+                                                  **kernel_kwargs))(x, w)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-4)
+  gy = np.random.default_rng(7).normal(size=expected.shape).astype(np.float32)
+  for mode in ('full_precision', 'sign'):
+    dx = jax.jit(lambda a, b, g, mode=mode: reference.conv_input_grad(
+        a, b, g, geo, mode, **kernel_kwargs))(x, w, gy)
+    edx, _ = oracle.grads(x, w, gy, s, pads, d, groups, mode)
+    np.testing.assert_allclose(dx, edx, rtol=1e-4, atol=1e-4)
+
+
 class XlaBatchTilingTest(parameterized.TestCase):
   """The XLA kernels split large batches into tiles (``tile_bytes``); the
   oracle cases above are too small to be tiled, so force one example per
@@ -226,22 +245,7 @@ class XlaBatchTilingTest(parameterized.TestCase):
     case = CASES[case_name]
     x, w = _data(case, seed=6)
     x = np.concatenate([x, 0.5 * x[::-1]])  # 2 * batch examples
-    x_shape = x.shape
-    _, _, strides, padding, dilation, groups = case
-    geo = geometry.make_geometry(x_shape, w.shape, strides, padding,
-                                 dilation, groups)
-    s, d, pads = _pads((x_shape,) + case[1:])
-    expected = oracle.forward(x, w, s, pads, d, groups)
-    y = jax.jit(lambda a, b: reference.conv_forward(a, b, geo, tile_bytes=1))(
-        x, w)
-    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-4)
-    gy = np.random.default_rng(7).normal(size=expected.shape).astype(
-        np.float32)
-    for mode in ('full_precision', 'sign'):
-      dx = jax.jit(lambda a, b, g, mode=mode: reference.conv_input_grad(
-          a, b, g, geo, mode, tile_bytes=1))(x, w, gy)
-      edx, _ = oracle.grads(x, w, gy, s, pads, d, groups, mode)
-      np.testing.assert_allclose(dx, edx, rtol=1e-4, atol=1e-4)
+    _check_xla_kernels(x, w, case, tile_bytes=1)
 
 
 class XlaChunkingTest(parameterized.TestCase):
@@ -256,21 +260,7 @@ class XlaChunkingTest(parameterized.TestCase):
   def test_chunked_kernels_match_oracle(self, case_name, terms):
     case = CASES[case_name]
     x, w = _data(case, seed=8)
-    _, _, strides, padding, dilation, groups = case
-    geo = geometry.make_geometry(x.shape, w.shape, strides, padding,
-                                 dilation, groups)
-    s, d, pads = _pads(case)
-    expected = oracle.forward(x, w, s, pads, d, groups)
-    y = jax.jit(lambda a, b: reference.conv_forward(a, b, geo, terms=terms))(
-        x, w)
-    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-4)
-    gy = np.random.default_rng(9).normal(size=expected.shape).astype(
-        np.float32)
-    for mode in ('full_precision', 'sign'):
-      dx = jax.jit(lambda a, b, g, mode=mode: reference.conv_input_grad(
-          a, b, g, geo, mode, terms=terms))(x, w, gy)
-      edx, _ = oracle.grads(x, w, gy, s, pads, d, groups, mode)
-      np.testing.assert_allclose(dx, edx, rtol=1e-4, atol=1e-4)
+    _check_xla_kernels(x, w, case, terms=terms)
 
 
 class DenseTest(parameterized.TestCase):
