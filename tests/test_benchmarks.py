@@ -99,7 +99,6 @@ class LayerCandidatesTest(parameterized.TestCase):
     value, _ = jax.jit(layers.fwd_bwd(layers.adder_op(case)))(x, k, gy)
     np.testing.assert_allclose(value, np.vdot(expected, np.asarray(gy)),
                                rtol=1e-4)
-    self.assertEqual(case.terms, case.out_positions * int(np.prod(k.shape)))
 
   def test_terms_by_hand(self):
     # ResNet-20 stage 2 3x3/2 at batch 64: 64*16*16 positions x 9*16*32.
@@ -130,9 +129,9 @@ class FloorTest(parameterized.TestCase):
   def test_floor_ratios_by_hand(self):
     fl = floor.Floor({'matmul': 100.0, 'loop max': 80.0, 'loop clip': 50.0})
     self.assertAlmostEqual(fl.forward_ratio(), 1.25)
-    # forward loop + input-gradient loop + matmul, against three matmuls.
-    self.assertAlmostEqual(fl.fwd_bwd_ratio(),
-                           (1 / 80 + 1 / 50 + 1 / 100) / (3 / 100))
+    # Per 100 G terms: forward loop 1.25 + input-gradient loop 2 + weight
+    # gradient matmul 1, against three matmuls: 4.25 / 3.
+    self.assertAlmostEqual(fl.fwd_bwd_ratio(), 4.25 / 3)
 
 
 class EndToEndTest(absltest.TestCase):

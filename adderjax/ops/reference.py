@@ -358,19 +358,16 @@ def _fence(y: jax.Array, nan_source: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(nan_source), nan_source, y)
 
 
-def _loop(n: int, body, zeros: tuple):
+def _loop(n: int, body, init):
   """``fori_loop`` over ``n`` steps (a plain call when ``n == 1``).
 
-  A single step is ``body(0, None)`` (the body then returns its partial
-  sum without adding it to an accumulator); a loop starts from ``zeros``
-  (the accumulator's shape and dtype). Peeling the first step off a loop
-  instead would save the zero fill, but doubles the unrolled code XLA
-  compiles (ResNet-20's train step compiled in 13.6 s instead of 10 s)
-  for about 2 % of its run time.
+  Peeling the first step off the loop (to save the zero-filled ``init``)
+  doubles the unrolled code XLA compiles (ResNet-20's train step: 13.6 s
+  instead of 10 s) for about 2 % of its run time, so it is not done.
   """
   if n == 1:
-    return body(0, None)
-  return lax.fori_loop(0, n, body, jnp.zeros(*zeros))
+    return body(0, init)
+  return lax.fori_loop(0, n, body, init)
 
 
 def after_cotangent(x: jax.Array, gy: jax.Array) -> jax.Array:
@@ -429,6 +426,12 @@ def one_tap_input(x: jax.Array, geo: geometry.ConvGeometry
   return x, geo_s
 
 
+def _one_tap_reads_a_slice(geo: geometry.ConvGeometry) -> bool:
+  """A one-tap kernel with strides or padding (see :func:`one_tap_input`)."""
+  return geo.taps == 1 and (any(s != 1 for s in geo.strides) or
+                            any(p != (0, 0) for p in geo.padding))
+
+
 def conv_forward(x: jax.Array, kernel: jax.Array,
                  geo: geometry.ConvGeometry, *,
                  terms: int = CONV_FORWARD_TERMS,
@@ -452,8 +455,7 @@ def conv_forward(x: jax.Array, kernel: jax.Array,
     ``(N, *out_spatial, C_out)`` in float32 (float64 for float64 inputs).
   """
   dt = acc_dtype(x, kernel)
-  if geo.taps == 1 and (any(s != 1 for s in geo.strides) or
-                        any(p != (0, 0) for p in geo.padding)):
+  if _one_tap_reads_a_slice(geo):
     x, geo = one_tap_input(x, geo)
   tile = _batch_tile(geo, _forward_bytes_per_example(geo), tile_bytes)
   return _map_batch_tiles(
@@ -485,10 +487,9 @@ def _forward_flat(x, kernel, geo, dt, terms):
     wc = lax.dynamic_slice_in_dim(wp, i * cu, cu, axis=1)
     parts = [fast_max(xc[ph, :, off:off + length, :, j, None], wc[ti, j])
              for ti, (ph, off) in enumerate(fl.taps) for j in range(cu)]
-    total = _tree_sum(parts)
-    return total if acc is None else acc + total
+    return acc + _tree_sum(parts)
 
-  acc = _loop(cpad // cu, chunk, ((n, length, g, tg), dt))
+  acc = _loop(cpad // cu, chunk, jnp.zeros((n, length, g, tg), dt))
   y = sum_x[..., None] + sum_w - 2.0 * acc
   y = _fence(y, sum_x[..., None])
   return geometry.out_from_flat(y.reshape(n, length, g * tg), fl)
@@ -531,8 +532,7 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
     _, vjp_w = jax.vjp(lambda a: conv(a, kd), xd)
     _, vjp_1 = jax.vjp(lambda a: conv(a, jnp.ones_like(kd)), xd)
     return vjp_w(gd)[0] - xd * vjp_1(gd)[0]
-  if geo.taps == 1 and (any(s != 1 for s in geo.strides) or
-                        any(p != (0, 0) for p in geo.padding)):
+  if _one_tap_reads_a_slice(geo):
     # A one-tap kernel reads only the strided slice of its input: the
     # gradient of the unit layer on that slice, scattered back by the
     # transpose of the slice (a pad with interior zeros), instead of a loop
@@ -580,15 +580,14 @@ def _input_grad_flat(x, kernel, gy, geo, mode, dt, terms):
     wp = _pad_to(w, 1, tpad)  # zero cotangents contribute nothing
 
     xp = xf[p, :, q0:q1]
+    # clip(w - x, -1, 1) = min(max(w, x - 1), x + 1) - x: 3 vector ops per
+    # term (max, min, fma) instead of 4; the "- x" is summed once below.
+    lo, hi = (xp - 1.0, xp + 1.0) if mode == 'full_precision' else (xp, xp)
 
-    def chunk(i, acc, ptaps=ptaps, tu=tu, gp=gp, wp=wp, xp=xp, q0=q0, lq=lq):
+    def chunk(i, acc, ptaps=ptaps, tu=tu, gp=gp, wp=wp, xp=xp, lo=lo, hi=hi,
+              q0=q0, lq=lq):
       gc = lax.dynamic_slice_in_dim(gp, i * tu, tu, axis=3)
       wc = lax.dynamic_slice_in_dim(wp, i * tu, tu, axis=1)
-      # clip(w - x, -1, 1) = min(max(w, x - 1), x + 1) - x: 3 vector ops per
-      # term (max, min, fma) instead of 4; the "- x" is summed once below.
-      # x -/+ 1 are computed here, in the loop's fusion, not held as arrays.
-      lo, hi = ((xp - 1.0, xp + 1.0) if mode == 'full_precision'
-                else (xp, xp))
       parts = []
       for ti, off in ptaps:
         start = mo - off + q0
@@ -600,10 +599,9 @@ def _input_grad_flat(x, kernel, gy, geo, mode, dt, terms):
           else:
             parts.append(jnp.where(wv > xp, gs, 0.0) -
                          jnp.where(wv < xp, gs, 0.0))
-      total = _tree_sum(parts)
-      return total if acc is None else acc + total
+      return acc + _tree_sum(parts)
 
-    acc = _loop(tpad // tu, chunk, ((n, lq, g, cg), dt))
+    acc = _loop(tpad // tu, chunk, jnp.zeros((n, lq, g, cg), dt))
     if mode == 'full_precision':
       gsum = _feature_sum(gbig, in_loop_fusion=tpad == tu)  # [N, Lg, G]
       box = _tree_sum([gsum[:, mo - off + q0:mo - off + q1]
