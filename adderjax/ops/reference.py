@@ -11,16 +11,23 @@ kernel tap reads one contiguous slice of the flat shifted-phase layout of
 :func:`adderjax.ops.geometry.flat_layout`; the vector axis is the feature
 axis. Design (see ``docs/performance.md`` for the measurements behind it):
 
-* Forward: ``-sum |x - w| = sum x + sum w - 2 sum max(x, w)``. The plain sums
-  are a feature sum and a box filter; the hot loop adds ``max(x, w)`` for
-  about 18 (tap, input feature) terms per fused XLA loop into an
-  ``[N, L, G, T]`` accumulator.
+* Forward: the hot loop adds ``|x - w|`` for about 18 (tap, input feature)
+  terms per fused XLA loop into an ``[N, L, G, T]`` accumulator.
 * Input gradient: a gather over (tap, output feature) terms per input
-  position, ``g * min(max(w, x - 1), x + 1)`` (HardTanh, with the ``- x * sum
-  g`` part summed once) or ``g * sgn(w - x)``; the ``'unclipped'`` mode is two
-  transposed convolutions.
-* Weight gradient: the convolution's own weight gradient (a matmul) minus
-  ``W * sum g``; ``'sign'`` mode (an ablation) uses the patch path below.
+  position, ``g * clip(w - x, -1, 1)`` (HardTanh) or ``g * sgn(w - x)``; the
+  ``'unclipped'`` mode is two transposed convolutions on centred operands.
+* Weight gradient: the convolution's own weight gradient (a matmul) of the
+  input centred on a per-channel shift ``c``, plus ``(c - W) * sum g``;
+  ``'sign'`` mode (an ablation) uses the patch path below.
+
+Exactness: every kernel computes the paper's terms ``x - w`` directly, so its
+error is a few ulps of the result whatever the magnitude of ``x`` and ``w``
+(an identity such as ``-|x - w| = x + w - 2 max(x, w)`` cancels: at inputs
+near 1e6 its error exceeds the result). The matmul identities are applied to
+operands centred on a shift taken from the kernel, which keeps them exact for
+inputs far from zero. A NaN (or an infinity) reaches exactly the outputs and
+gradients whose terms read it; positions that no output reads get a zero
+gradient.
 * Large batches are processed in tiles whose working set fits the last-level
   cache (:data:`TILE_BYTES`).
 
@@ -32,9 +39,9 @@ backends are tested against, and the weight gradient (a matmul) of every
 backend.
 
 Everything accumulates in float32 (float64 for float64 inputs); callers cast
-back. Max/min are written ``jnp.where(a > b, a, b)``: one vector instruction
-instead of four for NaN-propagating ``jnp.maximum`` on XLA:CPU. A NaN input
-still yields a NaN output (through the plain sums of the identity).
+back. HardTanh is written with selects ordered so that a NaN operand is
+returned (:func:`clip_unit`): one vector instruction per bound on XLA:CPU
+instead of four for ``jnp.clip``, with the same NaN propagation.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from adderjax.ops import geometry
@@ -102,29 +110,41 @@ def l1_forward(p: jax.Array, w: jax.Array, *, unroll: int = FORWARD_UNROLL
   g, k, m = p.shape
   t = w.shape[2]
   dt = acc_dtype(p, w)
+  if not k:
+    return jnp.zeros((g, t, m), dt)
   u = min(unroll, k)
-  pp = _pad_axis(p, 1, u)  # zero taps add max(0, 0) = 0
+  pp = _pad_axis(p, 1, u)  # zero taps add |0 - 0| = 0
   wp = _pad_axis(w, 1, u)
 
   def chunk(start, acc):
     pc = lax.dynamic_slice_in_dim(pp, start, u, axis=1).astype(dt)
     wc = lax.dynamic_slice_in_dim(wp, start, u, axis=1).astype(dt)
     for j in range(u):
-      acc = acc + fast_max(pc[:, j, None, :], wc[:, j, :, None])
+      acc = acc + jnp.abs(pc[:, j, None, :] - wc[:, j, :, None])
     return acc
 
-  acc = _chunked_loop(k, u, chunk, jnp.zeros((g, t, m), dt))
-  sum_p = jnp.sum(p.astype(dt), axis=1)  # [G, M]
-  sum_w = jnp.sum(w.astype(dt), axis=1)  # [G, T]
-  return sum_p[:, None, :] + sum_w[:, :, None] - 2.0 * acc
+  return -_chunked_loop(k, u, chunk, jnp.zeros((g, t, m), dt))
 
 
 def _h(mode: str, d: jax.Array) -> jax.Array:
   if mode == 'full_precision':
-    return fast_min(fast_max(d, -1.0), 1.0)
+    return clip_unit(d)
   if mode == 'sign':
     return jnp.sign(d)
   return d
+
+
+def kernel_shift(w: jax.Array) -> jax.Array:
+  """Per-row centre ``c[g, k]`` of a canonical kernel ``W[G, K, T]``.
+
+  The mean of the row's entries (zero where it is not finite). The matmul
+  identities ``sum_t g (w - p) = (W - c) g - (p - c) sum_t g`` hold for any
+  ``c``; with ``c`` near the kernel's values (and so near the inputs that
+  matter, those close to the kernel) neither product is large, so nothing
+  cancels.
+  """
+  c = jnp.mean(w, axis=2)
+  return jnp.where(jnp.isfinite(c), c, jnp.zeros((), c.dtype))
 
 
 def l1_input_grad(p: jax.Array, w: jax.Array, gy: jax.Array, mode: str, *,
@@ -141,9 +161,11 @@ def l1_input_grad(p: jax.Array, w: jax.Array, gy: jax.Array, mode: str, *,
   dt = acc_dtype(p, w, gy)
   gy = gy.astype(dt)
   if mode == 'unclipped':
-    wg = jnp.einsum('gkt,gtm->gkm', w.astype(dt), gy, precision=precision,
+    w, p = w.astype(dt), p.astype(dt)
+    c = kernel_shift(w)[:, :, None]
+    wg = jnp.einsum('gkt,gtm->gkm', w - c, gy, precision=precision,
                     preferred_element_type=dt)
-    return wg - p.astype(dt) * jnp.sum(gy, axis=1)[:, None, :]
+    return wg - (p - c) * jnp.sum(gy, axis=1)[:, None, :]
   g, k, m = p.shape
   t = w.shape[2]
   u = min(unroll, t)
@@ -166,7 +188,9 @@ def l1_weight_grad(p: jax.Array, w: jax.Array, gy: jax.Array, mode: str, *,
   """``dW[g, k, t] = sum_m gy[g, t, m] * h'(P[g, k, m] - W[g, k, t])``.
 
   ``h'`` is the identity for the full-precision modes (paper eq. 5), computed
-  as a matmul plus a rank-1 term, and ``sign`` for ``'sign'`` (eq. 3).
+  as a matmul on rows centred on :func:`kernel_shift` ``c`` plus a rank-1
+  term, ``(P - c) gy^T + (c - W) sum_m gy``, and ``sign`` for ``'sign'``
+  (eq. 3).
 
   Returns:
     ``[G, K, T]`` float32.
@@ -174,9 +198,11 @@ def l1_weight_grad(p: jax.Array, w: jax.Array, gy: jax.Array, mode: str, *,
   dt = acc_dtype(p, w, gy)
   gy = gy.astype(dt)
   if mode != 'sign':
-    pg = jnp.einsum('gkm,gtm->gkt', p.astype(dt), gy, precision=precision,
+    w, p = w.astype(dt), p.astype(dt)
+    c = kernel_shift(w)[:, :, None]
+    pg = jnp.einsum('gkm,gtm->gkt', p - c, gy, precision=precision,
                     preferred_element_type=dt)
-    return pg - w.astype(dt) * jnp.sum(gy, axis=2)[:, None, :]
+    return pg + (c - w) * jnp.sum(gy, axis=2)[:, None, :]
   g, k, m = p.shape
   t = w.shape[2]
   u = min(SIGN_WEIGHT_GRAD_CHUNK, k)
@@ -208,8 +234,9 @@ def l1_weight_grad(p: jax.Array, w: jax.Array, gy: jax.Array, mode: str, *,
 #
 # * ``jnp.maximum`` / ``jnp.minimum`` propagate NaNs, which costs 4
 #   instructions per element (max, unordered-compare, ternary-logic, masked
-#   move); ``jnp.where(a > b, a, b)`` compiles to one ``vmaxps``. NaNs still
-#   reach the output through the plain sums of the identity below.
+#   move); ``jnp.where(b > a, b, a)`` compiles to one ``vmaxps`` that returns
+#   ``a`` when either is NaN, so with the bound as ``b`` a NaN ``a`` still
+#   propagates (:func:`clip_unit`).
 # * XLA does not reassociate float sums, so ``acc + t0 + t1 + ...`` is one
 #   long dependency chain of 3-cycle adds; a pairwise tree of the chunk's terms
 #   gives the out-of-order core independent work.
@@ -220,14 +247,16 @@ CONV_FORWARD_TERMS = 18
 CONV_INPUT_GRAD_TERMS = 18
 
 
-def fast_max(a, b):
-  """``max(a, b)`` as one vector instruction (no NaN propagation)."""
-  return jnp.where(a > b, a, b)
+def clip_unit(d: jax.Array) -> jax.Array:
+  """HardTanh ``clip(d, -1, 1)``; a NaN ``d`` gives NaN.
 
-
-def fast_min(a, b):
-  """``min(a, b)`` as one vector instruction (no NaN propagation)."""
-  return jnp.where(a < b, a, b)
+  Two selects that each compile to one ``vmaxps`` / ``vminps`` on XLA:CPU
+  (``jnp.clip`` costs four instructions per bound for the same NaN
+  semantics): a NaN fails both comparisons and falls through to ``d``.
+  """
+  one = jnp.ones((), d.dtype)
+  lo = jnp.where(-one > d, -one, d)
+  return jnp.where(one < lo, one, lo)
 
 
 def _tree_sum(terms):
@@ -329,33 +358,23 @@ def _map_batch_tiles(fn, geo: geometry.ConvGeometry, tile: int, *arrays):
   return out.reshape((n,) + out.shape[2:])
 
 
-def _feature_sum(a: jax.Array, *, in_loop_fusion: bool) -> jax.Array:
-  """Sum over the last axis.
-
-  XLA:CPU hands a ``reduce`` to a YNNPACK fusion, together with every
-  elementwise op fused around it. That is fine (and fast) on its own, but when
-  the whole l1 reduction is a single chunk (no loop), its terms would join
-  that fusion and each be materialised (10x slower); then the sum is written
-  as a tree of adds, which XLA fuses into the same vectorised loop.
-  """
-  if in_loop_fusion:
-    return _tree_sum([a[..., i] for i in range(a.shape[-1])])
-  return jnp.sum(a, axis=-1)
-
-
-def _fence(y: jax.Array, nan_source: jax.Array) -> jax.Array:
-  """``y`` unchanged, ending in an op that YNNPACK fusions do not take.
+def _negate_fenced(acc: jax.Array) -> jax.Array:
+  """``-acc`` for ``acc >= 0`` (or NaN), ending in a ``select``.
 
   XLA:CPU grows a YNNPACK fusion from a reduction (a BatchNorm's mean, a
-  loss) back through the elementwise ops that YNNPACK supports (add, max,
+  loss) back through the elementwise ops that YNNPACK supports (add, abs,
   ...), and materialises every operand it stops at: a layer's whole
-  unrolled l1 sum (one buffer per term) when the sum is not inside a loop.
-  A ``select`` is not supported, so ``where(isnan(s), s, y)``, with ``s`` a
-  term of ``y`` (``y`` is NaN wherever ``s`` is), ends the layer in one
-  fused loop. Optimization barriers do not help: XLA:CPU removes them before
-  fusion.
+  unrolled l1 sum (one buffer per term) when the sum is not inside a loop
+  (a one-chunk reduction, e.g. a 1x1 layer with 16 input features). A
+  ``select`` is not taken into those fusions, so the layer ends in
+  ``where(acc < 0, acc, -acc)``, which is ``-acc`` for every value an l1
+  sum can hold (NaN included) and which XLA cannot fold without knowing the
+  sign of ``acc``. The select reads nothing but ``acc``: an earlier fence,
+  ``where(isnan(s), s, y)`` with ``s`` a separately computed part of ``y``,
+  made XLA duplicate that part into consumer fusions and gave wrong
+  gradients under ``jit`` (NaN in small networks).
   """
-  return jnp.where(jnp.isnan(nan_source), nan_source, y)
+  return jnp.where(acc < 0, acc, -acc)
 
 
 def _loop(n: int, body, init):
@@ -377,18 +396,27 @@ def after_cotangent(x: jax.Array, gy: jax.Array) -> jax.Array:
   backward-pass copy of a layer input (padded layout, ``x - 1``, ``x + 1``,
   the transposes of the weight gradient) would be made during the forward
   pass and held until the backward pass reaches the layer: several
-  activation-sized buffers per layer for the whole step. Adding ``0 * gy`` at
-  one position per example (not simplified away for floats) delays them until
-  the cotangent exists; per example, so a batch-sharded step needs no
-  communication for it. A non-finite cotangent makes the result non-finite,
-  as the gradient would be anyway.
+  activation-sized buffers per layer for the whole step. Adding a zero
+  computed from ``gy`` at one position per example delays them until the
+  cotangent exists; per example, so a batch-sharded step needs no
+  communication for it. The zero is ``0 * b`` with ``b`` the cotangent
+  bounded to ``[-1, 1]`` by two selects that also map NaN to a bound, so it
+  is zero for every ``g`` (NaN and infinities included: a non-finite
+  cotangent reaches only the gradients it should) and XLA cannot fold it
+  (``where(|g| < 0, ...)`` is folded, and the copies move back into the
+  forward pass: ResNet-20's train step held 1.5x the memory).
   """
   n = gy.shape[0]
+  if not n or not gy.size:
+    return x
   # A real (2-element) reduction, so that XLA computes the [N] vector on its
   # own instead of fusing a strided gather of gy into every consumer of x.
   first = jnp.max(gy.reshape(n, -1)[:, :2], axis=1).astype(x.dtype)
-  zero = jnp.zeros((), x.dtype) * first.reshape((n,) + (1,) * (x.ndim - 1))
-  return x + zero
+  one = jnp.ones((), x.dtype)
+  bounded = jnp.where(first < one, first, one)  # NaN, +inf -> 1
+  bounded = jnp.where(bounded > -one, bounded, -one)  # -inf -> -1
+  zero = jnp.zeros((), x.dtype) * bounded
+  return x + zero.reshape((n,) + (1,) * (x.ndim - 1))
 
 
 def one_tap_input(x: jax.Array, geo: geometry.ConvGeometry
@@ -430,6 +458,83 @@ def _one_tap_reads_a_slice(geo: geometry.ConvGeometry) -> bool:
   """A one-tap kernel with strides or padding (see :func:`one_tap_input`)."""
   return geo.taps == 1 and (any(s != 1 for s in geo.strides) or
                             any(p != (0, 0) for p in geo.padding))
+
+
+def channel_shift(kernel: jax.Array, geo: geometry.ConvGeometry
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Per-input-channel centre of a flax kernel, for the matmul identities.
+
+  ``c[ci]`` is the mean of the kernel entries that input channel ``ci``
+  meets (its taps and its group's output features), zero where that mean is
+  not finite. The identities ``sum g (x - w) = sum g (x - c) + (c - w) sum g``
+  hold for any ``c``; with ``c`` near the kernel's values no product in them
+  is much larger than the result, so they do not cancel when the inputs and
+  the kernel sit far from zero.
+
+  Returns:
+    ``(c, ck)``: ``c`` of shape ``(C_in,)`` and ``ck`` of the kernel's shape,
+    ``ck[..., j, t] = c[group(t) * C_in/G + j]``.
+  """
+  g = geo.groups
+  cg, tg = geo.in_features // g, geo.out_features // g
+  k = kernel.reshape(-1, cg, g, tg)
+  c = jnp.mean(k, axis=(0, 3))  # [Cg, G]
+  c = jnp.where(jnp.isfinite(c), c, jnp.zeros((), c.dtype))
+  ck = jnp.broadcast_to(c[None, :, :, None], k.shape).reshape(kernel.shape)
+  return c.T.reshape(g * cg), ck
+
+
+def read_mask(geo: geometry.ConvGeometry):
+  """Spatial mask of the input positions that some output reads, or None.
+
+  ``None`` when every position is read (the usual case). Static (numpy).
+  """
+  per_dim = []
+  for size, k, s, d, (lo, _), out in zip(
+      geo.in_shape[1:-1], geo.kernel_size, geo.strides, geo.dilation,
+      geo.padding, geo.out_spatial):
+    read = np.zeros(size, bool)
+    for tap in range(k):
+      pos = np.arange(out) * s + tap * d - lo
+      read[pos[(pos >= 0) & (pos < size)]] = True
+    per_dim.append(read)
+  if all(r.all() for r in per_dim):
+    return None
+  mask = per_dim[0]
+  for r in per_dim[1:]:
+    mask = np.logical_and.outer(mask, r)
+  return mask
+
+
+def _pad_reads(geo: geometry.ConvGeometry):
+  """``[prod(out_spatial), taps]`` indicator of taps reading padding, or None.
+
+  Static (numpy); ``None`` when no tap of any output reads padding.
+  """
+  per_dim = []
+  for size, k, s, d, (lo, _), out in zip(
+      geo.in_shape[1:-1], geo.kernel_size, geo.strides, geo.dilation,
+      geo.padding, geo.out_spatial):
+    pos = (np.arange(out) * s)[:, None] + (np.arange(k) * d)[None, :] - lo
+    per_dim.append((pos < 0) | (pos >= size))  # [out_d, k_d]
+  if not any(p.any() for p in per_dim):
+    return None
+  nsp = len(per_dim)
+  inside = np.ones((1,) * (2 * nsp), bool)
+  for d, p in enumerate(per_dim):
+    shape = [1] * (2 * nsp)
+    shape[d], shape[nsp + d] = p.shape
+    inside = inside & ~p.reshape(shape)
+  out = math.prod(geo.out_spatial)
+  return ~inside.reshape(out, geo.taps)
+
+
+def _zero_unread(dx: jax.Array, geo: geometry.ConvGeometry) -> jax.Array:
+  """``dx`` with exact zeros at the input positions no output reads."""
+  mask = read_mask(geo)
+  if mask is None:
+    return dx
+  return jnp.where(mask[None, ..., None], dx, jnp.zeros((), dx.dtype))
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array,
@@ -475,24 +580,19 @@ def _forward_flat(x, kernel, geo, dt, terms):
   w = kernel.astype(dt).reshape(ntaps, cg, g, tg)
 
   cu, cpad = _chunking(cg, ntaps, terms)
-  xsum = _feature_sum(xf, in_loop_fusion=cpad == cu)  # [PH, N, Lin, G]
-  sum_x = _tree_sum([xsum[ph, :, off:off + length] for ph, off in fl.taps])
-  sum_w = jnp.sum(w, axis=(0, 1))  # [G, T]
-
   xf = _pad_to(xf, 4, cpad)
-  wp = _pad_to(w, 1, cpad)  # zero features add max(0, 0) = 0
+  wp = _pad_to(w, 1, cpad)  # zero features add |0 - 0| = 0
 
   def chunk(i, acc):
     xc = lax.dynamic_slice_in_dim(xf, i * cu, cu, axis=4)
     wc = lax.dynamic_slice_in_dim(wp, i * cu, cu, axis=1)
-    parts = [fast_max(xc[ph, :, off:off + length, :, j, None], wc[ti, j])
+    parts = [jnp.abs(xc[ph, :, off:off + length, :, j, None] - wc[ti, j])
              for ti, (ph, off) in enumerate(fl.taps) for j in range(cu)]
     return acc + _tree_sum(parts)
 
   acc = _loop(cpad // cu, chunk, jnp.zeros((n, length, g, tg), dt))
-  y = sum_x[..., None] + sum_w - 2.0 * acc
-  y = _fence(y, sum_x[..., None])
-  return geometry.out_from_flat(y.reshape(n, length, g * tg), fl)
+  return geometry.out_from_flat(_negate_fenced(acc).reshape(n, length, g * tg),
+                                fl)
 
 
 def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
@@ -505,10 +605,11 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
   Gather form: each input position of each phase sums, over the taps that
   read that phase and the output features, the cotangent of the output
   position that read it times ``h(w - x)``; the vector axis is the input
-  feature axis. ``h`` is HardTanh (``'full_precision'``, computed as
-  ``min(max(w, x - 1), x + 1) - x`` with the ``- x`` summed once), ``sign``
+  feature axis. ``h`` is HardTanh (``'full_precision'``), ``sign``
   (``'sign'``), or the identity (``'unclipped'``: two transposed
-  convolutions, ``conv^T(gy, w) - x * conv^T(gy, 1)``).
+  convolutions on operands centred on a per-channel shift ``c``,
+  ``conv^T(gy, w - c) - (x - c) * conv^T(gy, 1)``). Input positions that no
+  output reads get exactly zero, whatever ``x`` holds there.
 
   Args:
     x: feature-last input ``(N, *spatial, C_in)``.
@@ -527,11 +628,12 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
   dt = acc_dtype(x, kernel, gy)
   x = after_cotangent(x.astype(dt), gy)
   if mode == 'unclipped':
-    xd, kd, gd = x, kernel.astype(dt), gy.astype(dt)
+    kd, gd = kernel.astype(dt), gy.astype(dt)
+    c, ck = channel_shift(kd, geo)
     conv = lambda a, k: _lax_conv(a, k, geo, precision, dt)
-    _, vjp_w = jax.vjp(lambda a: conv(a, kd), xd)
-    _, vjp_1 = jax.vjp(lambda a: conv(a, jnp.ones_like(kd)), xd)
-    return vjp_w(gd)[0] - xd * vjp_1(gd)[0]
+    _, vjp_w = jax.vjp(lambda a: conv(a, kd - ck), x)
+    _, vjp_1 = jax.vjp(lambda a: conv(a, jnp.ones_like(kd)), x)
+    return _zero_unread(vjp_w(gd)[0] - (x - c) * vjp_1(gd)[0], geo)
   if _one_tap_reads_a_slice(geo):
     # A one-tap kernel reads only the strided slice of its input: the
     # gradient of the unit layer on that slice, scattered back by the
@@ -543,10 +645,11 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
                                      terms=terms, precision=precision,
                                      tile_bytes=tile_bytes))[0]
   tile = _batch_tile(geo, _input_grad_bytes_per_example(geo), tile_bytes)
-  return _map_batch_tiles(
+  dx = _map_batch_tiles(
       lambda geo_t, xt, gt: _input_grad_flat(xt, kernel, gt, geo_t, mode, dt,
                                              terms),
       geo, tile, x, gy)
+  return _zero_unread(dx, geo)
 
 
 def _input_grad_flat(x, kernel, gy, geo, mode, dt, terms):
@@ -580,12 +683,10 @@ def _input_grad_flat(x, kernel, gy, geo, mode, dt, terms):
     wp = _pad_to(w, 1, tpad)  # zero cotangents contribute nothing
 
     xp = xf[p, :, q0:q1]
-    # clip(w - x, -1, 1) = min(max(w, x - 1), x + 1) - x: 3 vector ops per
-    # term (max, min, fma) instead of 4; the "- x" is summed once below.
-    lo, hi = (xp - 1.0, xp + 1.0) if mode == 'full_precision' else (xp, xp)
+    h = clip_unit if mode == 'full_precision' else jnp.sign
 
-    def chunk(i, acc, ptaps=ptaps, tu=tu, gp=gp, wp=wp, xp=xp, lo=lo, hi=hi,
-              q0=q0, lq=lq):
+    def chunk(i, acc, ptaps=ptaps, tu=tu, gp=gp, wp=wp, xp=xp, q0=q0,
+              lq=lq):
       gc = lax.dynamic_slice_in_dim(gp, i * tu, tu, axis=3)
       wc = lax.dynamic_slice_in_dim(wp, i * tu, tu, axis=1)
       parts = []
@@ -593,20 +694,10 @@ def _input_grad_flat(x, kernel, gy, geo, mode, dt, terms):
         start = mo - off + q0
         for j in range(tu):
           gs = gc[:, start:start + lq, :, j, None]
-          wv = wc[ti, j]  # [G, Cg]
-          if mode == 'full_precision':
-            parts.append(gs * fast_min(fast_max(wv, lo), hi))
-          else:
-            parts.append(jnp.where(wv > xp, gs, 0.0) -
-                         jnp.where(wv < xp, gs, 0.0))
+          parts.append(gs * h(wc[ti, j] - xp))  # wc[ti, j]: [G, Cg]
       return acc + _tree_sum(parts)
 
     acc = _loop(tpad // tu, chunk, jnp.zeros((n, lq, g, cg), dt))
-    if mode == 'full_precision':
-      gsum = _feature_sum(gbig, in_loop_fusion=tpad == tu)  # [N, Lg, G]
-      box = _tree_sum([gsum[:, mo - off + q0:mo - off + q1]
-                       for _, off in ptaps])
-      acc = acc - xp * box[..., None]
     outs.append(jnp.pad(acc, ((0, 0), (q0, lin - q1), (0, 0), (0, 0))))
   dxf = jnp.stack(outs).reshape(nph, n, lin, g * cg)
   return geometry.from_flat(dxf, fl)
@@ -617,10 +708,12 @@ def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
                      precision=None) -> jax.Array:
   """Kernel gradient in the flax kernel layout, in the accumulation dtype.
 
-  Full-precision modes: ``dW = conv_weight_grad(x, gy) - W * sum gy`` (the
-  convolution's own weight gradient, a matmul, plus a rank-1 term; a plain
-  ``einsum`` for one-tap kernels). ``'sign'`` (an ablation) reduces
-  ``gy * sgn(P - W)`` over the patch matrix.
+  Full-precision modes: ``dW = conv_weight_grad(x - c, gy) + (c - W) *
+  sum gy`` (the convolution's own weight gradient, a matmul, plus a rank-1
+  term; a plain ``einsum`` for one-tap kernels), with the input centred on
+  :func:`channel_shift` ``c`` and padded explicitly first, so that padding
+  enters as ``0 - c``. ``'sign'`` (an ablation) reduces ``gy * sgn(P - W)``
+  over the patch matrix.
   """
   dt = acc_dtype(x, kernel, gy)
   if mode == 'sign':
@@ -632,6 +725,8 @@ def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
   xd = after_cotangent(x.astype(dt), gy)
   kd, gd = kernel.astype(dt), gy.astype(dt)
   gsum = jnp.sum(gd, axis=tuple(range(gd.ndim - 1)))
+  c, ck = channel_shift(kd, geo)
+  rank1 = (ck - kd) * gsum
   if geo.taps == 1:
     # One tap (1x1 kernels, dense layers): a plain matmul of the (strided)
     # input with the cotangent, 3-5x faster here than XLA:CPU's lowering of
@@ -639,6 +734,7 @@ def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
     g = geo.groups
     cg, tg = geo.in_features // g, geo.out_features // g
     xs, _ = one_tap_input(xd, geo)
+    xs = xs - c  # after padding: a padded zero enters as 0 - c
     if g == 1:  # No batch axis in the dot (its layout would cost copies).
       pg = jnp.einsum('mc,mt->ct', xs.reshape(-1, cg), gd.reshape(-1, tg),
                       precision=precision, preferred_element_type=dt)
@@ -646,6 +742,21 @@ def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
       pg = jnp.einsum('mgc,mgt->cgt', xs.reshape(-1, g, cg),
                       gd.reshape(-1, g, tg), precision=precision,
                       preferred_element_type=dt)
-    return pg.reshape(kd.shape) - kd * gsum
-  _, vjp = jax.vjp(lambda k: _lax_conv(xd, k, geo, precision, dt), kd)
-  return vjp(gd)[0] - kd * gsum
+    return pg.reshape(kd.shape) + rank1
+  _, vjp = jax.vjp(lambda k: _lax_conv(xd - c, k, geo, precision, dt), kd)
+  dw = vjp(gd)[0] + rank1
+  pad_reads = _pad_reads(geo)
+  if pad_reads is None:
+    return dw
+  # The convolution pads x - c with zeros, where the layer's padded zeros
+  # give 0 - c: add -c times the cotangent summed over the output positions
+  # at which each tap reads padding.
+  gs = jnp.sum(gd, axis=0).reshape(-1, geo.out_features)  # [O, T]
+  s_pad = jnp.einsum('ok,ot->kt', pad_reads.astype(dt), gs,
+                     precision=lax.Precision.HIGHEST,
+                     preferred_element_type=dt)  # [taps, T]
+  g = geo.groups
+  cg, tg = geo.in_features // g, geo.out_features // g
+  s_pad = s_pad.reshape(-1, 1, g, tg)
+  cm = c.reshape(g, cg).T[None, :, :, None]  # [1, Cg, G, 1]
+  return dw - (cm * s_pad).reshape(kd.shape)
