@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from adderjax.ops import adder
+from adderjax.ops import geometry
 
 
 def _broadcast(value, n: int, name: str) -> tuple[int, ...]:
   if value is None:
     value = 1
-  if isinstance(value, (int, np.integer)):
+  if geometry.is_int(value):
     return (int(value),) * n
   value = tuple(value)
   if len(value) != n:
@@ -30,12 +31,94 @@ def _broadcast(value, n: int, name: str) -> tuple[int, ...]:
 
 
 def kernel_size_tuple(kernel_size) -> tuple[int, ...]:
-  if isinstance(kernel_size, (int, np.integer)):
-    return (int(kernel_size),)
-  if not isinstance(kernel_size, Sequence):
+  """``kernel_size`` as a tuple of positive ints (an int means 1-D)."""
+  if geometry.is_int(kernel_size):
+    out = (int(kernel_size),)
+  elif (isinstance(kernel_size, Sequence) and
+        not isinstance(kernel_size, (str, bytes)) and
+        all(geometry.is_int(k) for k in kernel_size)):
+    out = tuple(int(k) for k in kernel_size)
+  else:
     raise TypeError(f'kernel_size must be an int or a sequence of ints, got '
                     f'{kernel_size!r}.')
-  return tuple(int(k) for k in kernel_size)
+  if not out or any(k < 1 for k in out):
+    raise ValueError(f'kernel_size must be one or more positive ints, got '
+                     f'{kernel_size!r}.')
+  return out
+
+
+def _check_positive_int(value, name: str) -> None:
+  if not geometry.is_int(value) or value < 1:
+    raise ValueError(f'{name} must be a positive int, got {value!r}.')
+
+
+def _check_int_or_ints(value, name: str, n: int) -> None:
+  """None, a positive int, or ``n`` positive ints (checked at construction)."""
+  if value is None:
+    return
+  if geometry.is_int(value):
+    values = (value,)
+  elif (isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+        and all(geometry.is_int(v) for v in value)):
+    values = tuple(value)
+    if len(values) != n:
+      raise ValueError(f'{name} must have {n} entries (one per spatial '
+                       f'dimension), got {value!r}.')
+  else:
+    raise TypeError(f'{name} must be an int or a sequence of {n} ints, got '
+                    f'{value!r}.')
+  if any(v < 1 for v in values):
+    raise ValueError(f'{name} must be positive, got {value!r}.')
+
+
+_PAD_NAMES = ('SAME', 'VALID', 'CIRCULAR', 'REFLECT', 'CAUSAL')
+
+
+def _check_padding(padding, n: int) -> None:
+  if isinstance(padding, str):
+    if padding.upper() not in _PAD_NAMES:
+      raise ValueError(f'padding must be one of {_PAD_NAMES}, an int or '
+                       f'(lo, hi) pairs, got {padding!r}.')
+    return
+  if geometry.is_int(padding):
+    if padding < 0:
+      raise ValueError(f'padding must be non-negative, got {padding!r}.')
+    return
+  # Sequences are checked entry by entry by the geometry (with the input).
+  geometry.canonicalize_padding(padding, (1,) * n, (1,) * n, (1,) * n,
+                                (1,) * n)
+
+
+def check_implementation(implementation) -> None:
+  """None or a registered backend name (platform checked when called)."""
+  from adderjax.ops import backends  # pylint: disable=g-import-not-at-top
+  if implementation is not None and (
+      not isinstance(implementation, str) or
+      implementation not in backends.available()):
+    raise ValueError(f'implementation must be None or one of '
+                     f'{backends.available()}, got {implementation!r}.')
+
+
+def check_layer_args(*, features, grad, precision, implementation,
+                     feature_group_count=1, kernel_size=None, strides=None,
+                     padding=None, kernel_dilation=None,
+                     features_name='features') -> None:
+  """Validates an adder module's arguments when it is built.
+
+  Raises ``TypeError`` / ``ValueError`` naming the bad value, so that a typo
+  fails where it is written rather than at the first call or in the
+  backward pass.
+  """
+  _check_positive_int(features, features_name)
+  _check_positive_int(feature_group_count, 'feature_group_count')
+  adder.check_grad(grad)
+  adder.check_precision(precision)
+  check_implementation(implementation)
+  if kernel_size is not None:
+    n = len(kernel_size_tuple(kernel_size))
+    _check_int_or_ints(strides, 'strides', n)
+    _check_int_or_ints(kernel_dilation, 'kernel_dilation', n)
+    _check_padding(padding, n)
 
 
 def apply_adder_conv(inputs, kernel, bias, *, kernel_size, strides, padding,
@@ -88,6 +171,9 @@ def apply_adder_dense(inputs, kernel, bias, *, grad, implementation,
                       precision, dtype):
   """Runs :func:`adder_dense` the way flax's Dense runs its dot product."""
   from flax.linen import dtypes  # pylint: disable=g-import-not-at-top
+  if jnp.ndim(inputs) < 1:
+    raise ValueError(f'AdderDense needs inputs with a feature axis, got a '
+                     f'scalar of shape {jnp.shape(inputs)}.')
   inputs, kernel, bias = dtypes.promote_dtype(inputs, kernel, bias,
                                               dtype=dtype)
   y = adder.adder_dense(inputs, kernel, grad=grad,

@@ -79,6 +79,15 @@ class AdderConv(nn.Module):
   grad: str = 'full_precision'
   implementation: str | None = None
 
+  def __post_init__(self):
+    _module_utils.check_layer_args(
+        features=self.features, grad=self.grad, precision=self.precision,
+        implementation=self.implementation,
+        feature_group_count=self.feature_group_count,
+        kernel_size=self.kernel_size, strides=self.strides,
+        padding=self.padding, kernel_dilation=self.kernel_dilation)
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     kernel_size = _module_utils.kernel_size_tuple(self.kernel_size)
@@ -132,8 +141,17 @@ class AdderDense(nn.Module):
   grad: str = 'full_precision'
   implementation: str | None = None
 
+  def __post_init__(self):
+    _module_utils.check_layer_args(
+        features=self.features, grad=self.grad, precision=self.precision,
+        implementation=self.implementation)
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
+    if jnp.ndim(inputs) < 1:
+      raise ValueError(f'AdderDense needs inputs with a feature axis, got a '
+                       f'scalar of shape {jnp.shape(inputs)}.')
     kernel = self.param('kernel', self.kernel_init,
                         (jnp.shape(inputs)[-1], self.features),
                         self.param_dtype)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import math
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -449,6 +450,54 @@ def adder_mask(model: nn.Module | nnx.Module,
 # The paper's optimizer and schedule.
 
 
+#: Step counts at which :func:`addernet_sgd` evaluates a schedule up front.
+SCHEDULE_CHECK_STEPS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+
+
+def _check_schedule(schedule: Callable[[Any], Any]) -> None:
+  """Raises ``ValueError`` if ``schedule`` is negative or not finite.
+
+  A schedule is a function of the traced step count, so it cannot be checked
+  inside the train step; it is evaluated here at
+  :data:`SCHEDULE_CHECK_STEPS`, which catches a wrong sign or a NaN.
+  """
+  for step in SCHEDULE_CHECK_STEPS:
+    try:
+      value = np.asarray(jax.device_get(schedule(jnp.asarray(step))))
+    except Exception:  # pylint: disable=broad-except
+      return  # Not evaluable eagerly: left to the user.
+    if value.size != 1:
+      raise ValueError(f'the learning-rate schedule must return a scalar, got '
+                       f'shape {value.shape} at step {step}.')
+    v = float(value.reshape(()))
+    if not math.isfinite(v) or v < 0:
+      raise ValueError(f'the learning-rate schedule must be a non-negative '
+                       f'finite number at every step, got {v!r} at step '
+                       f'{step}.')
+
+
+def _warn_on_empty_mask(inner: optax.GradientTransformation, mask: Any,
+                        scaling: str) -> optax.GradientTransformation:
+  """``inner``, warning at ``init`` when ``mask`` selects no parameter."""
+
+  def init(params):
+    tree = mask(params) if callable(mask) else mask
+    try:
+      selected = any(bool(np.any(leaf))
+                     for leaf in jax.tree_util.tree_leaves(tree))
+    except (TypeError, ValueError):  # Traced or non-boolean: cannot tell.
+      selected = True
+    if not selected:
+      warnings.warn(
+          f"addernet_sgd(scaling={scaling!r}): the mask selects no parameter, "
+          'so no adder kernel gets the scaling and this is plain SGD. Build '
+          'the mask with adderjax.optim.adder_mask(model, example_input).',
+          stacklevel=2)
+    return inner.init(params)
+
+  return optax.GradientTransformation(init, inner.update)
+
+
 def addernet_sgd(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -532,8 +581,13 @@ def addernet_sgd(
   if scaling not in SCALINGS:
     raise ValueError(f'scaling must be one of {SCALINGS}, got {scaling!r}.')
   _check_nonnegative_scalar('momentum', momentum)
+  if not momentum < 1:
+    raise ValueError(f'momentum must be in [0, 1) (SGD momentum diverges at '
+                     f'1 and above), got {momentum!r}.')
   _check_nonnegative_scalar('weight_decay', weight_decay)
-  if not callable(learning_rate):
+  if callable(learning_rate):
+    _check_schedule(learning_rate)
+  else:
     _check_nonnegative_scalar('learning_rate', learning_rate)
   if nesterov and not momentum:
     raise ValueError('nesterov=True needs momentum > 0, got '
@@ -552,9 +606,12 @@ def addernet_sgd(
 
   parts = []
   if scaling == 'adaptive':
-    parts.append(optax.masked(scale_by_adaptive_lr(eta=eta, eps=eps), mask))
+    parts.append(_warn_on_empty_mask(
+        optax.masked(scale_by_adaptive_lr(eta=eta, eps=eps), mask), mask,
+        scaling))
   elif scaling == 'ilr':
-    parts.append(optax.masked(increased_lr(ilr_factor), mask))
+    parts.append(_warn_on_empty_mask(
+        optax.masked(increased_lr(ilr_factor), mask), mask, scaling))
   if weight_decay:
     decay = optax.add_decayed_weights(weight_decay)
     if weight_decay_mask is not None:

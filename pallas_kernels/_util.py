@@ -71,8 +71,7 @@ def hardtanh_like(mode: str, d: jax.Array) -> jax.Array:
   """``h(d)`` of the input gradient: HardTanh, sign or identity."""
   if mode == 'full_precision':
     return jnp.minimum(jnp.maximum(d, -1.0), 1.0)
-  if mode == 'sign':
+  if mode == 'sign':  # NaN for a NaN d (d * 0), as jnp.sign.
     one = jnp.ones_like(d)
-    zero = jnp.zeros_like(d)
-    return jnp.where(d > 0, one, jnp.where(d < 0, -one, zero))
+    return jnp.where(d > 0, one, jnp.where(d < 0, -one, d * 0))
   return d

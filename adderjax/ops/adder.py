@@ -42,8 +42,9 @@ def _check_dtype(name: str, a) -> None:
                     f'float16), got {dtype}.')
 
 
-def _check_grad(grad: str) -> None:
-  if grad not in GRAD_MODES:
+def check_grad(grad: str) -> None:
+  """Raises ``ValueError`` for an unknown gradient mode."""
+  if not isinstance(grad, str) or grad not in GRAD_MODES:
     raise ValueError(f'grad must be one of {GRAD_MODES}, got {grad!r}.')
 
 
@@ -53,6 +54,28 @@ def _hashable_precision(precision):
   return precision
 
 
+@functools.lru_cache(maxsize=64)
+def _check_precision_cached(precision) -> None:
+  a = jax.ShapeDtypeStruct((1, 1), _F32)
+  try:
+    jax.eval_shape(lambda u, v: jax.lax.dot(u, v, precision=precision), a, a)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'precision must be None, a lax.Precision, its name '
+                     f"('default', 'high', 'highest'), a pair of these or a "
+                     f'dot algorithm preset, got {precision!r}.') from e
+
+
+def check_precision(precision) -> None:
+  """Raises ``ValueError`` now for a precision the backward pass would reject."""
+  precision = _hashable_precision(precision)
+  try:
+    hash(precision)
+  except TypeError:
+    raise ValueError(f'precision must be None, a lax.Precision, its name or '
+                     f'a pair of these, got {precision!r}.') from None
+  _check_precision_cached(precision)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _adder(x: jax.Array, kernel: jax.Array, cfg: _Config) -> jax.Array:
   return _adder_fwd(x, kernel, cfg)[0]
@@ -60,6 +83,8 @@ def _adder(x: jax.Array, kernel: jax.Array, cfg: _Config) -> jax.Array:
 
 def _adder_fwd(x, kernel, cfg: _Config):
   geo = cfg.geo
+  if not geo.batch:  # Empty batch: an empty output, as lax.conv gives.
+    return jnp.zeros(geo.out_shape, x.dtype), (x, kernel)
   if cfg.backend == 'xla':  # Patch-free kernels on the input itself.
     y = reference.conv_forward(x, kernel, geo)
     return y.astype(x.dtype), (x, kernel)
@@ -74,6 +99,8 @@ def _adder_fwd(x, kernel, cfg: _Config):
 def _adder_bwd(cfg: _Config, res, g):
   x, kernel = res
   geo = cfg.geo
+  if not geo.batch:
+    return jnp.zeros_like(x), jnp.zeros_like(kernel)
   if cfg.backend == 'xla':
     dx = reference.conv_input_grad(x, kernel, g, geo, cfg.grad,
                                    precision=cfg.precision)
@@ -160,7 +187,8 @@ def adder_conv(x: jax.Array,
   """
   _check_dtype('x', x)
   _check_dtype('kernel', kernel)
-  _check_grad(grad)
+  check_grad(grad)
+  check_precision(precision)
   x = jnp.asarray(x)
   kernel = jnp.asarray(kernel)
   geo = geometry.make_geometry(x.shape, kernel.shape, strides, padding,
@@ -204,7 +232,8 @@ def adder_dense(x: jax.Array,
   """
   _check_dtype('x', x)
   _check_dtype('kernel', kernel)
-  _check_grad(grad)
+  check_grad(grad)
+  check_precision(precision)
   x = jnp.asarray(x)
   kernel = jnp.asarray(kernel)
   if kernel.ndim != 2:

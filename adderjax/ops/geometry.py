@@ -34,18 +34,26 @@ PaddingLike = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
 GRAD_MODES = ('full_precision', 'sign', 'unclipped')
 
 
+def is_int(value) -> bool:
+  """A Python or numpy integer (not a bool, not a float such as ``2.0``)."""
+  return (isinstance(value, (int, np.integer)) and
+          not isinstance(value, (bool, np.bool_)))
+
+
 def _as_tuple(value, n: int, name: str) -> tuple[int, ...]:
   """Broadcasts an int (or validates a sequence) to ``n`` positive ints."""
   if value is None:
     value = 1
-  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+  if is_int(value):
     out = (int(value),) * n
   else:
-    try:
-      out = tuple(int(v) for v in value)
-    except TypeError:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
       raise TypeError(f'{name} must be an int or a sequence of {n} ints, '
-                      f'got {value!r}.') from None
+                      f'got {value!r}.')
+    if not all(is_int(v) for v in value):
+      raise TypeError(f'{name} must hold ints, got {value!r} (a float such '
+                      f'as 1.5 is not truncated).')
+    out = tuple(int(v) for v in value)
     if len(out) != n:
       raise ValueError(f'{name} must have {n} entries (one per spatial '
                        f'dimension), got {value!r}.')
@@ -87,7 +95,7 @@ def canonicalize_padding(padding: PaddingLike, kernel_size: Sequence[int],
     dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
     pads = lax.padtype_to_pads(tuple(in_spatial), dilated, tuple(strides), name)
     return tuple((int(lo), int(hi)) for lo, hi in pads)
-  if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
+  if is_int(padding):
     pairs = [(int(padding), int(padding))] * n
   elif isinstance(padding, Sequence):
     if len(padding) != n:
@@ -95,9 +103,13 @@ def canonicalize_padding(padding: PaddingLike, kernel_size: Sequence[int],
                        f'dimension), got {padding!r}.')
     pairs = []
     for p in padding:
-      if isinstance(p, (int, np.integer)) and not isinstance(p, bool):
+      if is_int(p):
         pairs.append((int(p), int(p)))
-      elif isinstance(p, Sequence) and len(p) == 2:
+      elif (isinstance(p, Sequence) and not isinstance(p, (str, bytes)) and
+            len(p) == 2):
+        if not (is_int(p[0]) and is_int(p[1])):
+          raise TypeError(f'padding pairs must hold ints, got {p!r} in '
+                          f'padding={padding!r}.')
         pairs.append((int(p[0]), int(p[1])))
       else:
         raise ValueError(f'each padding entry must be an int or a (lo, hi) '
