@@ -170,10 +170,15 @@ def create_optimizer(config, model: nn.Module, example: jax.Array,
       steps_per_epoch=steps_per_epoch,
       per_epoch=o.schedule == 'cosine_epoch')
   mask = optim.adder_mask(model, example, train=False)
+  scaling, ilr_factor = o.scaling, o.ilr_factor
+  if not any(jax.tree_util.tree_leaves(mask)):
+    # A CNN or BNN: no adder kernel for the scaling to act on, so the same
+    # SGD without it (addernet_sgd warns about an empty mask otherwise).
+    scaling, ilr_factor = 'none', None
   tx = optim.addernet_sgd(
       schedule, mask=mask, momentum=o.momentum,
       weight_decay=o.weight_decay, eta=o.eta, nesterov=o.nesterov,
-      scaling=o.scaling, ilr_factor=o.ilr_factor)
+      scaling=scaling, ilr_factor=ilr_factor)
   return tx, schedule
 
 
