@@ -123,7 +123,8 @@ def l1_forward(p: jax.Array, w: jax.Array, *, unroll: int = FORWARD_UNROLL
       acc = acc + jnp.abs(pc[:, j, None, :] - wc[:, j, :, None])
     return acc
 
-  return -_chunked_loop(k, u, chunk, jnp.zeros((g, t, m), dt))
+  return jnp.zeros((), dt) - _chunked_loop(k, u, chunk,
+                                          jnp.zeros((g, t, m), dt))
 
 
 def _h(mode: str, d: jax.Array) -> jax.Array:
@@ -367,14 +368,15 @@ def _negate_fenced(acc: jax.Array) -> jax.Array:
   unrolled l1 sum (one buffer per term) when the sum is not inside a loop
   (a one-chunk reduction, e.g. a 1x1 layer with 16 input features). A
   ``select`` is not taken into those fusions, so the layer ends in
-  ``where(acc < 0, acc, -acc)``, which is ``-acc`` for every value an l1
-  sum can hold (NaN included) and which XLA cannot fold without knowing the
-  sign of ``acc``. The select reads nothing but ``acc``: an earlier fence,
+  ``where(acc < 0, acc, 0 - acc)``, which is ``-acc`` for every value an
+  l1 sum can hold (NaN included; ``0 - 0`` is ``+0``, as ``lax.conv`` gives
+  for a zero result) and which XLA cannot fold without knowing the sign of
+  ``acc``. The select reads nothing but ``acc``: an earlier fence,
   ``where(isnan(s), s, y)`` with ``s`` a separately computed part of ``y``,
   made XLA duplicate that part into consumer fusions and gave wrong
   gradients under ``jit`` (NaN in small networks).
   """
-  return jnp.where(acc < 0, acc, -acc)
+  return jnp.where(acc < 0, acc, jnp.zeros((), acc.dtype) - acc)
 
 
 def _loop(n: int, body, init):
