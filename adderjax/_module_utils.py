@@ -52,25 +52,6 @@ def _check_positive_int(value, name: str) -> None:
     raise ValueError(f'{name} must be a positive int, got {value!r}.')
 
 
-def _check_int_or_ints(value, name: str, n: int) -> None:
-  """None, a positive int, or ``n`` positive ints (checked at construction)."""
-  if value is None:
-    return
-  if geometry.is_int(value):
-    values = (value,)
-  elif (isinstance(value, Sequence) and not isinstance(value, (str, bytes))
-        and all(geometry.is_int(v) for v in value)):
-    values = tuple(value)
-    if len(values) != n:
-      raise ValueError(f'{name} must have {n} entries (one per spatial '
-                       f'dimension), got {value!r}.')
-  else:
-    raise TypeError(f'{name} must be an int or a sequence of {n} ints, got '
-                    f'{value!r}.')
-  if any(v < 1 for v in values):
-    raise ValueError(f'{name} must be positive, got {value!r}.')
-
-
 _PAD_NAMES = ('SAME', 'VALID', 'CIRCULAR', 'REFLECT', 'CAUSAL')
 
 
@@ -99,25 +80,33 @@ def check_implementation(implementation) -> None:
                      f'{backends.available()}, got {implementation!r}.')
 
 
-def check_layer_args(*, features, grad, precision, implementation,
-                     feature_group_count=1, kernel_size=None, strides=None,
-                     padding=None, kernel_dilation=None,
-                     features_name='features') -> None:
+def check_layer_args(*, features: dict[str, object], grad, precision,
+                     implementation, feature_group_count=1, kernel_size=None,
+                     strides=None, padding=None,
+                     kernel_dilation=None) -> None:
   """Validates an adder module's arguments when it is built.
+
+  Args:
+    features: the feature counts by argument name (``{'features': 8}``, or
+      ``in_features`` and ``out_features`` for NNX).
+    grad, precision, implementation, feature_group_count: as the modules.
+    kernel_size, strides, padding, kernel_dilation: the convolution's (None
+      for a dense layer).
 
   Raises ``TypeError`` / ``ValueError`` naming the bad value, so that a typo
   fails where it is written rather than at the first call or in the
   backward pass.
   """
-  _check_positive_int(features, features_name)
+  for name, value in features.items():
+    _check_positive_int(value, name)
   _check_positive_int(feature_group_count, 'feature_group_count')
   adder.check_grad(grad)
   adder.check_precision(precision)
   check_implementation(implementation)
   if kernel_size is not None:
     n = len(kernel_size_tuple(kernel_size))
-    _check_int_or_ints(strides, 'strides', n)
-    _check_int_or_ints(kernel_dilation, 'kernel_dilation', n)
+    geometry.as_int_tuple(strides, n, 'strides')
+    geometry.as_int_tuple(kernel_dilation, n, 'kernel_dilation')
     _check_padding(padding, n)
 
 
@@ -171,9 +160,6 @@ def apply_adder_dense(inputs, kernel, bias, *, grad, implementation,
                       precision, dtype):
   """Runs :func:`adder_dense` the way flax's Dense runs its dot product."""
   from flax.linen import dtypes  # pylint: disable=g-import-not-at-top
-  if jnp.ndim(inputs) < 1:
-    raise ValueError(f'AdderDense needs inputs with a feature axis, got a '
-                     f'scalar of shape {jnp.shape(inputs)}.')
   inputs, kernel, bias = dtypes.promote_dtype(inputs, kernel, bias,
                                               dtype=dtype)
   y = adder.adder_dense(inputs, kernel, grad=grad,

@@ -81,8 +81,8 @@ class AdderConv(nn.Module):
 
   def __post_init__(self):
     _module_utils.check_layer_args(
-        features=self.features, grad=self.grad, precision=self.precision,
-        implementation=self.implementation,
+        features={'features': self.features}, grad=self.grad,
+        precision=self.precision, implementation=self.implementation,
         feature_group_count=self.feature_group_count,
         kernel_size=self.kernel_size, strides=self.strides,
         padding=self.padding, kernel_dilation=self.kernel_dilation)
@@ -143,8 +143,8 @@ class AdderDense(nn.Module):
 
   def __post_init__(self):
     _module_utils.check_layer_args(
-        features=self.features, grad=self.grad, precision=self.precision,
-        implementation=self.implementation)
+        features={'features': self.features}, grad=self.grad,
+        precision=self.precision, implementation=self.implementation)
     super().__post_init__()
 
   @nn.compact

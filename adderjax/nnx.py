@@ -77,16 +77,12 @@ class AdderConv(nnx.Module):
                grad: str = 'full_precision',
                implementation: str | None = None,
                rngs: nnx.Rngs):
-    kernel_size_arg = kernel_size
-    kernel_size = _module_utils.kernel_size_tuple(kernel_size)
     _module_utils.check_layer_args(
-        features=in_features, features_name='in_features', grad=grad,
-        precision=precision, implementation=implementation,
-        feature_group_count=feature_group_count, kernel_size=kernel_size_arg,
+        features={'in_features': in_features, 'out_features': out_features},
+        grad=grad, precision=precision, implementation=implementation,
+        feature_group_count=feature_group_count, kernel_size=kernel_size,
         strides=strides, padding=padding, kernel_dilation=kernel_dilation)
-    _module_utils.check_layer_args(
-        features=out_features, features_name='out_features', grad=grad,
-        precision=precision, implementation=implementation)
+    kernel_size = _module_utils.kernel_size_tuple(kernel_size)
     if in_features % feature_group_count:
       raise ValueError(f'feature_group_count={feature_group_count} does not '
                        f'divide in_features={in_features}.')
@@ -159,11 +155,9 @@ class AdderDense(nnx.Module):
                grad: str = 'full_precision',
                implementation: str | None = None,
                rngs: nnx.Rngs):
-    for value, name in ((in_features, 'in_features'),
-                        (out_features, 'out_features')):
-      _module_utils.check_layer_args(
-          features=value, features_name=name, grad=grad, precision=precision,
-          implementation=implementation)
+    _module_utils.check_layer_args(
+        features={'in_features': in_features, 'out_features': out_features},
+        grad=grad, precision=precision, implementation=implementation)
     self.kernel = nnx.Param(
         kernel_init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,),

@@ -15,12 +15,14 @@ Three backends are registered with :mod:`adderjax.ops.backends`:
 What runs where:
 
 * Forward and input gradient: the kernels. The ``'unclipped'`` input gradient
-  is the matmul identity ``dP = W gy - P * sum_t gy`` (the kernels implement
-  it too, but the matmul units do it faster), like the XLA backend.
-* Weight gradient: the XLA matmul identity ``dW = P gy^T - W * sum_m gy`` (the
-  inherited :meth:`Backend.weight_grad`): it is a convolution's weight gradient
-  plus a rank-1 term and runs on tensor cores / the MXU, which an l1 kernel
-  cannot use (see ``docs/roofline.md``).
+  is the matmul identity ``dP = (W - c) gy - (P - c) * sum_t gy`` (the
+  kernels implement it too, but the matmul units do it faster), like the XLA
+  backend; ``c`` is a per-row centre of the kernel that keeps the identity
+  from cancelling (``adderjax.ops.reference.kernel_shift``).
+* Weight gradient: the XLA matmul identity ``dW = (P - c) gy^T + (c - W) *
+  sum_m gy`` (the inherited :meth:`Backend.weight_grad`): a convolution's
+  weight gradient plus a rank-1 term, run on tensor cores / the MXU, which an
+  l1 kernel cannot use (see ``docs/roofline.md``).
 
 Sharding: a ``pallas_call`` cannot be partitioned by XLA (on CPU it silently
 gathers its operands, on TPU it refuses), so every kernel call runs per shard

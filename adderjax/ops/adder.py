@@ -161,9 +161,9 @@ def adder_conv(x: jax.Array,
   Returns:
     ``(N, *out_spatial, C_out)`` in the promoted dtype of ``x`` and ``kernel``
     (accumulated in float32). Every entry is ``<= 0``. A NaN or infinite
-    input makes exactly the outputs whose windows read it non-finite (the
-    ``'xla'`` backend gives NaN for an infinite input, where the exact value
-    is ``-inf``).
+    input makes exactly the outputs whose windows read it NaN or ``-inf``,
+    as float32 arithmetic on ``-sum |x - w|`` does; a sum beyond the float32
+    range is ``-inf``, never NaN.
 
   Raises:
     TypeError: non-floating ``x`` or ``kernel``, or padding of a wrong type.

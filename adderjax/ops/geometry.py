@@ -40,8 +40,13 @@ def is_int(value) -> bool:
           not isinstance(value, (bool, np.bool_)))
 
 
-def _as_tuple(value, n: int, name: str) -> tuple[int, ...]:
-  """Broadcasts an int (or validates a sequence) to ``n`` positive ints."""
+def as_int_tuple(value, n: int, name: str) -> tuple[int, ...]:
+  """Broadcasts an int (or validates a sequence) to ``n`` positive ints.
+
+  ``None`` means 1. Raises ``TypeError`` for non-integers (a float such as
+  1.5 is not truncated) and ``ValueError`` for a wrong length or a value
+  below 1, naming ``name`` and the value.
+  """
   if value is None:
     value = 1
   if is_int(value):
@@ -218,8 +223,8 @@ def make_geometry(x_shape, kernel_shape, strides, padding, kernel_dilation,
   if any(d < 1 for d in kernel_shape):
     raise ValueError(f'kernel shape must be positive, got {kernel_shape}.')
   kernel_size = kernel_shape[:-2]
-  strides_t = _as_tuple(strides, nsp, 'strides')
-  dilation_t = _as_tuple(kernel_dilation, nsp, 'kernel_dilation')
+  strides_t = as_int_tuple(strides, nsp, 'strides')
+  dilation_t = as_int_tuple(kernel_dilation, nsp, 'kernel_dilation')
   pads = canonicalize_padding(padding, kernel_size, strides_t, dilation_t,
                               x_shape[1:-1])
   geo = ConvGeometry(x_shape, kernel_size, c_in, c_out, strides_t, pads,

@@ -486,19 +486,26 @@ def channel_shift(kernel: jax.Array, geo: geometry.ConvGeometry
   return c.T.reshape(g * cg), ck
 
 
+def _tap_positions(geo: geometry.ConvGeometry) -> list[np.ndarray]:
+  """Per spatial dim, ``[out_d, k_d]`` input coordinates read (static).
+
+  Coordinates outside ``[0, size_d)`` are padding.
+  """
+  return [(np.arange(out) * s)[:, None] + (np.arange(k) * d)[None, :] - lo
+          for k, s, d, (lo, _), out in zip(geo.kernel_size, geo.strides,
+                                           geo.dilation, geo.padding,
+                                           geo.out_spatial)]
+
+
 def read_mask(geo: geometry.ConvGeometry):
   """Spatial mask of the input positions that some output reads, or None.
 
   ``None`` when every position is read (the usual case). Static (numpy).
   """
   per_dim = []
-  for size, k, s, d, (lo, _), out in zip(
-      geo.in_shape[1:-1], geo.kernel_size, geo.strides, geo.dilation,
-      geo.padding, geo.out_spatial):
+  for pos, size in zip(_tap_positions(geo), geo.in_shape[1:-1]):
     read = np.zeros(size, bool)
-    for tap in range(k):
-      pos = np.arange(out) * s + tap * d - lo
-      read[pos[(pos >= 0) & (pos < size)]] = True
+    read[pos[(pos >= 0) & (pos < size)]] = True
     per_dim.append(read)
   if all(r.all() for r in per_dim):
     return None
@@ -513,22 +520,17 @@ def _pad_reads(geo: geometry.ConvGeometry):
 
   Static (numpy); ``None`` when no tap of any output reads padding.
   """
-  per_dim = []
-  for size, k, s, d, (lo, _), out in zip(
-      geo.in_shape[1:-1], geo.kernel_size, geo.strides, geo.dilation,
-      geo.padding, geo.out_spatial):
-    pos = (np.arange(out) * s)[:, None] + (np.arange(k) * d)[None, :] - lo
-    per_dim.append((pos < 0) | (pos >= size))  # [out_d, k_d]
-  if not any(p.any() for p in per_dim):
+  inside = [(pos >= 0) & (pos < size)  # [out_d, k_d]
+            for pos, size in zip(_tap_positions(geo), geo.in_shape[1:-1])]
+  if all(i.all() for i in inside):
     return None
-  nsp = len(per_dim)
-  inside = np.ones((1,) * (2 * nsp), bool)
-  for d, p in enumerate(per_dim):
+  nsp = len(inside)
+  both = np.ones((1,) * (2 * nsp), bool)
+  for d, i in enumerate(inside):
     shape = [1] * (2 * nsp)
-    shape[d], shape[nsp + d] = p.shape
-    inside = inside & ~p.reshape(shape)
-  out = math.prod(geo.out_spatial)
-  return ~inside.reshape(out, geo.taps)
+    shape[d], shape[nsp + d] = i.shape
+    both = both & i.reshape(shape)
+  return ~both.reshape(math.prod(geo.out_spatial), geo.taps)
 
 
 def _zero_unread(dx: jax.Array, geo: geometry.ConvGeometry) -> jax.Array:
