@@ -5,11 +5,16 @@ One train-step function serves both (see :mod:`experiments.train`); a
 which rows of a global batch this process supplies, and how the step is
 compiled.
 
-* :class:`JitRunner` (default, ``config.parallelism='jit'``): a 1-D mesh of all
-  devices with axis ``'data'``; the state is replicated
-  (``NamedSharding(mesh, P())``), batches are split along ``'data'``. XLA
-  inserts the gradient all-reduce, and BatchNorm statistics are those of the
-  whole global batch because the batch is one global array.
+* :class:`JitRunner` (default, ``config.parallelism='jit'``): a mesh of all
+  devices built from the config (``config.mesh_shape``, ``config.mesh_axes``;
+  default 1-D, axis ``'data'``) with :func:`make_mesh`; the state is
+  replicated (``NamedSharding(mesh, P())``), batches are split over every
+  mesh axis. XLA inserts the gradient all-reduce, and BatchNorm statistics
+  are those of the whole global batch because the batch is one global array.
+  The steps are traced and compiled inside ``jax.set_mesh(mesh)``, which is
+  what lets the Pallas adder kernels run per batch shard (``shard_map``); on
+  TPU they cannot be partitioned any other way (see
+  :mod:`adderjax.ops.pallas_backend`).
 * :class:`PmapRunner` (``config.parallelism='pmap'``): ``jax.pmap`` over the
   local devices with axis ``'data'``; the step averages gradients and BN
   running statistics with ``lax.pmean``, and every ``nn.BatchNorm`` of the
@@ -143,18 +148,103 @@ def host_copy(tree: Any, replicated_axis: bool = False) -> Any:
   return jax.tree.map(one, tree)
 
 
+def make_mesh(mesh_shape=(-1,), mesh_axes=(AXIS,), devices=None
+              ) -> jax.sharding.Mesh:
+  """A data-parallel mesh over ``devices`` (default: every device).
+
+  ``jax.make_mesh`` orders the devices by the physical topology (TPU ICI
+  rings, several hosts included); the axes are ``Auto`` (XLA propagates the
+  shardings).
+
+  Args:
+    mesh_shape: one size per axis; one entry may be ``-1`` (the rest of the
+      devices).
+    mesh_axes: one distinct name per axis.
+    devices: the devices (e.g. those of a ``jax.experimental.topologies``
+      description for an AOT compile).
+
+  Raises:
+    ValueError: names and sizes that do not match, or sizes whose product is
+      not the device count.
+
+  Examples:
+    >>> import jax
+    >>> mesh = make_mesh((-1,), ('data',))
+    >>> mesh.axis_names, mesh.size == jax.device_count()
+    (('data',), True)
+    >>> make_mesh((3,), ('data',))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: mesh_shape (3,) does not cover the ... devices ...
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  shape, axes = tuple(mesh_shape), tuple(mesh_axes)
+  if (not axes or len(set(axes)) != len(axes)
+      or not all(isinstance(a, str) and a for a in axes)):
+    raise ValueError(f'mesh_axes must be distinct non-empty names, got '
+                     f'{mesh_axes!r}.')
+  if len(shape) != len(axes) or not all(
+      isinstance(d, int) and (d > 0 or d == -1) for d in shape) or (
+          shape.count(-1) > 1):
+    raise ValueError(f'mesh_shape must hold one positive size (or one -1) '
+                     f'per axis of mesh_axes {axes}, got {mesh_shape!r}.')
+  known = int(np.prod([d for d in shape if d != -1]))
+  n = len(devices)
+  if -1 in shape:
+    if n % known:
+      raise ValueError(f'mesh_shape {mesh_shape!r} does not divide the {n} '
+                       f'devices.')
+    shape = tuple(n // known if d == -1 else d for d in shape)
+  if int(np.prod(shape)) != n:
+    raise ValueError(f'mesh_shape {mesh_shape!r} does not cover the {n} '
+                     f'devices (its product must be {n}; -1 fills in).')
+  return jax.make_mesh(shape, axes, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+class MeshJit:
+  """A jitted function traced, called and compiled inside its mesh context.
+
+  Behaves like the ``jax.jit`` object it wraps (call, ``trace``, ``lower``)
+  with ``jax.set_mesh(mesh)`` entered around each, so everything traced in it
+  sees the mesh (``jax.sharding.get_abstract_mesh()``).
+  """
+
+  def __init__(self, jitted: Callable, mesh: jax.sharding.Mesh):
+    self.jitted = jitted
+    self.mesh = mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def trace(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.trace(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.trace(*args).lower()
+
+
 class JitRunner:
-  """``jax.jit`` with a replicated state and a batch sharded over ``'data'``."""
+  """``jax.jit`` with a replicated state and a batch sharded over the mesh.
+
+  Args:
+    devices: the devices (default: all).
+    mesh_shape: mesh sizes (see :func:`make_mesh`).
+    mesh_axes: mesh axis names; the batch is split over all of them.
+  """
 
   kind = 'jit'
   axis_name = None
 
-  def __init__(self, devices=None):
-    devices = list(devices if devices is not None else jax.devices())
-    self.mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-    self.num_devices = len(devices)
+  def __init__(self, devices=None, mesh_shape=(-1,), mesh_axes=(AXIS,)):
+    self.mesh = make_mesh(mesh_shape, mesh_axes, devices)
+    self.num_devices = self.mesh.size
     self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
+    self.batch_sharding = NamedSharding(self.mesh,
+                                        P(tuple(self.mesh.axis_names)))
 
   def local_rows(self, global_size: int) -> slice:
     """The rows of a global batch that this process's devices hold."""
@@ -188,31 +278,50 @@ class JitRunner:
           self.batch_sharding, v, (global_size,) + v.shape[1:])
     return out
 
-  def compile_train(self, step_fn: Callable) -> Callable:
-    return jax.jit(step_fn, in_shardings=(self.replicated,
-                                          self.batch_sharding),
-                   out_shardings=(self.replicated, self.replicated),
-                   donate_argnums=0)
+  def compile_train(self, step_fn: Callable) -> MeshJit:
+    return MeshJit(jax.jit(step_fn, in_shardings=(self.replicated,
+                                                  self.batch_sharding),
+                           out_shardings=(self.replicated, self.replicated),
+                           donate_argnums=0), self.mesh)
 
-  def compile_eval(self, eval_fn: Callable) -> Callable:
-    return jax.jit(eval_fn, in_shardings=(self.replicated,
-                                          self.batch_sharding),
-                   out_shardings=self.replicated)
+  def compile_eval(self, eval_fn: Callable) -> MeshJit:
+    return MeshJit(jax.jit(eval_fn, in_shardings=(self.replicated,
+                                                  self.batch_sharding),
+                           out_shardings=self.replicated), self.mesh)
+
+  def abstract_batch(self, shapes: dict[str, tuple[tuple[int, ...], Any]]
+                     ) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global batch ``{name: (shape, dtype)}`` as sharded shape structs."""
+    return {k: jax.ShapeDtypeStruct(shape, dtype,
+                                     sharding=self.batch_sharding)
+            for k, (shape, dtype) in shapes.items()}
+
+  def abstract_state(self, host_state: Any) -> Any:
+    """The state's shape structs as :meth:`put_state` would place them."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x),
+                                       sharding=self.replicated), host_state)
 
   def get_metrics(self, metrics: Any) -> Any:
     return host_copy(metrics)
 
 
 class PmapRunner:
-  """``jax.pmap`` over local devices; collectives span all processes."""
+  """``jax.pmap`` over local devices; collectives span all processes.
+
+  Args:
+    devices: the local devices (default: ``jax.local_devices()``).
+  """
 
   kind = 'pmap'
   axis_name = AXIS
 
-  def __init__(self):
-    self.local_devices = jax.local_devices()
+  def __init__(self, devices=None):
+    self.local_devices = list(devices if devices is not None
+                              else jax.local_devices())
     self.num_local = len(self.local_devices)
-    self.num_devices = jax.device_count()
+    self.num_devices = (jax.device_count() if devices is None
+                        else self.num_local)
 
   def local_rows(self, global_size: int) -> slice:
     check_divisible(global_size, self.num_devices)
@@ -241,13 +350,39 @@ class PmapRunner:
 
   def compile_train(self, step_fn: Callable) -> Callable:
     return jax.pmap(_with_sync_bn(step_fn), axis_name=AXIS,
-                    donate_argnums=0)
+                    devices=self._pmap_devices(), donate_argnums=0)
 
   def compile_eval(self, eval_fn: Callable) -> Callable:
-    return jax.pmap(_with_sync_bn(eval_fn), axis_name=AXIS)
+    return jax.pmap(_with_sync_bn(eval_fn), axis_name=AXIS,
+                    devices=self._pmap_devices())
+
+  def _pmap_devices(self):
+    # pmap's default is every local device; name them only when they were
+    # given (a subset, or another backend's devices for an AOT compile).
+    if self.local_devices == jax.local_devices():
+      return None
+    return self.local_devices
+
+  def abstract_batch(self, shapes: dict[str, tuple[tuple[int, ...], Any]]
+                     ) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global batch ``{name: (shape, dtype)}`` split per local device."""
+    return {k: jax.ShapeDtypeStruct(
+        (self.num_local, shape[0] // self.num_local) + tuple(shape[1:]), dtype)
+            for k, (shape, dtype) in shapes.items()}
+
+  def abstract_state(self, host_state: Any) -> Any:
+    """The state's shape structs as :meth:`put_state` would place them."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((self.num_local,) + np.shape(x),
+                                       _dtype(x)), host_state)
 
   def get_metrics(self, metrics: Any) -> Any:
     return host_copy(metrics, replicated_axis=True)
+
+
+def _dtype(x):
+  """The dtype of an array or a shape struct."""
+  return x.dtype if hasattr(x, 'dtype') else np.asarray(x).dtype
 
 
 def _with_sync_bn(fn):
@@ -273,12 +408,20 @@ def check_divisible(global_size: int, num_devices: int) -> None:
                      f'{num_devices}).')
 
 
-def make_runner(parallelism: str):
-  """``'jit'`` -> :class:`JitRunner`, ``'pmap'`` -> :class:`PmapRunner`."""
+def make_runner(parallelism: str, *, devices=None, mesh_shape=(-1,),
+                mesh_axes=(AXIS,)):
+  """``'jit'`` -> :class:`JitRunner`, ``'pmap'`` -> :class:`PmapRunner`.
+
+  Args:
+    parallelism: ``'jit'`` or ``'pmap'``.
+    devices: the devices (default: all for jit, the local ones for pmap).
+    mesh_shape: the jit runner's mesh sizes (:func:`make_mesh`).
+    mesh_axes: the jit runner's mesh axis names.
+  """
   if parallelism == 'jit':
-    return JitRunner()
+    return JitRunner(devices, mesh_shape=mesh_shape, mesh_axes=mesh_axes)
   if parallelism == 'pmap':
-    return PmapRunner()
+    return PmapRunner(devices)
   raise ValueError(f"parallelism {parallelism!r}: use 'jit' or 'pmap'.")
 
 

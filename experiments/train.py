@@ -137,6 +137,13 @@ def _to_python(value):
   return value
 
 
+def make_runner(config: ml_collections.ConfigDict, devices=None):
+  """The config's runner (``parallelism``, ``mesh_shape``, ``mesh_axes``)."""
+  return parallel.make_runner(
+      config.parallelism, devices=devices,
+      mesh_shape=tuple(config.mesh_shape), mesh_axes=tuple(config.mesh_axes))
+
+
 def create_model(model_config, num_classes: int) -> nn.Module:
   """Builds ``config.model``: a zoo name, or ``'package.module:factory'``.
 
@@ -190,9 +197,9 @@ def create_optimizer(config, model: nn.Module, example: jax.Array,
 PRNG_IMPL = 'rbg'
 
 
-def init_host_state(model: nn.Module, tx: optax.GradientTransformation,
-                    seed: int, image_shape) -> TrainState:
-  """The initial state, as numpy arrays (the same on every process)."""
+def make_init(model: nn.Module, tx: optax.GradientTransformation,
+              image_shape) -> Callable[[jax.Array], TrainState]:
+  """``key -> TrainState``: the model's initial train state."""
   def init(key):
     init_key, rng_key = jax.random.split(key)
     variables = model.init(init_key, jnp.zeros((1,) + tuple(image_shape)),
@@ -202,6 +209,13 @@ def init_host_state(model: nn.Module, tx: optax.GradientTransformation,
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=tx.init(params),
                       rng=jax.random.key_data(rng_key))
+  return init
+
+
+def init_host_state(model: nn.Module, tx: optax.GradientTransformation,
+                    seed: int, image_shape) -> TrainState:
+  """The initial state, as numpy arrays (the same on every process)."""
+  init = make_init(model, tx, image_shape)
   state = jax.jit(init)(jax.random.key(seed, impl=PRNG_IMPL))
   return jax.tree.map(np.asarray, jax.device_get(state))
 
@@ -386,7 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                     primary=primary)
   ckpt.check_config(config)  # before anything is written
 
-  runner = parallel.make_runner(config.parallelism)
+  runner = make_runner(config)
   rows = runner.local_rows(config.batch_size)
   eval_rows = runner.local_rows(config.eval_batch_size)
   datasets = data_lib.build_datasets(
@@ -577,7 +591,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     ``{'step', 'loss', 'top1', 'top5', 'count'}``.
   """
   validate_config(config)
-  runner = parallel.make_runner(config.parallelism)
+  runner = make_runner(config)
   datasets = data_lib.build_datasets(
       config.dataset, seed=config.seed, global_batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size,

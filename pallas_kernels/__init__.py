@@ -1,10 +1,11 @@
 """Pallas kernels for the adder (l1) reductions, GPU (Triton) and TPU (Mosaic).
 
-Importing :mod:`pallas_kernels.backend` (done by ``adderjax.ops.backends``)
-registers the ``'pallas'``, ``'pallas_gpu_interpret'`` and
+A leaf package: it imports nothing from ``adderjax``. The adapter that
+makes these kernels the ``'pallas'``, ``'pallas_gpu_interpret'`` and
 ``'pallas_tpu_interpret'`` implementations of ``adderjax.adder_conv`` /
-``adder_dense``. The kernel functions can also be called directly on the
-canonical patch layout (``P[G, K, M]``, ``W[G, K, T]``):
+``adder_dense`` is :mod:`adderjax.ops.pallas_backend`. The kernel functions
+can also be called directly on the canonical patch layout (``P[G, K, M]``,
+``W[G, K, T]``):
 
 Examples:
   >>> import jax.numpy as jnp

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from adderjax.ops import backends
+from adderjax.ops import protocol
 
 NAME = 'test_oracle'
 
@@ -28,7 +29,7 @@ def _h_x(mode, d):
   return d
 
 
-class OracleBackend(backends.Backend):
+class OracleBackend(protocol.PatchBackend):
   """Paper formulas on the difference tensor, one output feature at a time.
 
   ``lax.map`` over the output features ``t`` keeps the memory at one
@@ -39,7 +40,7 @@ class OracleBackend(backends.Backend):
   name = NAME
   explicit_only = True
 
-  def forward(self, p, w, *, precision=None):
+  def l1_forward(self, p, w, *, precision=None):
     del precision
 
     def one(wt):  # wt: [G, K]
@@ -47,7 +48,7 @@ class OracleBackend(backends.Backend):
 
     return jnp.moveaxis(lax.map(one, jnp.moveaxis(w, 2, 0)), 0, 1)
 
-  def input_grad(self, p, w, gy, mode, *, precision=None):
+  def l1_input_grad(self, p, w, gy, mode, *, precision=None):
     del precision
 
     def one(acc, wg):
@@ -58,7 +59,7 @@ class OracleBackend(backends.Backend):
                       (jnp.moveaxis(w, 2, 0), jnp.moveaxis(gy, 1, 0)))
     return acc
 
-  def weight_grad(self, p, w, gy, mode, *, precision=None):
+  def l1_weight_grad(self, p, w, gy, mode, *, precision=None):
     del precision
 
     def one(wg):

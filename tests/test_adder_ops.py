@@ -13,7 +13,7 @@ import adder_oracle as oracle
 from adderjax import adder_conv
 from adderjax import adder_dense
 from adderjax.ops import geometry
-from adderjax.ops import reference
+from adderjax.ops import xla_backend
 
 # (x_shape, kernel_shape, strides, padding, dilation, groups)
 CASES = {
@@ -223,12 +223,12 @@ def _check_xla_kernels(x, w, case, **kernel_kwargs):
                                groups)
   s, d, pads = _pads((x.shape,) + case[1:])
   expected = oracle.forward(x, w, s, pads, d, groups)
-  y = jax.jit(lambda a, b: reference.conv_forward(a, b, geo,
-                                                  **kernel_kwargs))(x, w)
+  y = jax.jit(lambda a, b: xla_backend.conv_forward(a, b, geo,
+                                                    **kernel_kwargs))(x, w)
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-4)
   gy = np.random.default_rng(7).normal(size=expected.shape).astype(np.float32)
   for mode in ('full_precision', 'sign'):
-    dx = jax.jit(lambda a, b, g, mode=mode: reference.conv_input_grad(
+    dx = jax.jit(lambda a, b, g, mode=mode: xla_backend.conv_input_grad(
         a, b, g, geo, mode, **kernel_kwargs))(x, w, gy)
     edx, _ = oracle.grads(x, w, gy, s, pads, d, groups, mode)
     np.testing.assert_allclose(dx, edx, rtol=1e-4, atol=1e-4)

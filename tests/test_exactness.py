@@ -29,7 +29,7 @@ from adderjax import adder_conv
 from adderjax import adder_dense
 from adderjax import models
 from adderjax.ops import geometry
-from adderjax.ops import reference
+from adderjax.ops import xla_backend
 from experiments.reproduce_lib.lenetpp import LeNetPP
 
 ORACLE = jax_oracle.register()
@@ -353,9 +353,9 @@ class NanLocalityTest(parameterized.TestCase):
     else:
       x[2, -1, 3, 0] = np.nan
     geo = geometry.make_geometry(x.shape, w.shape, 2, 'VALID', 1, 1)
-    dx = reference.conv_input_grad(jnp.asarray(x), jnp.asarray(w),
-                                   jnp.asarray(gy), geo, 'full_precision',
-                                   tile_bytes=1)
+    dx = xla_backend.conv_input_grad(jnp.asarray(x), jnp.asarray(w),
+                                     jnp.asarray(gy), geo, 'full_precision',
+                                     tile_bytes=1)
     with np.errstate(invalid='ignore'):
       _, want_dx, _ = _oracle(x, w, gy, geo_args, 'full_precision')
     np.testing.assert_array_equal(np.isnan(dx), np.isnan(want_dx))

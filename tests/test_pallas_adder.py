@@ -132,10 +132,12 @@ class TestResolution:
     assert names[0] == 'pallas' and names[-1] == 'xla'
     assert set(INTERPRET) <= set(names)
 
-  def test_none_picks_pallas_on_accelerators_xla_on_cpu(self):
-    assert backends.resolve(None, 'cpu') == 'xla'
-    assert backends.resolve(None, 'gpu') == 'pallas'
-    assert backends.resolve(None, 'tpu') == 'pallas'
+  def test_none_is_chosen_at_lowering(self):
+    assert backends.resolve(None, 'cpu') is None
+    assert backends.default_for('cpu') == 'xla'
+    assert backends.default_for('gpu') == 'pallas'
+    assert backends.default_for('cuda') == 'pallas'
+    assert backends.default_for('tpu') == 'pallas'
 
   def test_interpret_only_when_named(self):
     for name in INTERPRET:

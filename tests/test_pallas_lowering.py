@@ -7,7 +7,7 @@
 * TPU: with libtpu installed (``jax[tpu]``), every Mosaic kernel is compiled
   for a v5e topology without a TPU, including a batch-sharded forward +
   input gradient over 8 TPU devices whose HLO must not all-gather the
-  patches (under ``jax.set_mesh``, see :mod:`pallas_kernels.backend`). libtpu
+  patches (under ``jax.set_mesh``, see :mod:`adderjax.ops.pallas_backend`). libtpu
   prints initialisation errors and would be picked up by
   ``import jax`` without ``JAX_PLATFORMS=cpu``, so this runs in its own
   process (this file as a script) with the variables below; the test skips,
@@ -79,27 +79,71 @@ def test_gpu_lowering_rejects_non_power_of_two_tiles():
     adder_gpu_config.ForwardConfig(block_m=48)
 
 
-@pytest.mark.parametrize('platform,target,other', [
-    ('cuda', '__gpu$xla.gpu.triton', 'tpu_custom_call'),
-    ('tpu', 'tpu_custom_call', '__gpu$xla.gpu.triton')])
-def test_pallas_backend_dispatches_by_platform(platform, target, other):
+TRITON, MOSAIC = '__gpu$xla.gpu.triton', 'tpu_custom_call'
+
+
+def _export_public_op(platforms, implementation=None):
+  """``jax.export`` of an adder layer's value and both gradients."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax import export  # pylint: disable=g-import-not-at-top
-  from pallas_kernels import backend  # pylint: disable=g-import-not-at-top
+  import adderjax  # pylint: disable=g-import-not-at-top
 
-  b = backend.PallasBackend('pallas', backend.KernelSet('auto'))
+  def loss(x, w):
+    y = adderjax.adder_conv(x, w, strides=2, padding='SAME',
+                            implementation=implementation)
+    return jnp.sum(y * y)
 
-  def f(p, w, gy):
-    return b.forward(p, w), b.input_grad(p, w, gy, 'full_precision')
+  args = (jax.ShapeDtypeStruct((2, 9, 9, 3), jnp.float32),
+          jax.ShapeDtypeStruct((3, 3, 3, 8), jnp.float32))
+  checks = [export.DisabledSafetyCheck.custom_call(t)
+            for t in (TRITON, MOSAIC)]
+  exported = export.export(jax.jit(jax.value_and_grad(loss, (0, 1))),
+                           platforms=platforms, disabled_checks=checks)(*args)
+  return exported.mlir_module()
 
-  args = (jax.ShapeDtypeStruct((1, 27, 100), jnp.float32),
-          jax.ShapeDtypeStruct((1, 27, 10), jnp.float32),
-          jax.ShapeDtypeStruct((1, 10, 100), jnp.float32))
-  checks = [export.DisabledSafetyCheck.custom_call(target)]
-  text = export.export(jax.jit(f), platforms=[platform],
-                       disabled_checks=checks)(*args).mlir_module()
+
+@pytest.mark.parametrize('platform,target,other', [
+    ('cuda', TRITON, MOSAIC), ('tpu', MOSAIC, TRITON)])
+def test_default_implementation_lowers_to_the_platforms_kernels(
+    platform, target, other):
+  # implementation=None is chosen when lowering: from this CPU host, an
+  # export for an accelerator holds its kernels (forward + input gradient).
+  text = _export_public_op([platform])
   assert text.count(target) == 2 and other not in text
+
+
+def test_one_export_carries_every_platforms_kernels():
+  text = _export_public_op(['cpu', 'cuda', 'tpu'])
+  assert text.count(TRITON) == 2 and text.count(MOSAIC) == 2
+  # The CPU branch is the XLA backend: no kernel call of its own.
+  assert 'platform_index' in text or 'case' in text
+
+
+def test_named_pallas_dispatches_by_platform():
+  # implementation='pallas' (an accelerator host) picks the flavour when
+  # lowering too; naming it needs an accelerator default backend, so this
+  # checks the adapter directly.
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax import export  # pylint: disable=g-import-not-at-top
+  from adderjax.ops import geometry  # pylint: disable=g-import-not-at-top
+  from adderjax.ops import pallas_backend  # pylint: disable=g-import-not-at-top
+
+  b = pallas_backend.PallasBackend('pallas', pallas_backend.KernelSet('auto'))
+  geo = geometry.make_geometry((2, 6, 6, 3), (3, 3, 3, 4), 1, 'SAME', 1, 1)
+  args = (jax.ShapeDtypeStruct((2, 6, 6, 3), jnp.float32),
+          jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32),
+          jax.ShapeDtypeStruct((2, 6, 6, 4), jnp.float32))
+  f = lambda x, w, g: (b.forward(x, w, geo),
+                       b.input_grad(x, w, g, geo, 'full_precision'))
+  checks = [export.DisabledSafetyCheck.custom_call(t)
+            for t in (TRITON, MOSAIC)]
+  for platform, target, other in (('cuda', TRITON, MOSAIC),
+                                  ('tpu', MOSAIC, TRITON)):
+    text = export.export(jax.jit(f), platforms=[platform],
+                         disabled_checks=checks)(*args).mlir_module()
+    assert text.count(target) == 2 and other not in text
 
 
 # --- TPU: deviceless compile through libtpu, in its own process ------------
@@ -114,7 +158,7 @@ def compile_tpu_kernels() -> None:
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from pallas_kernels import adder_tpu  # pylint: disable=g-import-not-at-top
   from pallas_kernels import adder_tpu_config  # pylint: disable=g-import-not-at-top
-  from pallas_kernels import backend  # pylint: disable=g-import-not-at-top
+  from adderjax.ops import pallas_backend as backend  # pylint: disable=g-import-not-at-top
 
   topo = topologies.get_topology_desc('v5e:2x4', 'tpu')
   assert len(topo.devices) == 8, topo.devices

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 
 from adderjax.ops import backends
 from adderjax.ops import geometry
-from adderjax.ops import reference
 from adderjax.ops.geometry import GRAD_MODES, PaddingLike
 
 _F32 = jnp.float32
@@ -31,7 +30,7 @@ _F32 = jnp.float32
 class _Config:
   geo: geometry.ConvGeometry
   grad: str
-  backend: str
+  backend: str | None  # None: chosen at lowering (backends.AUTO)
   precision: Any
 
 
@@ -85,15 +84,9 @@ def _adder_fwd(x, kernel, cfg: _Config):
   geo = cfg.geo
   if not geo.batch:  # Empty batch: an empty output, as lax.conv gives.
     return jnp.zeros(geo.out_shape, x.dtype), (x, kernel)
-  if cfg.backend == 'xla':  # Patch-free kernels on the input itself.
-    y = reference.conv_forward(x, kernel, geo)
-    return y.astype(x.dtype), (x, kernel)
   backend = backends.get(cfg.backend)
-  p = geometry.extract_patches(x, geo)
-  w = geometry.kernel_to_canonical(kernel, geo)
-  y = backend.forward(p, w, precision=cfg.precision)
-  y = geometry.output_from_canonical(y, geo).astype(x.dtype)
-  return y, (x, kernel)
+  y = backend.forward(x, kernel, geo, precision=cfg.precision)
+  return y.astype(x.dtype), (x, kernel)
 
 
 def _adder_bwd(cfg: _Config, res, g):
@@ -101,24 +94,10 @@ def _adder_bwd(cfg: _Config, res, g):
   geo = cfg.geo
   if not geo.batch:
     return jnp.zeros_like(x), jnp.zeros_like(kernel)
-  if cfg.backend == 'xla':
-    dx = reference.conv_input_grad(x, kernel, g, geo, cfg.grad,
-                                   precision=cfg.precision)
-    dk = reference.conv_weight_grad(x, kernel, g, geo, cfg.grad,
-                                    precision=cfg.precision)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
   backend = backends.get(cfg.backend)
-  p = geometry.extract_patches(x, geo)
-  w = geometry.kernel_to_canonical(kernel, geo)
-  gy = geometry.output_to_canonical(g, geo)
-  dp = backend.input_grad(p, w, gy, cfg.grad, precision=cfg.precision)
-  # col2im in float32: overlapping taps are summed before the final cast.
-  col2im = jax.linear_transpose(
-      functools.partial(geometry.extract_patches, geo=geo),
-      jax.ShapeDtypeStruct(x.shape, dp.dtype))
-  (dx,) = col2im(dp)
-  dw = backend.weight_grad(p, w, gy, cfg.grad, precision=cfg.precision)
-  dk = geometry.kernel_from_canonical(dw, geo)
+  dx = backend.input_grad(x, kernel, g, geo, cfg.grad, precision=cfg.precision)
+  dk = backend.weight_grad(x, kernel, g, geo, cfg.grad,
+                           precision=cfg.precision)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -154,8 +133,10 @@ def adder_conv(x: jax.Array,
     feature_group_count: number of groups; ``C_in`` gives a depthwise layer.
     grad: backward pass, ``'full_precision'`` (paper), ``'sign'`` (exact
       subgradient) or ``'unclipped'`` (full precision without HardTanh).
-    implementation: ``None`` (fastest available), ``'xla'`` or a registered
-      accelerator backend such as ``'pallas'``.
+    implementation: ``None`` (chosen by the platform the computation is
+      lowered for: XLA on CPU, the Pallas kernels on GPU and TPU, AOT
+      compiles included; see :mod:`adderjax.ops.backends`), ``'xla'`` or a
+      registered backend such as ``'pallas'``.
     precision: matmul precision of the weight gradient (``lax.Precision``).
 
   Returns:

@@ -1,55 +1,63 @@
-"""Backend registry for the adder ops.
+"""Backend registry of the adder ops, and the lowering-time default.
 
-A backend implements the two l1-shaped reductions on the canonical patch
-layout (see :mod:`adderjax.ops.geometry`); the weight gradient of the
-full-precision modes is a matmul and stays on XLA for every backend.
+Backends implement :class:`adderjax.ops.protocol.Backend` (three reductions
+on the convolution's own arrays). Registered here:
 
-``implementation=None`` picks the first registered backend that supports the
-default platform; ``'xla'`` is registered last and supports every platform.
-Naming a backend that is unknown or cannot run raises ``ValueError``.
+* ``'xla'`` (:mod:`adderjax.ops.xla_backend`): patch-free XLA kernels, on
+  every platform.
+* ``'pallas'``, ``'pallas_gpu_interpret'``, ``'pallas_tpu_interpret'``
+  (:mod:`adderjax.ops.pallas_backend`), when Pallas and the
+  ``pallas_kernels`` package import.
+
+``implementation=None`` is not resolved when tracing: the op runs
+:data:`AUTO`, whose reductions switch on the platform
+(:mod:`adderjax.ops.platform_dispatch`), so the platform the computation is *lowered* for picks the
+kernels: XLA on ``cpu``, the Triton kernels on ``cuda`` / ``rocm``, the
+Mosaic kernels on ``tpu``. An AOT compile for a TPU topology or a
+``jax.export`` for ``cuda`` from a CPU host gets the accelerator kernels,
+a computation placed on the CPU of a TPU host gets XLA, and one multi-platform
+``jax.export`` carries each platform's kernels.
+
+Naming a backend that is unknown or cannot run on the default backend raises
+``ValueError``.
+
+Examples:
+  >>> from adderjax.ops import backends
+  >>> backends.available()[-1]
+  'xla'
+  >>> backends.default_for('cpu'), backends.default_for('tpu')
+  ('xla', 'pallas')
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
-from adderjax.ops import reference
+from adderjax.ops import platform_dispatch
+from adderjax.ops import protocol
+from adderjax.ops import xla_backend
 
+Backend = protocol.Backend
 
-class Backend:
-  """Base class: the pure-XLA implementation (works on every platform)."""
-
-  name = 'xla'
-  #: Only used when named: ``implementation=None`` skips it (e.g. Pallas
-  #: interpret mode, which runs anywhere but slowly).
-  explicit_only = False
-
-  def supported_on(self, platform: str) -> bool:  # pylint: disable=unused-argument
-    """Whether this backend can run on ``platform`` ('cpu', 'gpu', 'tpu')."""
-    return True
-
-  def unsupported_reason(self, platform: str) -> str:
-    return f'{self.name} does not run on {platform}'
-
-  def forward(self, p, w, *, precision=None):  # pylint: disable=unused-argument
-    """``-sum_k |P - W|``: ``[G,K,M] x [G,K,T] -> [G,T,M]`` float32."""
-    return reference.l1_forward(p, w)
-
-  def input_grad(self, p, w, gy, mode, *, precision=None):
-    """Patch gradient ``[G,K,M]`` float32 for grad ``mode``."""
-    return reference.l1_input_grad(p, w, gy, mode, precision=precision)
-
-  def weight_grad(self, p, w, gy, mode, *, precision=None):
-    """Kernel gradient ``[G,K,T]`` float32 for grad ``mode``."""
-    return reference.l1_weight_grad(p, w, gy, mode, precision=precision)
-
-
-_REGISTRY: dict[str, Backend] = {}
+_REGISTRY: dict[str, protocol.Backend] = {}
 _ORDER: list[str] = []
+#: Compiled backend of each accelerator platform (``lax.platform_dependent``
+#: names), filled when the Pallas backends import.
+_PLATFORM: dict[str, protocol.Backend] = {}
 
 
-def register(backend: Backend, *, prefer: bool = True) -> None:
-  """Adds a backend; ``prefer`` puts it before the others for ``None``."""
+def register(backend: protocol.Backend, *, prefer: bool = True) -> None:
+  """Adds a backend under ``backend.name``.
+
+  Args:
+    backend: a :class:`adderjax.ops.protocol.Backend` instance.
+    prefer: list it first in :func:`available` (else last before ``'xla'``).
+  """
+  if not isinstance(backend, protocol.Backend) or not backend.name:
+    raise TypeError(f'backend must be a named adderjax.ops.protocol.Backend, '
+                    f'got {backend!r}.')
   _REGISTRY[backend.name] = backend
   if backend.name in _ORDER:
     _ORDER.remove(backend.name)
@@ -60,22 +68,41 @@ def register(backend: Backend, *, prefer: bool = True) -> None:
 
 
 def available() -> tuple[str, ...]:
-  """Names of the registered backends, in the order ``None`` tries them."""
+  """Names of the registered backends (``'xla'`` last)."""
   return tuple(n for n in _ORDER if n != 'xla') + ('xla',)
 
 
-def resolve(implementation: str | None, platform: str | None = None) -> str:
-  """Returns the backend name to use, or raises a clear error."""
-  platform = platform or jax.default_backend()
+def default_for(platform: str) -> str:
+  """The backend ``implementation=None`` lowers to on ``platform``.
+
+  Args:
+    platform: ``'cpu'``, ``'gpu'``, ``'cuda'``, ``'rocm'`` or ``'tpu'``.
+  """
+  platform = 'cuda' if platform == 'gpu' else platform
+  return _PLATFORM[platform].name if platform in _PLATFORM else 'xla'
+
+
+def resolve(implementation: str | None,
+            platform: str | None = None) -> str | None:
+  """Checks ``implementation``; ``None`` stays ``None`` (chosen at lowering).
+
+  Args:
+    implementation: ``None`` or a registered name.
+    platform: the platform a named backend must run on (default: the
+      default backend).
+
+  Returns:
+    ``None`` or the validated name.
+
+  Raises:
+    ValueError: unknown name, or a backend that cannot run on ``platform``.
+  """
   if implementation is None:
-    for name in available():
-      backend = _REGISTRY[name]
-      if not backend.explicit_only and backend.supported_on(platform):
-        return name
-    return 'xla'
+    return None
   if not isinstance(implementation, str) or implementation not in _REGISTRY:
     raise ValueError(f'implementation must be None or one of '
                      f'{available()}, got {implementation!r}.')
+  platform = platform or jax.default_backend()
   backend = _REGISTRY[implementation]
   if not backend.supported_on(platform):
     raise ValueError(f'implementation={implementation!r} cannot run here: '
@@ -83,16 +110,75 @@ def resolve(implementation: str | None, platform: str | None = None) -> str:
   return implementation
 
 
-def get(name: str) -> Backend:
+def get(name: str | None) -> protocol.Backend:
+  """The backend registered as ``name``; ``None`` gives :data:`AUTO`."""
+  if name is None:
+    return AUTO
   return _REGISTRY[name]
 
 
-register(Backend(), prefer=False)
+@functools.lru_cache(maxsize=4096)
+def _branch(backend: protocol.Backend, method: str, static: tuple,
+            precision):
+  """``backend.method(*arrays, *static)``: one function object per layer kind.
+
+  The same object for the same arguments lets ``jit``'s trace cache serve
+  the repeated layers of a network (the branches are traced for every
+  platform, so this halves the tracing of a ResNet on CPU).
+  """
+  fn = getattr(backend, method)
+  return lambda *arrays: fn(*arrays, *static, precision=precision)
 
 
-# Optional accelerator backends (they register themselves on import, after
-# the XLA backend above, which stays last for None).
+class AutoBackend(protocol.Backend):
+  """``implementation=None``: each reduction chosen by the lowering platform.
+
+  Every reduction is a :func:`adderjax.ops.platform_dispatch.platform_dispatch`
+  whose branches are the XLA backend (``cpu`` and any platform without
+  kernels) and the compiled Pallas backend of each accelerator platform. All
+  branches are traced; each is lowered only for its own platform.
+  """
+
+  name = 'auto'
+
+  def _dispatch(self, method: str, arrays, static, precision):
+    xla = _REGISTRY['xla']
+    if not _PLATFORM:
+      return getattr(xla, method)(*arrays, *static, precision=precision)
+    per_platform = {p: _branch(b, method, static, precision)
+                    for p, b in _PLATFORM.items()}
+    return platform_dispatch.platform_dispatch(
+        *arrays, default=_branch(xla, method, static, precision),
+        **per_platform)
+
+  def forward(self, x, kernel, geo, *, precision=None):
+    return self._dispatch('forward', (x, kernel), (geo,), precision)
+
+  def input_grad(self, x, kernel, gy, geo, mode, *, precision=None):
+    return self._dispatch('input_grad', (x, kernel, gy), (geo, mode),
+                          precision)
+
+  def weight_grad(self, x, kernel, gy, geo, mode, *, precision=None):
+    # Every backend's weight gradient is the XLA one (a convolution's weight
+    # gradient plus a rank-1 term, on the matrix units): no switch needed.
+    return _REGISTRY['xla'].weight_grad(x, kernel, gy, geo, mode,
+                                        precision=precision)
+
+
+#: What ``implementation=None`` runs.
+AUTO = AutoBackend()
+
+register(xla_backend.XlaBackend(), prefer=False)
+
+# The Pallas backends (optional: adderjax works without Pallas or the
+# pallas_kernels package).
 try:
-  import pallas_kernels.backend  # pylint: disable=unused-import
-except ImportError:  # Pallas or the pallas_kernels package not installed.
-  pass
+  from adderjax.ops import pallas_backend  # pylint: disable=g-import-not-at-top
+except ImportError:
+  pallas_backend = None
+if pallas_backend is not None:
+  _compiled, *_interpreted = pallas_backend.make_backends()
+  register(_compiled, prefer=True)
+  for _b in _interpreted:
+    register(_b, prefer=False)
+  _PLATFORM.update(pallas_backend.platform_backends())

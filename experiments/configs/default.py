@@ -92,6 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.steps_per_epoch = -1    # >0: shorter epochs (runlocal)
   c.num_train_steps = -1    # >0: stop after this many steps (schedule kept)
   c.parallelism = 'jit'     # 'jit' (mesh + NamedSharding) or 'pmap'
+  # The jit runner's mesh: sizes (one -1 = the rest) and axis names; the
+  # batch is split over every axis (experiments.parallel.make_mesh).
+  c.mesh_shape = (-1,)
+  c.mesh_axes = ('data',)
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1

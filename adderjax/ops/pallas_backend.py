@@ -1,56 +1,59 @@
 """The Pallas backends of ``adderjax.adder_conv`` / ``adder_dense``.
 
-Three backends are registered with :mod:`adderjax.ops.backends`:
+The adapter between the adder op and the kernels of the leaf package
+:mod:`pallas_kernels` (Triton on GPU, :mod:`pallas_kernels.adder_gpu`;
+Mosaic on TPU, :mod:`pallas_kernels.adder_tpu`). Backends:
 
-* ``'pallas'``: the compiled kernels, Triton on GPU (:mod:`.adder_gpu`) and
-  Mosaic on TPU (:mod:`.adder_tpu`), chosen when the computation is lowered
-  (``lax.platform_dependent``). ``implementation=None`` picks it on GPU and
-  TPU; naming it on CPU raises a ``ValueError`` that points to the interpret
-  backends.
+* ``'pallas'``: the compiled kernels, the GPU or TPU flavour chosen when the
+  computation is lowered (``lax.platform_dependent``). Naming it when the
+  default backend is the CPU raises a ``ValueError`` that points to the
+  interpret backends; ``implementation=None`` reaches the same kernels on GPU
+  and TPU, AOT compiles from a CPU host included (see
+  :mod:`adderjax.ops.backends`).
 * ``'pallas_gpu_interpret'`` / ``'pallas_tpu_interpret'``: the same GPU- or
   TPU-flavoured kernels run by the Pallas interpreter, on any platform (CPU
-  included). They exist for tests and debugging and are only used when named:
-  ``implementation=None`` never picks them (interpret mode is slow).
+  included). They exist for tests and debugging and are only used when named.
 
 What runs where:
 
-* Forward and input gradient: the kernels. The ``'unclipped'`` input gradient
-  is the matmul identity ``dP = (W - c) gy - (P - c) * sum_t gy`` (the
-  kernels implement it too, but the matmul units do it faster), like the XLA
-  backend; ``c`` is a per-row centre of the kernel that keeps the identity
-  from cancelling (``adderjax.ops.reference.kernel_shift``).
-* Weight gradient: the XLA matmul identity ``dW = (P - c) gy^T + (c - W) *
-  sum_m gy`` (the inherited :meth:`Backend.weight_grad`): a convolution's
-  weight gradient plus a rank-1 term, run on tensor cores / the MXU, which an
-  l1 kernel cannot use (see ``docs/roofline.md``).
+* Forward and the HardTanh / sign input gradient: the kernels (float32
+  accumulation; float64 inputs run the XLA backend, which keeps float64).
+* The ``'unclipped'`` input gradient and the weight gradient are matmul
+  identities on operands centred on the kernel (a convolution's own input
+  and weight gradients plus rank-1 terms, :mod:`adderjax.ops.xla_backend`
+  with no batch tiles), which run on tensor cores / the MXU and need no patch
+  matrix; an l1 kernel cannot use the matrix units (``docs/roofline.md``).
 
 Sharding: a ``pallas_call`` cannot be partitioned by XLA (on CPU it silently
 gathers its operands, on TPU it refuses), so every kernel call runs per shard
 of ``M`` (``M = N * prod(out_spatial)`` is batch-major: a batch-sharded input
 shards ``M`` contiguously). The reduction axes and the small kernel ``W`` are
-replicated; no activation is gathered. Two mechanisms, picked at trace time:
+replicated; no activation is gathered. Mechanisms, picked at trace time:
 
-* under a mesh context (``jax.set_mesh(mesh)``, the recommended way, and the
-  only one that works on TPU): ``jax.shard_map`` over ``M``. With
-  ``Explicit`` mesh axes ``M`` is split over the axes the patches are sharded
-  on; with ``Auto`` axes, whose shardings are not known at trace time, over
-  the mesh axes (in order, dropping trailing ones until their size divides
-  ``M``).
-* otherwise (plain ``jax.jit`` with ``NamedSharding`` inputs):
-  ``jax.experimental.custom_partitioning`` with a Shardy rule, which keeps the
-  ``G`` and ``M`` shardings of the patches as XLA propagated them. In jax
-  0.10.2 this works on CPU and GPU but not on TPU (the partitioner callback
-  is not registered with libtpu: "Custom emitter for CustomSPMDPartitioning
-  not found", jax-ml/jax#38196).
+* under a mesh context (``jax.set_mesh(mesh)``, what the experiments' runners
+  do, and the only way to shard the kernels on TPU): ``jax.shard_map`` over
+  ``M``. With ``Explicit`` mesh axes ``M`` is split over the axes the patches
+  are sharded on; with ``Auto`` axes, whose shardings are not known at trace
+  time, over the mesh axes (in order, dropping trailing ones until their size
+  divides ``M``). Inside ``shard_map`` or ``pmap`` (manual axes) the kernels
+  run on the local shard.
+* no mesh context, GPU kernels: ``jax.experimental.custom_partitioning`` with
+  a Shardy rule, which keeps the ``G`` and ``M`` shardings of the patches as
+  XLA propagated them (plain ``jax.jit`` with ``NamedSharding`` inputs).
+* no mesh context, TPU kernels: libtpu (jax 0.10.2) cannot compile
+  ``custom_partitioning`` ("Custom emitter for CustomSPMDPartitioning not
+  found", jax-ml/jax#38196), and the sharding of the inputs is not known when
+  tracing. When the process has one TPU device, or traces for another
+  platform (an AOT compile from a CPU host), the kernels are called directly:
+  right for one chip. When the process sees several TPU devices, the layer
+  runs the XLA backend instead (partitioned by XLA, correct for any sharding)
+  and warns once: enter ``jax.set_mesh(mesh)`` to shard the kernels. A
+  multi-chip AOT compile without a mesh context is not detectable at trace
+  time; :func:`adderjax.ops.backends.check_tpu_mesh` names the fix there.
 
-The weight gradient is plain XLA and XLA partitions it (a reduction over
-``M``, i.e. an all-reduce of ``dW``). Each op is also wrapped in
-``jax.custom_batching.custom_vmap`` (folding a vmapped axis into ``G``),
-because ``custom_partitioning`` has no batching rule.
-
-Lowering for several platforms at once (``jax.export`` with
-``platforms=['cuda', 'tpu']``) is not supported: each ``pallas_call`` only
-lowers for its own platform.
+Each op is also wrapped in ``jax.custom_batching.custom_vmap`` (folding a
+vmapped axis into ``G``), because ``custom_partitioning`` has no batching
+rule.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +70,10 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from adderjax.ops import backends
+from adderjax.ops import geometry
+from adderjax.ops import protocol
+from adderjax.ops import reference
+from adderjax.ops import xla_backend
 from pallas_kernels import adder_gpu
 from pallas_kernels import adder_tpu
 
@@ -176,17 +183,21 @@ def _shard_map_m_axes(mesh, p) -> tuple[str, ...] | None:
   return tuple(free)
 
 
-def _per_m_shard(fn, partitioned, n_sharded: int):
+def _per_m_shard(fn, partitioned, n_sharded: int, kernels: KernelSet):
   """Runs ``fn`` per ``M`` shard: shard_map under a mesh, else ``partitioned``.
 
   The first ``n_sharded`` arguments are ``[G, ., M]`` arrays split along
-  ``M``; the rest are replicated. The output is ``[G, ., M]``.
+  ``M``; the rest are replicated. The output is ``[G, ., M]``. Without a
+  mesh, the compiled TPU kernels are called directly (libtpu cannot compile
+  ``custom_partitioning``; see the module docstring).
   """
 
   def run(*args):
     mesh = jax.sharding.get_abstract_mesh()
     axes = _shard_map_m_axes(mesh, args[0])
     if axes is None:
+      if kernels.flavour == 'tpu' and not kernels.interpret:
+        return fn(*args)
       return partitioned(*args)
     if not axes:
       return fn(*args)
@@ -226,7 +237,7 @@ def forward_op(kernels: KernelSet):
       sharding_rule='g k m, g k t -> g t m',
       need_replication_factors=('k', 't'))
 
-  per_shard = _per_m_shard(kernels.forward, partitioned, 1)
+  per_shard = _per_m_shard(kernels.forward, partitioned, 1, kernels)
 
   @jax.custom_batching.custom_vmap
   def op(p, w):
@@ -258,7 +269,7 @@ def input_grad_op(kernels: KernelSet, mode: str):
 
   per_shard = _per_m_shard(
       lambda p, gy, w: kernels.input_grad(p, w, gy, mode),
-      lambda p, gy, w: partitioned(p, w, gy), 2)
+      lambda p, gy, w: partitioned(p, w, gy), 2, kernels)
 
   @jax.custom_batching.custom_vmap
   def op(p, w, gy):
@@ -275,9 +286,35 @@ def input_grad_op(kernels: KernelSet, mode: str):
 
 # --- the registered backends --------------------------------------------------
 
+#: The XLA kernels the Pallas backends use for the matmul reductions (no
+#: batch tiles: the tiles are a CPU cache optimisation).
+_XLA = xla_backend.XlaBackend(xla_backend.XlaConfig(tile_bytes=None))
 
-class PallasBackend(backends.Backend):
-  """Runs the l1 reductions with the Pallas kernels of this package.
+_FALLBACK_WARNING = (
+    'adder layers on {n} TPU devices without a mesh context: running the XLA '
+    'backend (correct for any sharding, but slower and with more memory than '
+    'the Pallas kernels, which cannot be partitioned without a mesh on TPU). '
+    'Trace the step under `with jax.set_mesh(mesh):` to shard the kernels.')
+_warned = set()
+
+
+def _tpu_fallback_needed(kernels: KernelSet) -> bool:
+  """Plain jit over several local TPU devices, no mesh: use XLA (see top)."""
+  if kernels.interpret or kernels.flavour == 'gpu':
+    return False
+  if not jax.sharding.get_abstract_mesh().empty:
+    return False
+  if jax.default_backend() != 'tpu' or jax.device_count() < 2:
+    return False
+  if 'tpu' not in _warned:
+    _warned.add('tpu')
+    warnings.warn(_FALLBACK_WARNING.format(n=jax.device_count()),
+                  stacklevel=4)
+  return True
+
+
+class PallasBackend(protocol.Backend):
+  """Runs the l1 reductions with the Pallas kernels of :mod:`pallas_kernels`.
 
   Args:
     name: registry name.
@@ -301,39 +338,46 @@ class PallasBackend(backends.Backend):
     return (f'the Pallas kernels need a GPU or TPU and the default backend is '
             f"{platform!r}; use implementation='pallas_gpu_interpret' or "
             "'pallas_tpu_interpret' to run them in interpret mode (slow, for "
-            "tests and debugging), or 'xla'")
+            "tests and debugging), 'xla', or None (which lowers to the Pallas "
+            'kernels for GPU and TPU targets, AOT compiles included)')
 
-  def forward(self, p, w, *, precision=None):
-    del precision  # No matmul in the forward pass.
-    return forward_op(self.kernels)(p, w)
+  def _xla_instead(self, *arrays) -> bool:
+    # float64 (the kernels accumulate in float32: XLA keeps the precision
+    # asked for), or plain jit over several TPUs without a mesh.
+    return (reference.acc_dtype(*arrays) == jnp.float64 or
+            _tpu_fallback_needed(self.kernels))
 
-  def input_grad(self, p, w, gy, mode, *, precision=None):
-    if mode == 'unclipped':  # A matmul: leave it to the matrix units.
-      return super().input_grad(p, w, gy, mode, precision=precision)
-    return input_grad_op(self.kernels, mode)(p, w, gy)
+  def forward(self, x, kernel, geo, *, precision=None):
+    if self._xla_instead(x, kernel):
+      return _XLA.forward(x, kernel, geo)
+    p = geometry.extract_patches(x, geo)
+    w = geometry.kernel_to_canonical(kernel, geo)
+    y = forward_op(self.kernels)(p, w)
+    return geometry.output_from_canonical(y, geo)
+
+  def input_grad(self, x, kernel, gy, geo, mode, *, precision=None):
+    if mode == 'unclipped' or self._xla_instead(x, kernel, gy):
+      # 'unclipped' is a matmul identity: leave it to the matrix units.
+      return _XLA.input_grad(x, kernel, gy, geo, mode, precision=precision)
+    p = geometry.extract_patches(x, geo)
+    w = geometry.kernel_to_canonical(kernel, geo)
+    gyc = geometry.output_to_canonical(gy, geo)
+    dp = input_grad_op(self.kernels, mode)(p, w, gyc)
+    return reference.col2im(dp, geo, x.shape)
+
+  def weight_grad(self, x, kernel, gy, geo, mode, *, precision=None):
+    return _XLA.weight_grad(x, kernel, gy, geo, mode, precision=precision)
 
 
 def make_backends() -> tuple[PallasBackend, ...]:
-  """The backends this package registers, compiled one first."""
+  """The named backends: compiled first, then the two interpreted ones."""
   return (PallasBackend('pallas', KernelSet('auto')),
           PallasBackend('pallas_gpu_interpret', KernelSet('gpu', True)),
           PallasBackend('pallas_tpu_interpret', KernelSet('tpu', True)))
 
 
-def register(register_fn=None) -> None:
-  """Registers the Pallas backends (``'pallas'`` preferred, XLA stays last).
-
-  Args:
-    register_fn: the registry's ``register``; defaults to
-      :func:`adderjax.ops.backends.register`.
-  """
-  register_fn = register_fn or backends.register
-  compiled, *interpreted = make_backends()
-  register_fn(compiled, prefer=True)
-  for b in interpreted:
-    register_fn(b, prefer=False)
-
-
-# Importing this module registers its backends (adderjax.ops.backends imports
-# it inside try/except ImportError, so adderjax works without Pallas).
-register()
+def platform_backends() -> dict[str, PallasBackend]:
+  """The compiled backend of each accelerator platform (``lax`` names)."""
+  gpu = PallasBackend('pallas', KernelSet('gpu'))
+  return {'cuda': gpu, 'rocm': gpu,
+          'tpu': PallasBackend('pallas', KernelSet('tpu'))}

@@ -1,0 +1,153 @@
+"""A platform switch whose branches are lowered for their own platform only.
+
+``lax.platform_dependent`` picks a branch by the platform the computation is
+lowered for, but in a multi-platform lowering (``jax.export`` with
+``platforms=['cpu', 'tpu']``) it lowers every kept branch for *every*
+platform: a Mosaic kernel in the TPU branch is then lowered for the CPU too,
+and ``pallas_call`` refuses ("Only interpret mode is supported on CPU
+backend"). :func:`platform_dispatch` binds one primitive whose lowering is
+registered per platform (``mlir.register_lowering(..., platform=p)``); JAX's
+per-platform lowering narrows the lowering context to ``p`` before calling
+the rule, so each branch is lowered for its own platform only, and a single
+export carries the XLA code for the CPU and the Pallas kernels for GPU and
+TPU. With one lowering platform (``jit``, AOT compiles) only that platform's
+branch is emitted, as with ``lax.platform_dependent``.
+
+All branches are traced (they must return the same shapes and dtypes); the
+primitive has a batching rule (``vmap`` re-traces every branch under
+``vmap``) and is meant for the inside of a ``custom_vjp`` (it has no
+differentiation rules of its own). Called eagerly it runs the branch of the
+default backend.
+
+Examples:
+  >>> import jax, jax.numpy as jnp
+  >>> from adderjax.ops.platform_dispatch import platform_dispatch
+  >>> f = lambda x: platform_dispatch(x, cpu=lambda a: a + 1.0,
+  ...                                 default=lambda a: a - 1.0)
+  >>> float(jax.jit(f)(jnp.float32(1.0)))  # lowered for the CPU here
+  2.0
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+from jax.interpreters import batching
+from jax.interpreters import mlir
+
+#: Platforms (``lax.platform_dependent`` names) with a lowering rule of their
+#: own; any other platform lowers the default branch.
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+
+_dispatch_p = jex_core.Primitive('adder_platform_dispatch')
+_dispatch_p.multiple_results = True
+
+
+def _branch_index(platform: str, platforms: tuple[tuple[str, ...], ...]
+                  ) -> int:
+  for i, names in enumerate(platforms):
+    if platform in names:
+      return i
+  return len(platforms)  # the default branch comes last
+
+
+def _trace(fn: Callable, args) -> jex_core.ClosedJaxpr:
+  return jax.jit(fn).trace(*args).jaxpr
+
+
+def _bind(flat_fns, args, platforms):
+  branches = tuple(_trace(fn, args) for fn in flat_fns)
+  out_avals = [tuple((a.shape, a.dtype) for a in b.out_avals)
+               for b in branches]
+  if any(o != out_avals[0] for o in out_avals[1:]):
+    raise TypeError(f'platform_dispatch: the branches return different '
+                    f'shapes/dtypes {out_avals}.')
+  return _dispatch_p.bind(*args, branches=branches, platforms=platforms)
+
+
+def platform_dispatch(*args: Any, default: Callable, **per_platform: Callable
+                      ) -> Any:
+  """``per_platform[lowering platform](*args)``, else ``default(*args)``.
+
+  Args:
+    *args: arrays (or pytrees of arrays) passed to every branch.
+    default: the branch of platforms not named.
+    **per_platform: branches by platform name (``'cpu'``, ``'cuda'``,
+      ``'rocm'``, ``'tpu'``); one callable may serve several platforms.
+
+  Returns:
+    The selected branch's output (the pytree every branch returns).
+
+  Raises:
+    ValueError: an unknown platform name.
+    TypeError: branches that return different shapes or dtypes.
+  """
+  unknown = sorted(set(per_platform) - set(PLATFORMS))
+  if unknown:
+    raise ValueError(f'platform_dispatch: unknown platform(s) {unknown}; use '
+                     f'{PLATFORMS} (default= for the rest).')
+  fns: list[Callable] = []
+  names: list[list[str]] = []
+  for name, fn in per_platform.items():
+    for i, known in enumerate(fns):
+      if known is fn:
+        names[i].append(name)
+        break
+    else:
+      fns.append(fn)
+      names.append([name])
+  fns.append(default)
+  flat_args, in_tree = jax.tree.flatten(args)
+  out_trees = []
+
+  def flat(fn):
+    def run(*leaves):
+      out = fn(*jax.tree.unflatten(in_tree, leaves))
+      leaves_out, tree = jax.tree.flatten(out)
+      out_trees.append(tree)
+      return leaves_out
+    return run
+
+  outs = _bind([flat(fn) for fn in fns], flat_args,
+               tuple(tuple(n) for n in names))
+  return jax.tree.unflatten(out_trees[0], outs)
+
+
+def _impl(*args, branches, platforms):
+  index = _branch_index(jax.default_backend(), platforms)
+  return jex_core.jaxpr_as_fun(branches[index])(*args)
+
+
+def _abstract_eval(*avals, branches, platforms):
+  del avals, platforms
+  return branches[0].out_avals
+
+
+def _lowering_rule(platform: str):
+  def rule(ctx, *args, branches, platforms):
+    branch = branches[_branch_index(platform, platforms)]
+    return mlir.lower_fun(jex_core.jaxpr_as_fun(branch),
+                          multiple_results=True)(ctx, *args)
+  return rule
+
+
+def _batching_rule(args, dims, *, branches, platforms):
+  # An unbatched operand has dimension None.
+  moved = [a if d is None else jnp.moveaxis(a, d, 0)
+           for a, d in zip(args, dims)]
+  axes = [None if d is None else 0 for d in dims]
+  fns = [jax.vmap(jex_core.jaxpr_as_fun(b), in_axes=axes) for b in branches]
+  outs = _bind(fns, moved, platforms)
+  return outs, [0] * len(outs)
+
+
+_dispatch_p.def_impl(_impl)
+_dispatch_p.def_abstract_eval(_abstract_eval)
+for _platform in PLATFORMS:
+  mlir.register_lowering(_dispatch_p, _lowering_rule(_platform),
+                         platform=_platform)
+mlir.register_lowering(_dispatch_p, _lowering_rule('default'))
+batching.primitive_batchers[_dispatch_p] = _batching_rule

@@ -1,0 +1,225 @@
+"""Compile the experiments' own train step for a device this host does not have.
+
+The step compiled here is the one :func:`experiments.train.train_and_evaluate`
+runs: the model, optimizer and step built from a config, placed and compiled by
+the config's runner (:mod:`experiments.parallel`), only with shape structs
+instead of data, and for a target chosen on the command line:
+
+* TPU: an AOT compile for a topology through libtpu
+  (``jax.experimental.topologies``), e.g. ``v5e:2x4`` (8 chips), with the
+  jit runner (mesh over the topology's devices) or the pmap runner. Needs the
+  ``libtpu`` package and, on a host without a TPU, the environment of
+  :data:`TPU_COMPILE_ENV` (set before JAX starts).
+* GPU: a ``jax.export`` for ``cuda`` (lowering only: StableHLO holding the
+  Triton kernels; no CUDA toolkit needed).
+
+Nothing patches the library: ``implementation=None`` lowers to the Pallas
+kernels because the target platform is an accelerator (see
+:mod:`adderjax.ops.backends`). :func:`analyse` reads XLA's memory and cost
+analysis and counts the kernels and collectives of the compiled HLO.
+
+Usage (prints one row per step)::
+
+  env JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 TPU_ACCELERATOR_TYPE=v5litepod-8 \\
+      TPU_WORKER_HOSTNAMES=localhost ALLOW_MULTIPLE_LIBTPU_LOAD=1 \\
+      python -m experiments.aot --config experiments/configs/resnet20_cifar10.py \\
+      --kinds adder,cnn --topology v5e:2x4 --batch_size 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import re
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments import data as data_lib
+from experiments import parallel
+from experiments import train
+
+#: Environment for a deviceless TPU compile on a host without a TPU (libtpu
+#: reads it when JAX starts). ``TPU_ACCELERATOR_TYPE`` only has to name some
+#: TPU: the topology of the compile is the one given to
+#: :func:`tpu_topology`.
+TPU_COMPILE_ENV = {
+    'JAX_PLATFORMS': 'cpu',
+    'TPU_SKIP_MDS_QUERY': '1',
+    'TPU_ACCELERATOR_TYPE': 'v5litepod-8',
+    'TPU_WORKER_HOSTNAMES': 'localhost',
+    'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
+}
+
+_CHANNELS = {'mnist': 1}  # every other dataset of the configs is RGB
+_STATS = {'mnist': (data_lib.MNIST_MEAN, data_lib.MNIST_STD),
+          'cifar10': (data_lib.CIFAR_MEAN, data_lib.CIFAR_STD),
+          'cifar100': (data_lib.CIFAR_MEAN, data_lib.CIFAR_STD),
+          'imagenet2012': (data_lib.IMAGENET_MEAN, data_lib.IMAGENET_STD)}
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """``'path/to/config.py[:arg]'`` -> the config (as ``--config`` reads it).
+
+  Raises:
+    FileNotFoundError: no such config file.
+  """
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist.')
+  module_spec = importlib.util.spec_from_file_location('_aot_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+@dataclasses.dataclass
+class TrainStepSpec:
+  """What a runner compiles for one config: the step and its inputs' shapes."""
+  step: Any
+  state: Any
+  batch: dict[str, jax.ShapeDtypeStruct]
+  runner: Any
+  config: ml_collections.ConfigDict
+
+
+def train_step_spec(config: ml_collections.ConfigDict, devices=None
+                    ) -> TrainStepSpec:
+  """The config's train step as its runner compiles it, on ``devices``.
+
+  Args:
+    config: an experiments config (``parallelism`` picks the runner,
+      ``batch_size`` is the global batch).
+    devices: target devices (e.g. a TPU topology's); default: this host's.
+
+  Returns:
+    The jitted (jit runner: inside the mesh) or pmapped step and the shape
+    structs of its state and batch, placed as the runner places them.
+  """
+  train.validate_config(config)
+  runner = train.make_runner(config, devices)
+  parallel.check_divisible(config.batch_size, runner.num_devices)
+  ds = config.dataset
+  if ds.name not in _STATS:
+    raise ValueError(f'dataset.name {ds.name!r}: use one of {sorted(_STATS)}.')
+  image_shape = (ds.image_size, ds.image_size, _CHANNELS.get(ds.name, 3))
+  mean, std = _STATS[ds.name]
+  model = train.create_model(config.model, ds.num_classes)
+  example = jnp.zeros((1,) + image_shape)
+  tx, _ = train.create_optimizer(config, model, example, steps_per_epoch=100)
+  key = jax.random.key(config.seed, impl=train.PRNG_IMPL)
+  state = jax.eval_shape(train.make_init(model, tx, image_shape), key)
+  dtype = jnp.dtype(config.model.dtype)
+  step = runner.compile_train(train.make_train_step(
+      model.apply, tx, mean, std, dtype, runner.axis_name))
+  batch = runner.abstract_batch({
+      'image': ((config.batch_size,) + image_shape, jnp.uint8),
+      'label': ((config.batch_size,), jnp.int32)})
+  return TrainStepSpec(step, runner.abstract_state(state), batch, runner,
+                       config)
+
+
+def tpu_topology(name: str = 'v5e:2x4'):
+  """The devices of a TPU topology (``'v5e:2x4'``, ``'v4:2x2x1'``, ...)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  return topologies.get_topology_desc(name, 'tpu').devices
+
+
+def compile_for_tpu(config: ml_collections.ConfigDict,
+                    topology: str = 'v5e:2x4'):
+  """AOT-compiles the config's train step for a TPU topology."""
+  spec = train_step_spec(config, tpu_topology(topology))
+  return spec.step.lower(spec.state, spec.batch).compile()
+
+
+def export_for(config: ml_collections.ConfigDict,
+               platforms=('cuda',)) -> jax.export.Exported:
+  """``jax.export`` of the config's train step for ``platforms`` (1 device)."""
+  config = ml_collections.ConfigDict(config)
+  config.parallelism = 'jit'
+  spec = train_step_spec(config, jax.devices()[:1])
+  unsharded = lambda t: jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), t)
+  checks = [jax.export.DisabledSafetyCheck.custom_call(name)
+            for name in ('__gpu$xla.gpu.triton', 'tpu_custom_call')]
+  with jax.set_mesh(spec.runner.mesh):
+    return jax.export.export(spec.step.jitted, platforms=list(platforms),
+                             disabled_checks=checks)(
+                                 unsharded(spec.state), unsharded(spec.batch))
+
+
+def _count(pattern: str, text: str) -> int:
+  return len(re.findall(pattern, text))
+
+
+def analyse(compiled) -> dict[str, float]:
+  """Memory, cost and kernel counts of a compiled step (per device).
+
+  Returns:
+    ``temp_mb`` (XLA's temp buffers), ``argument_mb``, ``output_mb``,
+    ``gflops`` and ``bytes_accessed_gb`` (XLA's cost analysis; Mosaic calls
+    count only their operands), ``mosaic_calls``, ``all_gathers`` and
+    ``all_reduces`` in the HLO.
+  """
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  hlo = compiled.as_text()
+  mb = 1 / 2**20
+  return {
+      'temp_mb': mem.temp_size_in_bytes * mb,
+      'argument_mb': mem.argument_size_in_bytes * mb,
+      'output_mb': mem.output_size_in_bytes * mb,
+      'gflops': float(cost.get('flops', 0.0)) / 1e9,
+      'bytes_accessed_gb': float(cost.get('bytes accessed', 0.0)) / 1e9,
+      'mosaic_calls': _count(r'custom_call_target="tpu_custom_call"', hlo),
+      'all_gathers': _count(r'= [^=]*\ball-gather(-start)?\(', hlo),
+      'all_reduces': _count(r'= [^=]*\ball-reduce(-start)?\(', hlo),
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', required=True,
+                      help='config file[:arg], as for experiments.main')
+  parser.add_argument('--kinds', default='adder,cnn',
+                      help='model kinds to compile, comma-separated')
+  parser.add_argument('--topology', default='v5e:2x4')
+  parser.add_argument('--parallelism', default=None, choices=('jit', 'pmap'))
+  parser.add_argument('--batch_size', type=int, default=None,
+                      help='global batch (default: the config\'s)')
+  parser.add_argument('--implementation', default=None,
+                      help="model.implementation (default None: Pallas on "
+                      "TPU); 'xla' for the XLA path")
+  args = parser.parse_args(argv)
+  rows = []
+  for kind in args.kinds.split(','):
+    config = load_config(args.config)
+    config.model.kind = kind
+    if args.parallelism:
+      config.parallelism = args.parallelism
+    if args.batch_size:
+      config.batch_size = args.batch_size
+    if args.implementation and kind == 'adder':
+      config.model.implementation = args.implementation
+    stats = analyse(compile_for_tpu(config, args.topology))
+    rows.append((kind, stats))
+  keys = list(rows[0][1])
+  print(f'{args.config} {args.topology} batch {config.batch_size} '
+        f'({config.parallelism}), per chip:')
+  print('| kind | ' + ' | '.join(keys) + ' |')
+  print('|' + '---|' * (len(keys) + 1))
+  for kind, stats in rows:
+    print(f'| {kind} | ' + ' | '.join(f'{stats[k]:.4g}' for k in keys) + ' |')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
