@@ -56,6 +56,7 @@ References:
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import pickle
@@ -485,6 +486,22 @@ def _check_name_kind(name: str, kind: str) -> None:
 
 def _build(name: str, kind: str, num_classes: int, overrides: dict[str, Any]):
   """The zoo model and its variables' official keys, layouts and shapes."""
+  try:
+    key = (name, kind, num_classes, tuple(sorted(overrides.items())))
+    hash(key)
+  except TypeError:  # an unhashable override: build it afresh
+    return _build_uncached(name, kind, num_classes, overrides)
+  return _build_cached(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _build_cached(key):
+  name, kind, num_classes, overrides = key
+  return _build_uncached(name, kind, num_classes, dict(overrides))
+
+
+def _build_uncached(name: str, kind: str, num_classes: int,
+                    overrides: dict[str, Any]):
   model = models_lib.create_model(
       name, kind=kind, num_classes=num_classes,
       classifier_bias=_CLASSIFIER_BIAS[name], **overrides)
@@ -516,9 +533,9 @@ def expected_state_dict_shapes(name: str, *, num_classes: int,
     ``{key: shape}`` in the zoo's variable order.
 
   Examples:
-    >>> shapes = expected_state_dict_shapes('resnet50', num_classes=1000)
-    >>> len(shapes), shapes['fc.bias']
-    (325, (1000,))
+    >>> shapes = expected_state_dict_shapes('resnet20', num_classes=100)
+    >>> len(shapes), shapes['fc.weight'], shapes['bn2.num_batches_tracked']
+    (132, (100, 64, 1, 1), ())
   """
   _check_name_kind(name, kind)
   return {k: v[2] for k, v in _build(name, kind, num_classes, {})[1].items()}
