@@ -5,14 +5,16 @@ r"""Converts an official AdderNet checkpoint into an evaluable workdir.
 see :mod:`adderjax.official`), converts it strictly to the zoo model and
 writes ``DIR`` as a run at step 0: ``config.json`` (the experiment config of
 the checkpoint's dataset, read off its class count: 10 -> CIFAR-10, 100 ->
-CIFAR-100 for ResNet-20; 1000 -> ImageNet for ResNet-50) and an Orbax
+CIFAR-100 for ResNet-20; 1000 -> ImageNet for ResNet-50, whose config
+``resnet50_imagenet_official`` gives the head its bias) and an Orbax
 checkpoint with the converted parameters and BatchNorm statistics (fresh
 optimizer state). Then::
 
   # the official preprocessing: CIFAR mean/std; ImageNet resize 256,
   # centre crop 224, ImageNet mean/std (experiments.data).
   python -m experiments.evaluate --workdir DIR
-  # fine-tune: a new run that starts from DIR's weights.
+  # fine-tune: a new run that starts from DIR's weights (the config of the
+  # same model: resnet20_cifar10/100.py, resnet50_imagenet_official.py).
   python -m experiments.main --config experiments/configs/resnet20_cifar10.py \
       --workdir workdirs/r20_finetune --init_from DIR --config.num_epochs=10
 
@@ -41,7 +43,7 @@ FLAGS = flags.FLAGS
 _CONFIGS = {
     ('resnet20', 10): 'resnet20_cifar10',
     ('resnet20', 100): 'resnet20_cifar100',
-    ('resnet50', 1000): 'resnet50_imagenet',
+    ('resnet50', 1000): 'resnet50_imagenet_official',  # fc with a bias
 }
 
 
@@ -78,12 +80,8 @@ def config_for(name: str, num_classes: int, kind: str = 'adder'):
     known = ', '.join(f'{m} with {n} classes' for m, n in _CONFIGS)
     raise ValueError(f'no experiment config for {name} with {num_classes} '
                      f'classes; known: {known}.')
-  config = importlib.import_module(
+  return importlib.import_module(
       f'experiments.configs.{module}').get_config(kind)
-  if name == 'resnet50':
-    # The official ResNet-50 head is a 1x1 convolution with a bias.
-    config.model.overrides.classifier_bias = True
-  return config
 
 
 def _numpy(tree: Any) -> Any:

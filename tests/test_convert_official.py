@@ -101,6 +101,14 @@ def test_torch_free_pth_reader_matches_npz():
     np.testing.assert_array_equal(got, value, err_msg=key)
 
 
+def test_auto_reader_without_torch_uses_the_zip_reader(monkeypatch):
+  monkeypatch.setattr(official, '_torch_available', lambda: False)
+  monkeypatch.setattr(official, '_read_with_torch', None)  # never called
+  state_dict = official.load_state_dict(R20_PTH)
+  np.testing.assert_array_equal(state_dict['module.layer3.2.conv2.adder'],
+                                _npz_state_dict()['layer3.2.conv2.adder'])
+
+
 def test_torch_reader_matches_torch_free_reader():
   torch = pytest.importorskip('torch', reason='PyTorch is not installed')
   raw = torch.load(R20_PTH, map_location='cpu', weights_only=True)

@@ -153,3 +153,26 @@ def test_cli_converts(tmp_path):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0
   assert 'ConversionError' in bad.stderr and 'missing key(s)' in bad.stderr
+
+
+@pytest.mark.slow
+def test_resnet50_workdir_has_the_official_head(tmp_path):
+  """ResNet-50: the ImageNet config with the classifier bias, weights kept."""
+  import test_convert_official as fixtures  # pylint: disable=g-import-not-at-top
+  keys = fixtures._keys('resnet50')['keys']  # pylint: disable=protected-access
+  sd = {k: fixtures._recipe(k, tuple(s))  # pylint: disable=protected-access
+        for k, s in keys.items()}
+  path = str(tmp_path / 'r50.npz')
+  np.savez(path, **sd)
+  workdir = str(tmp_path / 'r50')
+  out = convert_official.convert_to_workdir(path, 'resnet50', workdir)
+  assert (out['dataset'], out['num_classes']) == ('imagenet2012', 1000)
+  config = train.load_config(workdir)
+  assert config.model.overrides.classifier_bias
+  ckpt = checkpointing.Checkpointer(workdir, primary=False)
+  state, _ = ckpt.restore_saved()
+  ckpt.close()
+  np.testing.assert_array_equal(state['params']['fc']['bias'], sd['fc.bias'])
+  np.testing.assert_array_equal(
+      state['params']['layer4_2']['conv3']['kernel'],
+      sd['layer4.2.conv3.adder'].transpose(2, 3, 1, 0))
