@@ -129,7 +129,8 @@ class ConvertedModel(NamedTuple):
 # Reading checkpoint files.
 
 
-def load_state_dict(path: str, *, reader: str = 'auto') -> dict[str, np.ndarray]:
+def load_state_dict(path: str, *,
+                    reader: str = 'auto') -> dict[str, np.ndarray]:
   """Reads a checkpoint file as ``{name: numpy array}`` (names unchanged).
 
   Args:
@@ -236,7 +237,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
     raise pickle.UnpicklingError(f'bad tensor geometry: size {size}, '
                                  f'stride {stride}.')
   if 0 in size:
-    return np.zeros(size, storage.dtype)
+    return np.zeros(size, np.float32 if storage.dtype.name == 'bfloat16'
+                    else storage.dtype)
   last = int(storage_offset) + sum((n - 1) * s for n, s in zip(size, stride))
   if storage_offset < 0 or last >= storage.size:
     raise pickle.UnpicklingError(
@@ -245,6 +247,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
   view = np.lib.stride_tricks.as_strided(
       storage[int(storage_offset):], shape=size,
       strides=tuple(s * storage.itemsize for s in stride), writeable=False)
+  if storage.dtype.name == 'bfloat16':  # as the torch reader: float32
+    return np.array(view, np.float32)
   return np.array(view)
 
 
@@ -297,7 +301,7 @@ def read_torch_zip(path: str) -> dict[str, np.ndarray]:
     path: a ``.pth`` file written by ``torch.save`` (PyTorch >= 1.6).
 
   Returns:
-    ``{name: numpy array}``.
+    ``{name: numpy array}`` (``bfloat16`` tensors as float32).
 
   Raises:
     ValueError: not a zip-format checkpoint (e.g. the legacy format of
@@ -598,7 +602,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], name: str = 'resnet20',
     the class count is read from ``fc.weight``.
 
   Raises:
-    ValueError: an unknown ``name`` or ``kind``.
+    ValueError: an unknown ``name`` or ``kind``, or an override of what the
+      architecture fixes (``classifier_bias``, ``num_classes``, layers).
     ConversionError: missing, unknown or misshaped keys, a non-float weight,
       or a checkpoint of the other kind (CNN for an adder model, or back).
 
@@ -614,6 +619,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], name: str = 'resnet20',
     adderjax.official.ConversionError: the checkpoint does not fit the official resnet20 (adder, 10 classes): 1 missing key(s): ['bn2.bias']; 1 misshaped key(s): ['fc.weight': checkpoint (10, 64), expected (10, 64, 1, 1)].
   """
   _check_name_kind(name, kind)
+  fixed = sorted(set(model_overrides) & {'classifier_bias', 'num_classes',
+                                         'kind', 'conv', 'dense'})
+  if fixed:
+    raise ValueError(f'model_overrides may not set {fixed}: the official '
+                     'architecture and the checkpoint fix them.')
   if not isinstance(state_dict, Mapping):
     raise TypeError(f'state_dict must be a mapping of names to arrays, got '
                     f'{type(state_dict).__name__}.')
@@ -638,7 +648,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], name: str = 'resnet20',
     value = sd[key]
     if tuple(value.shape) != shape:
       misshaped[key] = (tuple(value.shape), shape)
-    elif zoo_path is not None and not np.issubdtype(value.dtype, np.floating):
+    elif zoo_path is not None and not jnp.issubdtype(value.dtype,
+                                                     jnp.floating):
       misshaped[key] = (f'{tuple(value.shape)} {value.dtype}',
                         f'{shape} floating')
   if missing or unknown or misshaped:

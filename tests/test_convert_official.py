@@ -9,6 +9,7 @@ mode. The converted zoo models must reproduce those logits to 1e-4 of the
 largest logit.
 """
 
+import functools
 import io
 import json
 import os
@@ -132,7 +133,7 @@ def test_torch_free_reader_reads_views_and_dtypes(tmp_path):
   ours = official.read_torch_zip(path)
   for key, tensor in tensors.items():
     want = (tensor.float() if key == 'bf16' else tensor).numpy()
-    got = ours[key].astype(np.float32) if key == 'bf16' else ours[key]
+    got = ours[key]
     assert got.shape == want.shape and got.dtype == want.dtype, key
     np.testing.assert_array_equal(got, want, err_msg=key)
 
@@ -146,7 +147,8 @@ def test_torch_free_reader_refuses_other_globals(tmp_path):
   path = str(tmp_path / 'evil.pth')
   with zipfile.ZipFile(path, 'w') as zf:
     zf.writestr('archive/data.pkl', pickle.dumps({'w': _Evil()}, protocol=2))
-  with pytest.raises(pickle.UnpicklingError, match=r'global (posix|os|nt)\.getcwd'):
+  with pytest.raises(pickle.UnpicklingError,
+                     match=r'global (posix|os|nt)\.getcwd'):
     official.read_torch_zip(path)
 
 
@@ -285,14 +287,76 @@ def test_cnn_checkpoint_for_adder_model_is_refused():
     official.convert_state_dict(_npz_state_dict(), 'resnet20', kind='cnn')
 
 
-def test_cnn_twin_converts_to_plain_convolutions():
+def _official_forward(sd, x, adder=True):
+  """The official ResNet-20 in numpy (NCHW, OIHW), float64: the oracle.
+
+  As the official code: explicit zero padding that enters the l1 distance
+  (``-sum |x - w|`` over unfolded patches), BatchNorm in eval mode (eps
+  1e-5), AvgPool2d(8), ``fc`` a 1x1 convolution, ``bn2`` on the logits.
+  """
+  def layer(x, w, stride, pad, is_adder):
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    ho = (h + 2 * pad - kh) // stride + 1
+    wo = (wd + 2 * pad - kw) // stride + 1
+    cols = np.stack([xp[:, :, i:i + stride * ho:stride,
+                        j:j + stride * wo:stride]
+                     for i in range(kh) for j in range(kw)], axis=2)
+    cols = cols.reshape(n, c * kh * kw, ho, wo)
+    wf = w.reshape(o, -1).astype(np.float64)
+    if not is_adder:
+      return np.einsum('nkhw,ok->nohw', cols, wf)
+    return -np.abs(cols[:, None] - wf[None, :, :, None, None]).sum(2)
+
+  def bn(x, name):
+    g, b, m, v = (sd[f'{name}.{k}'].astype(np.float64) for k in
+                  ('weight', 'bias', 'running_mean', 'running_var'))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return ((x - m.reshape(shape)) / np.sqrt(v.reshape(shape) + 1e-5)
+            * g.reshape(shape) + b.reshape(shape))
+
+  body = 'adder' if adder else 'weight'
+  relu = functools.partial(np.maximum, 0.0)
+  stem = layer(x.astype(np.float64), sd['conv1.weight'], 1, 1, False)
+  y = relu(bn(stem, 'bn1'))
+  for stage in (1, 2, 3):
+    for block in (0, 1, 2):
+      p = f'layer{stage}.{block}'
+      down = f'{p}.downsample.0.{body}' in sd
+      s = 2 if down and stage > 1 else 1
+      out = relu(bn(layer(y, sd[f'{p}.conv1.{body}'], s, 1, adder),
+                    f'{p}.bn1'))
+      out = bn(layer(out, sd[f'{p}.conv2.{body}'], 1, 1, adder), f'{p}.bn2')
+      res = (bn(layer(y, sd[f'{p}.downsample.0.{body}'], s, 0, adder),
+                f'{p}.downsample.1') if down else y)
+      y = relu(out + res)
+  y = y.mean(axis=(2, 3), keepdims=True)  # AvgPool2d(8) on 8x8
+  y = np.einsum('nchw,oc->no', y, sd['fc.weight'][:, :, 0, 0].astype(
+      np.float64))
+  return bn(y, 'bn2')
+
+
+def test_numpy_oracle_reproduces_official_logits():
+  """The oracle below is right: it gives the official code's logits."""
+  logits = _official_forward(_npz_state_dict(),
+                             _fixture('resnet20_inputs_nchw.npy'))
+  assert _relative_error(logits, _fixture('resnet20_logits.npy')) < 1e-5
+
+
+def test_cnn_twin_matches_the_numpy_oracle(r20_apply):
+  """The CNN twin (keys ``weight``) converts to ``nn.Conv`` layers."""
   sd = _as_cnn(_npz_state_dict())
   converted = official.convert_state_dict(sd, 'resnet20', kind='cnn')
+  layer = converted.model.conv
+  assert getattr(layer, 'func', layer).__name__ == 'Conv'
   np.testing.assert_array_equal(
       converted.variables['params']['layer1_1']['conv2']['kernel'],
       sd['layer1.1.conv2.weight'].transpose(2, 3, 1, 0))
-  layer = converted.model.conv
-  assert getattr(layer, 'func', layer).__name__ == 'Conv'
+  x = _fixture('resnet20_inputs_nchw.npy')
+  reference = _official_forward(sd, x, adder=False)
+  err = _relative_error(r20_apply(converted, x), reference)
+  assert err < TOL, err
 
 
 def test_class_count_is_read_from_the_checkpoint():
@@ -316,6 +380,8 @@ def test_bad_arguments_are_named(tmp_path):
     official.convert_state_dict({}, 'resnet18')
   with pytest.raises(ValueError, match=r"got 'bnn'"):
     official.convert_state_dict({}, 'resnet20', kind='bnn')
+  with pytest.raises(ValueError, match=r"may not set \['classifier_bias'\]"):
+    official.convert_state_dict({}, 'resnet20', classifier_bias=True)
   with pytest.raises(official.ConversionError, match=r"no usable 'fc.weight'"):
     official.convert_state_dict({'bn1.weight': np.ones(16)}, 'resnet20')
   with pytest.raises(ValueError, match=r"unknown suffix '.ckpt'"):

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from experiments import checkpointing
 from experiments import convert_official
 from experiments import train
+import test_convert_official as fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, 'tests', 'fixtures', 'official')
@@ -158,7 +159,6 @@ def test_cli_converts(tmp_path):
 @pytest.mark.slow
 def test_resnet50_workdir_has_the_official_head(tmp_path):
   """ResNet-50: the ImageNet config with the classifier bias, weights kept."""
-  import test_convert_official as fixtures  # pylint: disable=g-import-not-at-top
   keys = fixtures._keys('resnet50')['keys']  # pylint: disable=protected-access
   sd = {k: fixtures._recipe(k, tuple(s))  # pylint: disable=protected-access
         for k, s in keys.items()}
