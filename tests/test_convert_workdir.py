@@ -148,6 +148,21 @@ def test_cli_converts(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'resnet20 (adder, 10 classes, cifar10)' in proc.stdout
   assert os.path.exists(os.path.join(workdir, 'config.json'))
+  # experiments.evaluate's CLI on it, CIFAR-10 from tfds mock data (256
+  # examples: the config's training batch is read too).
+  evaluate = (
+      'import runpy, sys\n'
+      'import tensorflow_datasets as tfds\n'
+      f"sys.argv = ['evaluate', '--workdir', {workdir!r}, "
+      "'--eval_batch_size', '64']\n"
+      'with tfds.testing.mock_data(num_examples=256, '
+      'policy=tfds.testing.MockPolicy.USE_CODE):\n'
+      "  runpy.run_module('experiments.evaluate', run_name='__main__')\n")
+  ev = subprocess.run([sys.executable, '-c', evaluate], cwd=REPO, env=env,
+                      capture_output=True, text=True, timeout=300)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert 'checkpoint step 0: cifar10 test, 256 images' in ev.stdout
+  assert 'Test accuracy:' in ev.stdout
   bad = subprocess.run(
       [sys.executable, '-m', 'experiments.convert_official', '--checkpoint',
        R20_NPZ, '--model', 'resnet50', '--workdir', str(tmp_path / 'bad')],
