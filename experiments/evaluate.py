@@ -4,7 +4,11 @@ Reads the run's config from ``DIR/config.json``, restores the newest (or
 ``--step``) checkpoint and prints the top-1 / top-5 accuracy and loss on the
 evaluation split, using the BatchNorm running statistics (as training's
 evaluations do); ``--bn_recalibration_batches=N`` recomputes them first from
-N training batches (see :mod:`experiments.train`).
+N training batches (see :mod:`experiments.train`). A workdir written by
+:mod:`experiments.convert_official` (an official pretrained checkpoint)
+evaluates the same way, with the official preprocessing of
+:mod:`experiments.data` (CIFAR: the official mean/std; ImageNet: resize 256,
+centre crop 224, ImageNet mean/std).
 
 Example::
 

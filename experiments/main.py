@@ -46,6 +46,9 @@ def define_flags() -> None:
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
   flags.DEFINE_integer('num_processes', None, 'Number of processes.')
   flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+  flags.DEFINE_string('init_from', None,
+                      'Start a new run from the weights of this run '
+                      'directory (e.g. experiments.convert_official).')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -66,7 +69,8 @@ def main(argv):
                jax.process_count(), jax.device_count(),
                jax.local_device_count(), jax.devices()[:4])
   from experiments import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                           init_from=FLAGS.init_from)
 
 
 def parse_flags(argv):

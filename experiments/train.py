@@ -374,13 +374,15 @@ def _print_summary(summary: dict) -> None:
         f"{int(ev['count'])} images)", flush=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       init_from: str | None = None) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming it if it holds a checkpoint).
 
   Args:
     config: a config from ``experiments/configs``.
     workdir: directory for checkpoints, metrics and the stored config.
+    init_from: a run directory (e.g. a converted official checkpoint) whose
+      weights start a new run (fine-tuning); ignored when resuming.
 
   Returns:
     The summary (also written to ``workdir/summary.json``): final evaluation
@@ -433,6 +435,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             f'{saved.get(key)!r}, this run has {value!r}; the data stream '
             'would differ. Use a new --workdir (nothing was overwritten).')
     logging.info('Resuming from checkpoint at step %d.', int(host_state.step))
+  elif init_from:
+    from experiments import convert_official  # pylint: disable=g-import-not-at-top
+    host_state = convert_official.init_state_from_workdir(init_from,
+                                                          host_state, tx)
   ckpt.write_config(config)
   start_step = int(host_state.step)
 

@@ -9,7 +9,8 @@ Topology as the official AdderNet code (``resnet20.py``, ``resnet50.py``):
   changes shape is a 1x1 layer of the model's kind (stride 2 where the stage
   downsamples) + BatchNorm; other shortcuts are the identity.
 * Head: global average pool, a full-precision 1x1 layer (a ``Dense`` over the
-  pooled features, no bias) and BatchNorm on the logits.
+  pooled features, no bias unless ``classifier_bias``) and BatchNorm on the
+  logits.
 
 Padding is explicit and symmetric (``((1, 1), (1, 1))`` for 3x3) so stride-2
 layers see the same windows as PyTorch's ``padding=1`` (``'SAME'`` would pad
@@ -117,6 +118,9 @@ class ResNet(ZooModel):
     width: channels of the stem and first stage (doubled at every stage).
     stem: ``'cifar'`` (3x3 conv) or ``'imagenet'`` (7x7/2 conv + max pool).
     stride_in_1x1: bottleneck stride placement (see module docstring).
+    classifier_bias: give the classifier a bias (the official ResNet-50's
+      ``fc`` is a 1x1 convolution with bias; ResNet-20's has none). Default
+      ``False``: the bias is redundant before the logits' BatchNorm.
     (others): see :class:`adderjax.models.common.ZooModel`.
 
   Examples:
@@ -139,6 +143,7 @@ class ResNet(ZooModel):
   width: int = 16
   stem: str = 'cifar'
   stride_in_1x1: bool = False
+  classifier_bias: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -169,8 +174,8 @@ class ResNet(ZooModel):
             strides=2 if i > 0 and j == 0 else 1,
             stride_in_1x1=self.stride_in_1x1, name=f'layer{i + 1}_{j}')(x)
     x = jnp.mean(x, axis=(1, 2))
-    x = self.classifier(self.num_classes, use_bias=False, dtype=self.dtype,
-                        name='fc')(x)
+    x = self.classifier(self.num_classes, use_bias=self.classifier_bias,
+                        dtype=self.dtype, name='fc')(x)
     x = norm(name='fc_bn')(x)
     return jnp.asarray(x, jnp.float32)
 

@@ -1,0 +1,219 @@
+r"""Converts an official AdderNet checkpoint into an evaluable workdir.
+
+``python -m experiments.convert_official --checkpoint FILE --model resnet20
+--workdir DIR`` reads the checkpoint (``.pth``, ``.npz`` or ``.safetensors``;
+see :mod:`adderjax.official`), converts it strictly to the zoo model and
+writes ``DIR`` as a run at step 0: ``config.json`` (the experiment config of
+the checkpoint's dataset, read off its class count: 10 -> CIFAR-10, 100 ->
+CIFAR-100 for ResNet-20; 1000 -> ImageNet for ResNet-50, whose config
+``resnet50_imagenet_official`` gives the head its bias) and an Orbax
+checkpoint with the converted parameters and BatchNorm statistics (fresh
+optimizer state). Then::
+
+  # the official preprocessing: CIFAR mean/std; ImageNet resize 256,
+  # centre crop 224, ImageNet mean/std (experiments.data).
+  python -m experiments.evaluate --workdir DIR
+  # fine-tune: a new run that starts from DIR's weights (the config of the
+  # same model: resnet20_cifar10/100.py, resnet50_imagenet_official.py).
+  python -m experiments.main --config experiments/configs/resnet20_cifar10.py \
+      --workdir workdirs/r20_finetune --init_from DIR --config.num_epochs=10
+
+Examples::
+
+  python -m experiments.convert_official \
+      --checkpoint ResNet20-AdderNet.pth --model resnet20 \
+      --workdir workdirs/resnet20_official
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FLAGS = flags.FLAGS
+
+# (model, num_classes) -> experiment config module of its dataset.
+_CONFIGS = {
+    ('resnet20', 10): 'resnet20_cifar10',
+    ('resnet20', 100): 'resnet20_cifar100',
+    ('resnet50', 1000): 'resnet50_imagenet_official',  # fc with a bias
+}
+
+
+def define_flags() -> None:
+  """Defines this CLI's flags (only when run as a program)."""
+  flags.DEFINE_string('checkpoint', None,
+                      'Official checkpoint: .pth, .npz or .safetensors.')
+  flags.DEFINE_enum('model', 'resnet20', ['resnet20', 'resnet50'],
+                    'The official architecture.')
+  flags.DEFINE_string('workdir', None, 'New run directory to write.')
+  flags.DEFINE_enum('kind', 'adder', ['adder', 'cnn'],
+                    'AdderNet or its CNN twin.')
+  flags.DEFINE_enum('reader', 'auto', ['auto', 'torch', 'zip'],
+                    '.pth reader: PyTorch, the torch-free zip reader, or '
+                    'auto (PyTorch when installed).')
+  flags.DEFINE_integer('seed', 0, 'config.seed of the written run.')
+  flags.mark_flags_as_required(['checkpoint', 'workdir'])
+
+
+def config_for(name: str, num_classes: int, kind: str = 'adder'):
+  """The experiment config of an official model with ``num_classes``.
+
+  Raises:
+    ValueError: no experiment of that model has that many classes.
+
+  Examples:
+    >>> config_for('resnet50', 1000).dataset.name
+    'imagenet2012'
+    >>> bool(config_for('resnet50', 1000).model.overrides.classifier_bias)
+    True
+  """
+  module = _CONFIGS.get((name, num_classes))
+  if module is None:
+    known = ', '.join(f'{m} with {n} classes' for m, n in _CONFIGS)
+    raise ValueError(f'no experiment config for {name} with {num_classes} '
+                     f'classes; known: {known}.')
+  return importlib.import_module(
+      f'experiments.configs.{module}').get_config(kind)
+
+
+def _numpy(tree: Any) -> Any:
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _tree_mismatches(target: Any, source: Any) -> list[str]:
+  """Paths where ``source`` lacks, adds or reshapes a leaf of ``target``."""
+  def flat(tree):
+    return {jax.tree_util.keystr(p): np.shape(v) for p, v in
+            jax.tree_util.tree_flatten_with_path(tree)[0]}
+  t, s = flat(target), flat(source)
+  out = [f'{k}: missing' for k in t if k not in s]
+  out += [f'{k}: unexpected' for k in s if k not in t]
+  out += [f'{k}: shape {s[k]}, expected {t[k]}' for k in t
+          if k in s and tuple(s[k]) != tuple(t[k])]
+  return out
+
+
+def convert_to_workdir(checkpoint: str, name: str, workdir: str, *,
+                       kind: str = 'adder', reader: str = 'auto',
+                       seed: int = 0) -> dict[str, Any]:
+  """Converts ``checkpoint`` and writes it as a step-0 run in ``workdir``.
+
+  Args:
+    checkpoint: the official checkpoint file.
+    name: ``'resnet20'`` or ``'resnet50'``.
+    workdir: a directory that holds no run yet.
+    kind: ``'adder'`` or ``'cnn'``.
+    reader: ``.pth`` reader (see :func:`adderjax.official.load_state_dict`).
+    seed: ``config.seed`` of the run.
+
+  Returns:
+    ``{'workdir', 'model', 'kind', 'num_classes', 'dataset', 'config'}``.
+
+  Raises:
+    adderjax.official.ConversionError: the checkpoint does not fit.
+    ValueError: no experiment config for the class count, or ``workdir``
+      holds a run already (nothing is written then).
+  """
+  from adderjax import official  # pylint: disable=g-import-not-at-top
+  from experiments import checkpointing  # pylint: disable=g-import-not-at-top
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=1, async_save=False)
+  if ckpt.stored_config() is not None or ckpt.latest_step() is not None:
+    raise ValueError(f'{workdir} holds a run already; convert into a new '
+                     '--workdir (nothing was overwritten).')
+  converted = official.load_official(checkpoint, name, kind=kind,
+                                     reader=reader)
+  config = config_for(name, converted.num_classes, kind)
+  config.seed = seed
+  model = train.create_model(config.model, converted.num_classes)
+  size = config.dataset.image_size
+  example = jnp.zeros((1, size, size, 3))
+  tx, _ = train.create_optimizer(config, model, example, steps_per_epoch=1)
+  params = converted.variables['params']
+  batch_stats = converted.variables['batch_stats']
+  abstract = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), example)
+  bad = _tree_mismatches(abstract, converted.variables)
+  if bad:  # the experiment config builds another model than the converter
+    raise ValueError(f'the {config.model.name} of the experiment config does '
+                     f'not take the converted variables: {bad[:8]}.')
+  _, rng_key = jax.random.split(jax.random.key(seed, impl=train.PRNG_IMPL))
+  state = train.TrainState(
+      step=np.zeros((), np.int32), params=params, batch_stats=batch_stats,
+      opt_state=_numpy(tx.init(params)),
+      rng=np.asarray(jax.random.key_data(rng_key)))
+  ckpt.write_config(config)
+  ckpt.save(0, state, {'step': 0, 'epoch': 0.0,
+                       'converted_from': os.path.abspath(checkpoint),
+                       'official_model': name, 'kind': kind}, force=True)
+  ckpt.close()
+  return {'workdir': os.path.abspath(workdir), 'model': name, 'kind': kind,
+          'num_classes': converted.num_classes,
+          'dataset': config.dataset.name, 'config': config}
+
+
+def init_state_from_workdir(workdir: str, host_state: Any, tx) -> Any:
+  """``host_state`` with the parameters and BatchNorm statistics of a run.
+
+  Starts training (fine-tuning) from a converted workdir (or any run's
+  newest checkpoint): step 0, fresh optimizer state ``tx.init(params)``, the
+  run's own RNG key; only ``params`` and ``batch_stats`` are taken.
+
+  Args:
+    workdir: the run to read (its newest checkpoint).
+    host_state: the new run's initial :class:`experiments.train.TrainState`
+      (numpy arrays, or ``jax.ShapeDtypeStruct`` leaves), whose trees the
+      weights must match.
+    tx: the new run's optimizer.
+
+  Returns:
+    The new initial state.
+
+  Raises:
+    FileNotFoundError: ``workdir`` has no checkpoint.
+    ValueError: the weights do not fit the new run's model (names the
+      missing, unexpected and misshaped variables).
+  """
+  from experiments import checkpointing  # pylint: disable=g-import-not-at-top
+  ckpt = checkpointing.Checkpointer(workdir, primary=False)
+  try:
+    saved, _ = ckpt.restore_saved()
+  finally:
+    ckpt.close()
+  source = {'params': saved['params'], 'batch_stats': saved['batch_stats']}
+  target = {'params': host_state.params,
+            'batch_stats': host_state.batch_stats}
+  bad = _tree_mismatches(target, source)
+  if bad:
+    raise ValueError(f'the weights of {workdir} do not fit this run\'s '
+                     f'model ({len(bad)} mismatches): {bad[:12]}.')
+  merged = jax.tree.map(lambda t, s: np.asarray(s, t.dtype), target, source)
+  return host_state.replace(params=merged['params'],
+                            batch_stats=merged['batch_stats'],
+                            opt_state=_numpy(tx.init(merged['params'])))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  out = convert_to_workdir(FLAGS.checkpoint, FLAGS.model, FLAGS.workdir,
+                           kind=FLAGS.kind, reader=FLAGS.reader,
+                           seed=FLAGS.seed)
+  print(f"converted {FLAGS.checkpoint}: {out['model']} ({out['kind']}, "
+        f"{out['num_classes']} classes, {out['dataset']}) -> "
+        f"{out['workdir']}")
+  print(f"evaluate: python -m experiments.evaluate --workdir "
+        f"{out['workdir']}")
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
