@@ -130,16 +130,35 @@ def _branch(backend: protocol.Backend, method: str, static: tuple,
   return lambda *arrays: fn(*arrays, *static, precision=precision)
 
 
-class AutoBackend(protocol.Backend):
-  """``implementation=None``: each reduction chosen by the lowering platform.
+class DispatchBackend(protocol.Backend):
+  """A backend whose reductions are chosen by the lowering platform.
 
   Every reduction is a :func:`adderjax.ops.platform_dispatch.platform_dispatch`
-  whose branches are the XLA backend (``cpu`` and any platform without
-  kernels) and the compiled Pallas backend of each accelerator platform. All
-  branches are traced; each is lowered only for its own platform.
+  whose branches are the compiled Pallas backend of each accelerator platform
+  and the XLA backend for the rest (the CPU). All branches are traced; each
+  is lowered only for its own platform. On TPU, a lowering that XLA
+  partitions automatically (plain ``jit`` over several devices, no mesh)
+  gets the XLA branch instead of the Mosaic kernels, with a warning.
+
+  Args:
+    name: registry name.
+    supported: platforms (``jax.default_backend()`` names) it may be named
+      on, or ``None`` for all.
+    reason: why it cannot run elsewhere (for the error).
   """
 
-  name = 'auto'
+  def __init__(self, name: str, supported: tuple[str, ...] | None = None,
+               reason: str = ''):
+    self.name = name
+    self.supported = supported
+    self.reason = reason
+
+  def supported_on(self, platform: str) -> bool:
+    return self.supported is None or platform in self.supported
+
+  def unsupported_reason(self, platform: str) -> str:
+    return self.reason.format(platform=platform) or super().unsupported_reason(
+        platform)
 
   def _dispatch(self, method: str, arrays, static, precision):
     xla = _REGISTRY['xla']
@@ -147,8 +166,9 @@ class AutoBackend(protocol.Backend):
       return getattr(xla, method)(*arrays, *static, precision=precision)
     per_platform = {p: _branch(b, method, static, precision)
                     for p, b in _PLATFORM.items()}
+    xla_branch = _branch(xla, method, static, precision)
     return platform_dispatch.platform_dispatch(
-        *arrays, default=_branch(xla, method, static, precision),
+        *arrays, default=xla_branch, partitioned={'tpu': xla_branch},
         **per_platform)
 
   def forward(self, x, kernel, geo, *, precision=None):
@@ -166,7 +186,7 @@ class AutoBackend(protocol.Backend):
 
 
 #: What ``implementation=None`` runs.
-AUTO = AutoBackend()
+AUTO = DispatchBackend('auto')
 
 register(xla_backend.XlaBackend(), prefer=False)
 
@@ -177,8 +197,8 @@ try:
 except ImportError:
   pallas_backend = None
 if pallas_backend is not None:
-  _compiled, *_interpreted = pallas_backend.make_backends()
-  register(_compiled, prefer=True)
-  for _b in _interpreted:
-    register(_b, prefer=False)
   _PLATFORM.update(pallas_backend.platform_backends())
+  register(DispatchBackend('pallas', pallas_backend.ACCELERATOR_PLATFORMS,
+                           pallas_backend.UNSUPPORTED_REASON), prefer=True)
+  for _b in pallas_backend.interpret_backends():
+    register(_b, prefer=False)

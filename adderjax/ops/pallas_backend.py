@@ -2,14 +2,13 @@
 
 The adapter between the adder op and the kernels of the leaf package
 :mod:`pallas_kernels` (Triton on GPU, :mod:`pallas_kernels.adder_gpu`;
-Mosaic on TPU, :mod:`pallas_kernels.adder_tpu`). Backends:
+Mosaic on TPU, :mod:`pallas_kernels.adder_tpu`). It provides:
 
-* ``'pallas'``: the compiled kernels, the GPU or TPU flavour chosen when the
-  computation is lowered (``lax.platform_dependent``). Naming it when the
-  default backend is the CPU raises a ``ValueError`` that points to the
-  interpret backends; ``implementation=None`` reaches the same kernels on GPU
-  and TPU, AOT compiles from a CPU host included (see
-  :mod:`adderjax.ops.backends`).
+* the compiled kernels (:func:`platform_backends`, one per accelerator
+  platform), which :mod:`adderjax.ops.backends` switches between when the
+  computation is lowered: ``implementation=None`` (XLA on the CPU) and
+  ``'pallas'`` (which cannot be named when the default backend is the CPU;
+  ``None`` reaches the kernels from a CPU host, AOT compiles included).
 * ``'pallas_gpu_interpret'`` / ``'pallas_tpu_interpret'``: the same GPU- or
   TPU-flavoured kernels run by the Pallas interpreter, on any platform (CPU
   included). They exist for tests and debugging and are only used when named.
@@ -43,13 +42,11 @@ replicated; no activation is gathered. Mechanisms, picked at trace time:
 * no mesh context, TPU kernels: libtpu (jax 0.10.2) cannot compile
   ``custom_partitioning`` ("Custom emitter for CustomSPMDPartitioning not
   found", jax-ml/jax#38196), and the sharding of the inputs is not known when
-  tracing. When the process has one TPU device, or traces for another
-  platform (an AOT compile from a CPU host), the kernels are called directly:
-  right for one chip. When the process sees several TPU devices, the layer
-  runs the XLA backend instead (partitioned by XLA, correct for any sharding)
-  and warns once: enter ``jax.set_mesh(mesh)`` to shard the kernels. A
-  multi-chip AOT compile without a mesh context is not detectable at trace
-  time; :func:`adderjax.ops.backends.check_tpu_mesh` names the fix there.
+  tracing. The kernels are called directly, which is right for one device
+  (and inside ``shard_map`` / ``pmap``); when the lowering is partitioned
+  over several devices, :class:`adderjax.ops.backends.DispatchBackend`
+  lowers the XLA backend instead (correct for any sharding) and warns: enter
+  ``jax.set_mesh(mesh)`` to run the kernels per shard.
 
 Each op is also wrapped in ``jax.custom_batching.custom_vmap`` (folding a
 vmapped axis into ``G``), because ``custom_partitioning`` has no batching
@@ -61,7 +58,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +75,14 @@ from pallas_kernels import adder_tpu
 
 #: ``jax.default_backend()`` names on which the compiled kernels run.
 ACCELERATOR_PLATFORMS = ('gpu', 'tpu')
+
+#: Why ``implementation='pallas'`` cannot be named on ``{platform}``.
+UNSUPPORTED_REASON = (
+    'the Pallas kernels need a GPU or TPU and the default backend is '
+    "'{platform}'; use implementation='pallas_gpu_interpret' or "
+    "'pallas_tpu_interpret' to run them in interpret mode (slow, for tests "
+    "and debugging), 'xla', or None (which lowers to the Pallas kernels for "
+    'GPU and TPU targets, AOT compiles from this host included)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,29 +294,6 @@ def input_grad_op(kernels: KernelSet, mode: str):
 #: batch tiles: the tiles are a CPU cache optimisation).
 _XLA = xla_backend.XlaBackend(xla_backend.XlaConfig(tile_bytes=None))
 
-_FALLBACK_WARNING = (
-    'adder layers on {n} TPU devices without a mesh context: running the XLA '
-    'backend (correct for any sharding, but slower and with more memory than '
-    'the Pallas kernels, which cannot be partitioned without a mesh on TPU). '
-    'Trace the step under `with jax.set_mesh(mesh):` to shard the kernels.')
-_warned = set()
-
-
-def _tpu_fallback_needed(kernels: KernelSet) -> bool:
-  """Plain jit over several local TPU devices, no mesh: use XLA (see top)."""
-  if kernels.interpret or kernels.flavour == 'gpu':
-    return False
-  if not jax.sharding.get_abstract_mesh().empty:
-    return False
-  if jax.default_backend() != 'tpu' or jax.device_count() < 2:
-    return False
-  if 'tpu' not in _warned:
-    _warned.add('tpu')
-    warnings.warn(_FALLBACK_WARNING.format(n=jax.device_count()),
-                  stacklevel=4)
-  return True
-
-
 class PallasBackend(protocol.Backend):
   """Runs the l1 reductions with the Pallas kernels of :mod:`pallas_kernels`.
 
@@ -335,17 +316,12 @@ class PallasBackend(protocol.Backend):
     return platform == self.kernels.flavour
 
   def unsupported_reason(self, platform: str) -> str:
-    return (f'the Pallas kernels need a GPU or TPU and the default backend is '
-            f"{platform!r}; use implementation='pallas_gpu_interpret' or "
-            "'pallas_tpu_interpret' to run them in interpret mode (slow, for "
-            "tests and debugging), 'xla', or None (which lowers to the Pallas "
-            'kernels for GPU and TPU targets, AOT compiles included)')
+    return UNSUPPORTED_REASON.format(platform=platform)
 
   def _xla_instead(self, *arrays) -> bool:
-    # float64 (the kernels accumulate in float32: XLA keeps the precision
-    # asked for), or plain jit over several TPUs without a mesh.
-    return (reference.acc_dtype(*arrays) == jnp.float64 or
-            _tpu_fallback_needed(self.kernels))
+    # float64: the kernels accumulate in float32; XLA keeps the precision
+    # asked for.
+    return reference.acc_dtype(*arrays) == jnp.float64
 
   def forward(self, x, kernel, geo, *, precision=None):
     if self._xla_instead(x, kernel):
@@ -369,10 +345,9 @@ class PallasBackend(protocol.Backend):
     return _XLA.weight_grad(x, kernel, gy, geo, mode, precision=precision)
 
 
-def make_backends() -> tuple[PallasBackend, ...]:
-  """The named backends: compiled first, then the two interpreted ones."""
-  return (PallasBackend('pallas', KernelSet('auto')),
-          PallasBackend('pallas_gpu_interpret', KernelSet('gpu', True)),
+def interpret_backends() -> tuple[PallasBackend, ...]:
+  """The interpret-mode backends (any platform; only used when named)."""
+  return (PallasBackend('pallas_gpu_interpret', KernelSet('gpu', True)),
           PallasBackend('pallas_tpu_interpret', KernelSet('tpu', True)))
 
 

@@ -13,6 +13,12 @@ export carries the XLA code for the CPU and the Pallas kernels for GPU and
 TPU. With one lowering platform (``jit``, AOT compiles) only that platform's
 branch is emitted, as with ``lax.platform_dependent``.
 
+A platform may also name a ``partitioned`` branch: the one lowered instead
+when the computation is partitioned by XLA over several devices with no
+manual axes (plain ``jit`` over sharded inputs, outside ``shard_map``). The
+Mosaic kernels need that: XLA cannot partition a TPU custom call, and the
+sharding of the inputs is not known when tracing, only when lowering.
+
 All branches are traced (they must return the same shapes and dtypes); the
 primitive has a batching rule (``vmap`` re-traces every branch under
 ``vmap``) and is meant for the inside of a ``custom_vjp`` (it has no
@@ -30,6 +36,7 @@ Examples:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -41,6 +48,14 @@ from jax.interpreters import mlir
 #: Platforms (``lax.platform_dependent`` names) with a lowering rule of their
 #: own; any other platform lowers the default branch.
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+
+#: Warned when a ``partitioned`` branch replaces a platform's branch.
+FALLBACK_WARNING = (
+    'adderjax: a jit over several {platform} devices with no mesh context: '
+    'the Pallas kernels cannot be partitioned there, so the adder layers run '
+    'the XLA backend (correct for any sharding, but slower and with more '
+    'memory). Trace the step under `with jax.set_mesh(mesh):` (as the '
+    "experiments' runners do) to run the kernels per shard.")
 
 _dispatch_p = jex_core.Primitive('adder_platform_dispatch')
 _dispatch_p.multiple_results = True
@@ -58,23 +73,28 @@ def _trace(fn: Callable, args) -> jex_core.ClosedJaxpr:
   return jax.jit(fn).trace(*args).jaxpr
 
 
-def _bind(flat_fns, args, platforms):
+def _bind(flat_fns, args, platforms, fallbacks):
   branches = tuple(_trace(fn, args) for fn in flat_fns)
   out_avals = [tuple((a.shape, a.dtype) for a in b.out_avals)
                for b in branches]
   if any(o != out_avals[0] for o in out_avals[1:]):
     raise TypeError(f'platform_dispatch: the branches return different '
                     f'shapes/dtypes {out_avals}.')
-  return _dispatch_p.bind(*args, branches=branches, platforms=platforms)
+  return _dispatch_p.bind(*args, branches=branches, platforms=platforms,
+                          fallbacks=fallbacks)
 
 
-def platform_dispatch(*args: Any, default: Callable, **per_platform: Callable
-                      ) -> Any:
+def platform_dispatch(*args: Any, default: Callable,
+                      partitioned: dict[str, Callable] | None = None,
+                      **per_platform: Callable) -> Any:
   """``per_platform[lowering platform](*args)``, else ``default(*args)``.
 
   Args:
     *args: arrays (or pytrees of arrays) passed to every branch.
     default: the branch of platforms not named.
+    partitioned: by platform name, the branch to lower instead of that
+      platform's when XLA partitions the computation over several devices
+      automatically (see the module docstring).
     **per_platform: branches by platform name (``'cpu'``, ``'cuda'``,
       ``'rocm'``, ``'tpu'``); one callable may serve several platforms.
 
@@ -85,7 +105,8 @@ def platform_dispatch(*args: Any, default: Callable, **per_platform: Callable
     ValueError: an unknown platform name.
     TypeError: branches that return different shapes or dtypes.
   """
-  unknown = sorted(set(per_platform) - set(PLATFORMS))
+  partitioned = dict(partitioned or {})
+  unknown = sorted((set(per_platform) | set(partitioned)) - set(PLATFORMS))
   if unknown:
     raise ValueError(f'platform_dispatch: unknown platform(s) {unknown}; use '
                      f'{PLATFORMS} (default= for the rest).')
@@ -100,6 +121,10 @@ def platform_dispatch(*args: Any, default: Callable, **per_platform: Callable
       fns.append(fn)
       names.append([name])
   fns.append(default)
+  fallbacks = []
+  for name, fn in partitioned.items():
+    fallbacks.append((name, len(fns)))
+    fns.append(fn)
   flat_args, in_tree = jax.tree.flatten(args)
   out_trees = []
 
@@ -112,35 +137,58 @@ def platform_dispatch(*args: Any, default: Callable, **per_platform: Callable
     return run
 
   outs = _bind([flat(fn) for fn in fns], flat_args,
-               tuple(tuple(n) for n in names))
+               tuple(tuple(n) for n in names), tuple(fallbacks))
   return jax.tree.unflatten(out_trees[0], outs)
 
 
-def _impl(*args, branches, platforms):
+def _impl(*args, branches, platforms, fallbacks):
+  del fallbacks  # Eager: one device.
   index = _branch_index(jax.default_backend(), platforms)
   return jex_core.jaxpr_as_fun(branches[index])(*args)
 
 
-def _abstract_eval(*avals, branches, platforms):
-  del avals, platforms
+def _abstract_eval(*avals, branches, platforms, fallbacks):
+  del avals, platforms, fallbacks
   return branches[0].out_avals
 
 
+def auto_partitioned(ctx) -> bool:
+  """Whether XLA partitions this lowering over devices with no manual axes.
+
+  The condition under which JAX refuses to lower a TPU custom call ("Mosaic
+  kernels cannot be automatically partitioned"): a multi-device ``jit``
+  outside ``shard_map``, or a ``shard_map`` manual over only some axes.
+  """
+  context = ctx.module_context.axis_context
+  if isinstance(context, mlir.ShardingContext):
+    return context.num_devices != 1
+  if isinstance(context, mlir.SPMDAxisContext):
+    manual = context.manual_axes | set(context.mesh.manual_axes)
+    return bool(context.manual_axes) and (
+        manual != frozenset(context.mesh.axis_names))
+  return False
+
+
 def _lowering_rule(platform: str):
-  def rule(ctx, *args, branches, platforms):
-    branch = branches[_branch_index(platform, platforms)]
+  def rule(ctx, *args, branches, platforms, fallbacks):
+    index = _branch_index(platform, platforms)
+    fallback = dict(fallbacks).get(platform)
+    if fallback is not None and auto_partitioned(ctx):
+      index = fallback
+      warnings.warn(FALLBACK_WARNING.format(platform=platform), stacklevel=2)
+    branch = branches[index]
     return mlir.lower_fun(jex_core.jaxpr_as_fun(branch),
                           multiple_results=True)(ctx, *args)
   return rule
 
 
-def _batching_rule(args, dims, *, branches, platforms):
+def _batching_rule(args, dims, *, branches, platforms, fallbacks):
   # An unbatched operand has dimension None.
   moved = [a if d is None else jnp.moveaxis(a, d, 0)
            for a, d in zip(args, dims)]
   axes = [None if d is None else 0 for d in dims]
   fns = [jax.vmap(jex_core.jaxpr_as_fun(b), in_axes=axes) for b in branches]
-  outs = _bind(fns, moved, platforms)
+  outs = _bind(fns, moved, platforms, fallbacks)
   return outs, [0] * len(outs)
 
 
