@@ -87,6 +87,9 @@ class TrainStepSpec:
   batch: dict[str, jax.ShapeDtypeStruct]
   runner: Any
   config: ml_collections.ConfigDict
+  #: Adder kernels in the model (each is one forward and one input-gradient
+  #: kernel call on an accelerator).
+  adder_layers: int
 
 
 def train_step_spec(config: ml_collections.ConfigDict, devices=None
@@ -113,6 +116,9 @@ def train_step_spec(config: ml_collections.ConfigDict, devices=None
   model = train.create_model(config.model, ds.num_classes)
   example = jnp.zeros((1,) + image_shape)
   tx, _ = train.create_optimizer(config, model, example, steps_per_epoch=100)
+  from adderjax import optim  # pylint: disable=g-import-not-at-top
+  adder_layers = sum(jax.tree.leaves(optim.adder_mask(model, example,
+                                                      train=False)))
   key = jax.random.key(config.seed, impl=train.PRNG_IMPL)
   state = jax.eval_shape(train.make_init(model, tx, image_shape), key)
   dtype = jnp.dtype(config.model.dtype)
@@ -122,7 +128,7 @@ def train_step_spec(config: ml_collections.ConfigDict, devices=None
       'image': ((config.batch_size,) + image_shape, jnp.uint8),
       'label': ((config.batch_size,), jnp.int32)})
   return TrainStepSpec(step, runner.abstract_state(state), batch, runner,
-                       config)
+                       config, adder_layers)
 
 
 def tpu_topology(name: str = 'v5e:2x4'):
@@ -133,9 +139,13 @@ def tpu_topology(name: str = 'v5e:2x4'):
 
 def compile_for_tpu(config: ml_collections.ConfigDict,
                     topology: str = 'v5e:2x4'):
-  """AOT-compiles the config's train step for a TPU topology."""
+  """AOT-compiles the config's train step for a TPU topology.
+
+  Returns:
+    ``(compiled, spec)``.
+  """
   spec = train_step_spec(config, tpu_topology(topology))
-  return spec.step.lower(spec.state, spec.batch).compile()
+  return spec.step.lower(spec.state, spec.batch).compile(), spec
 
 
 def export_for(config: ml_collections.ConfigDict,
@@ -209,7 +219,7 @@ def main(argv=None) -> int:
       config.batch_size = args.batch_size
     if args.implementation and kind == 'adder':
       config.model.implementation = args.implementation
-    stats = analyse(compile_for_tpu(config, args.topology))
+    stats = analyse(compile_for_tpu(config, args.topology)[0])
     rows.append((kind, stats))
   keys = list(rows[0][1])
   print(f'{args.config} {args.topology} batch {config.batch_size} '

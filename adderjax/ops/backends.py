@@ -136,9 +136,10 @@ class DispatchBackend(protocol.Backend):
   Every reduction is a :func:`adderjax.ops.platform_dispatch.platform_dispatch`
   whose branches are the compiled Pallas backend of each accelerator platform
   and the XLA backend for the rest (the CPU). All branches are traced; each
-  is lowered only for its own platform. On TPU, a lowering that XLA
-  partitions automatically (plain ``jit`` over several devices, no mesh)
-  gets the XLA branch instead of the Mosaic kernels, with a warning.
+  is lowered only for its own platform. On TPU, traced without a mesh
+  context and lowered for several devices that XLA partitions automatically
+  (a plain ``jit`` over sharded inputs), the XLA branch replaces the Mosaic
+  kernels, with a warning (under ``jax.set_mesh`` the kernels run per shard).
 
   Args:
     name: registry name.
@@ -167,8 +168,13 @@ class DispatchBackend(protocol.Backend):
     per_platform = {p: _branch(b, method, static, precision)
                     for p, b in _PLATFORM.items()}
     xla_branch = _branch(xla, method, static, precision)
+    # With a mesh context the TPU branch runs the kernels per shard
+    # (shard_map); without one it calls them directly, which only a
+    # single-device (or manual) lowering can take: XLA is the fallback.
+    no_mesh = jax.sharding.get_abstract_mesh().empty
     return platform_dispatch.platform_dispatch(
-        *arrays, default=xla_branch, partitioned={'tpu': xla_branch},
+        *arrays, default=xla_branch,
+        partitioned={'tpu': xla_branch} if no_mesh else None,
         **per_platform)
 
   def forward(self, x, kernel, geo, *, precision=None):
