@@ -5,8 +5,14 @@ operands on separate scales (``sx * sw * sum xq wq``: the scales multiply
 out), but a difference only stays a difference of integers when ``x`` and
 ``w`` share **one** scale: ``|s xq - s wq| = s |xq - wq|``. So each adder
 layer gets one symmetric scale ``s`` whose range ``qmax * s`` has to cover
-both the layer's input activations and its kernel: the calibration picks it
-per layer from a few training batches (:class:`QuantConfig`).
+the layer's input activations; the calibration picks it per layer from a few
+training batches (:class:`QuantConfig`). The kernel need not fit in that
+range: for an input inside ``[-R, R]`` and ``|w| > R``,
+``|x - w| = |x - clip(w, -R, R)| + (|w| - R)``, so kernel entries beyond
+the activations are clipped exactly, their excess moving into a
+per-channel constant (``QuantConfig.clip_kernel``). Trained adder kernels
+reach far beyond their inputs, and without this a scale covering the kernel
+leaves the activations a handful of levels.
 
 The integer layer (:func:`adder_conv_int`, :func:`adder_dense_int`) reads
 int8 inputs and kernels and returns the int32 accumulator
@@ -23,8 +29,9 @@ What is folded (and what cannot be):
   ``w'`` (a scale does not pass inside an l1 distance, and a negative
   ``gamma`` would flip the sign of a distance). It folds instead into a
   per-output-channel affine on the int32 accumulator, merged with the
-  dequantization: ``BN(s * acc + bias) = (a_t s) * acc + (beta_t + a_t
-  (bias_t - mean_t))``. One multiply and one add per output element, not per
+  dequantization: ``BN(s * acc + b) = (a_t s) * acc + (beta_t + a_t
+  (b_t - mean_t))``, with ``b`` the layer's bias minus the kernel clipping
+  constant. One multiply and one add per output element, not per
   tap; the BatchNorm module itself is then skipped.
 * **BatchNorm after a full-precision layer** (the stem convolution, the
   classifier of a ResNet) folds into that layer's kernel and bias as usual
@@ -326,6 +333,16 @@ class QuantConfig:
       rounding: a check of the folding).
     partial_dtype: partial sums of the integer adder kernel (see
       :func:`adder_conv_int`).
+    clip_kernel: ``True`` (default): the shared scale covers the
+      activations' range ``R`` only, and kernel entries beyond ``+-R`` are
+      clipped *exactly*: an input quantized into ``[-R, R]`` has
+      ``|x - w| = |x - clip(w, -R, R)| + (|w| - R)`` for ``|w| > R``, so the
+      per-output-channel constant ``sum (|w| - R)_+`` goes into the output
+      affine and costs nothing per tap. Trained adder kernels reach far
+      beyond the activations (``max |w|`` 40-50 against inputs below 7 in
+      our MNIST LeNet-5-BN), and a scale covering them would leave the
+      activations a handful of levels. ``False``: the range is
+      ``max(R, max |w|)``, nothing clipped (the plain shared scale).
 
   Examples:
     >>> QuantConfig(bits=6).qmax
@@ -337,6 +354,7 @@ class QuantConfig:
   first_last: str = 'float'
   fold_bn: bool = True
   partial_dtype: str = 'int16'
+  clip_kernel: bool = True
 
   def __post_init__(self):
     qmax_of(self.bits)
@@ -350,8 +368,10 @@ class QuantConfig:
     if self.first_last not in FIRST_LAST:
       raise ValueError(f'first_last must be one of {FIRST_LAST}, got '
                        f'{self.first_last!r}.')
-    if not isinstance(self.fold_bn, bool):
-      raise ValueError(f'fold_bn must be a bool, got {self.fold_bn!r}.')
+    for name in ('fold_bn', 'clip_kernel'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'{name} must be a bool, got '
+                         f'{getattr(self, name)!r}.')
     if self.partial_dtype not in PARTIAL_DTYPES:
       raise ValueError(f'partial_dtype must be one of {PARTIAL_DTYPES}, got '
                        f'{self.partial_dtype!r}.')
@@ -377,6 +397,8 @@ class LayerPlan:
     w_absmax: largest ``|w|`` of the kernel.
     bound_by: ``'x'`` or ``'w'``: which range set an adder layer's scale.
     x_clipped: fraction of calibration inputs beyond ``qmax * scale``.
+    w_clipped: fraction of an adder kernel's entries beyond ``qmax *
+      scale``, clipped exactly (see :class:`QuantConfig` ``clip_kernel``).
     bn: path of the folded BatchNorm, or ``None``.
   """
   path: str
@@ -389,6 +411,7 @@ class LayerPlan:
   w_absmax: float
   bound_by: str
   x_clipped: float
+  w_clipped: float
   bn: str | None
 
 
@@ -469,8 +492,10 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
   largest input magnitude (and a sample of them for percentiles) and which
   BatchNorm reads each layer's output, then picks per layer:
 
-  * adder layers: one scale ``s = max(x_range, max |w|) / qmax`` shared by
-    the input and the kernel (``qmax = 2**(bits - 1) - 1``);
+  * adder layers: one scale ``s = x_range / qmax`` shared by the input and
+    the kernel (``qmax = 2**(bits - 1) - 1``), kernel entries beyond the
+    range clipped exactly (``max(x_range, max |w|) / qmax`` with
+    ``clip_kernel=False``);
   * full-precision layers with ``first_last='int8'``: an input scale
     ``x_range / 127`` and a per-output-channel kernel scale (after the
     BatchNorm fold).
@@ -622,15 +647,26 @@ def _build(model, variables, config, records, order, bn_modules,
     else:
       a, c = None, None
     entry = {}
+    w_clipped = 0.0
     if rec.kind == 'adder':
       qmax = config.qmax
-      rng = max(x_range, w_absmax)
+      if config.clip_kernel and x_range > 0:
+        rng, bound = x_range, 'x'
+      else:
+        rng = max(x_range, w_absmax)
+        bound = 'x' if x_range >= w_absmax else 'w'
       scale = rng / qmax if rng > 0 else 1.0
-      bound = 'x' if x_range >= w_absmax else 'w'
-      entry['wq'] = quantize(kernel, scale, config.bits)
+      # Kernel entries beyond the range: for |x| <= R and |w| > R,
+      # |x - w| = |x - clip(w)| + (|w| - R), so clipping is exact once the
+      # per-channel constant sum (|w| - R)_+ is subtracted from the output.
+      r = qmax * scale
+      excess = jnp.maximum(jnp.abs(kernel) - r, 0.0)
+      w_clipped = float(jnp.mean(excess > 0)) if kernel.size else 0.0
+      correction = jnp.sum(excess.reshape(-1, kernel.shape[-1]), axis=0)
+      entry['wq'] = quantize(jnp.clip(kernel, -r, r), scale, config.bits)
       mult = jnp.full((kernel.shape[-1],), scale, jnp.float32)
-      shift = bias if bias is not None else jnp.zeros_like(mult)
-      if a is not None:  # BN(s * acc + bias) = (a s) acc + a bias + c
+      shift = (bias if bias is not None else jnp.zeros_like(mult)) - correction
+      if a is not None:  # BN(s * acc + shift) = (a s) acc + a shift + c
         mult, shift = a * mult, a * shift + c
       entry['mult'], entry['shift'] = mult, shift
       bits = config.bits
@@ -660,7 +696,7 @@ def _build(model, variables, config, records, order, bn_modules,
     plan.append(LayerPlan(
         path=path, kind=rec.kind, op=rec.op, bits=bits, scale=float(scale),
         x_absmax=rec.absmax, x_range=x_range, w_absmax=w_absmax,
-        bound_by=bound, x_clipped=x_clipped, bn=bn))
+        bound_by=bound, x_clipped=x_clipped, w_clipped=w_clipped, bn=bn))
   return QuantizedModel(model=model, variables=variables, config=config,
                         plan=tuple(plan), qparams=qparams,
                         call_kwargs=dict(call_kwargs),
@@ -745,8 +781,8 @@ class QuantizedModel:
   def table(self) -> str:
     """The per-layer scale choice as a markdown table."""
     head = ('| layer | kind | bits | scale | max abs x | x range | max abs w '
-            '| scale set by | x clipped | BN folded |')
-    lines = [head, '|' + '---|' * 10]
+            '| scale set by | x clipped | w clipped (exact) | BN folded |')
+    lines = [head, '|' + '---|' * 11]
     for p in self.plan:
       bits = '-' if p.bits is None else str(p.bits)
       scale = '-' if p.bits is None else f'{p.scale:.4g}'
@@ -756,7 +792,9 @@ class QuantizedModel:
           f'| {p.path} | {p.kind} | {bits} | {scale} | {p.x_absmax:.4g} | '
           f'{p.x_range:.4g} | {p.w_absmax:.4g} | '
           f'{p.bound_by if p.kind == "adder" else "-"} | '
-          f'{100 * p.x_clipped:.3f} % | {p.bn or "-"} |')
+          f'{100 * p.x_clipped:.3f} % | '
+          f'{f"{100 * p.w_clipped:.1f} %" if p.kind == "adder" else "-"} | '
+          f'{p.bn or "-"} |')
     return '\n'.join(lines)
 
 

@@ -223,13 +223,16 @@ def _net_and_data():
   model = _Net()
   x = jax.random.normal(jax.random.key(0), (6, 6, 6, 2))
   variables = jax.jit(model.init)(jax.random.key(1, impl='rbg'), x)
+  params = dict(variables['params'])
+  for name in ('add1', 'add2'):  # trained adder kernels outgrow the inputs
+    params[name] = {**params[name], 'kernel': params[name]['kernel'] * 3.0}
+  params['add2']['bias'] = jnp.linspace(-2., 2., 6)
   # Running statistics from one train-mode pass (momentum 0), then perturbed
   # BN affine parameters so that the fold has something to fold.
-  state = _batch_stats(model, variables, x)
+  state = _batch_stats(model, {**variables, 'params': params}, x)
   params = jax.tree_util.tree_map_with_path(
       lambda p, v: v * 1.3 + 0.1 if 'bn' in jax.tree_util.keystr(p) else v,
-      variables['params'])
-  params['add2']['bias'] = jnp.linspace(-2., 2., 6)
+      params)
   return model, {'params': params, 'batch_stats': state['batch_stats']}, x
 
 
@@ -257,11 +260,14 @@ def _np_conv(x, w, pads):
   return out
 
 
-def _np_pipeline(v, x, bits, first_last):
+def _np_pipeline(v, x, bits, first_last, clip_kernel):
   """The quantized network written out in numpy from the definitions.
 
   Scales come from the float activations of the calibration batch ``x``;
-  the quantized forward pass then feeds quantized-path activations on.
+  the quantized forward pass then feeds quantized-path activations on. An
+  adder layer is the float64 oracle on its dequantized operands: the input
+  ``s * xq`` and the kernel ``s * wq``, except (``clip_kernel``) entries
+  beyond the range, which the definition keeps exact.
   """
   p = {k: {kk: np.asarray(vv, np.float64) for kk, vv in d.items()}
        for k, d in v['params'].items()}
@@ -281,27 +287,30 @@ def _np_pipeline(v, x, bits, first_last):
     acc = _np_conv(q(a, sx, 127), q(wf, ws, 127), [(1, 1), (1, 1)])
     return np.maximum(acc * sx * ws + shift, 0)
 
+  def scale(a, w):
+    r = np.abs(a).max()
+    return (r if clip_kernel else max(r, np.abs(w).max())) / qmax
+
+  def w_eff(w, s):
+    return np.where(np.abs(w) > qmax * s, w, s * q(w, s, qmax))
+
   # Float activations (calibration).
+  k1, k2 = p['add1']['kernel'], p['add2']['kernel']
+  conv1 = lambda a, w: adder_oracle.forward(a, w, (2, 2), [(1, 1), (1, 1)],
+                                            (1, 1), 1)
+  dense2 = lambda a, w: adder_oracle.forward(a[:, None], w[None], (1,),
+                                             [(0, 0)], (1,), 1)[:, 0]
   h0 = stem(x, False)
-  a1 = np.maximum(_np_bn(adder_oracle.forward(
-      h0, p['add1']['kernel'], (2, 2), [(1, 1), (1, 1)], (1, 1), 1), v,
-                         'bn1'), 0).reshape(len(x), -1)
-  a2 = adder_oracle.forward(
-      a1[:, None], p['add2']['kernel'][None], (1,), [(0, 0)], (1,), 1)[:, 0]
-  a2 = a2 + p['add2']['bias']
-  s1 = max(np.abs(h0).max(), np.abs(p['add1']['kernel']).max()) / qmax
-  s2 = max(np.abs(a1).max(), np.abs(p['add2']['kernel']).max()) / qmax
+  a1 = np.maximum(_np_bn(conv1(h0, k1), v, 'bn1'), 0).reshape(len(x), -1)
+  a2 = dense2(a1, k2) + p['add2']['bias']
+  s1, s2 = scale(h0, k1), scale(a1, k2)
   sx0 = np.abs(x).max() / 127
   sx3 = np.abs(a2).max() / 127
   # Quantized forward pass.
   h = stem(x, first_last == 'int8', sx0)
-  acc1 = int_oracle(q(h, s1, qmax), q(p['add1']['kernel'], s1, qmax),
-                    (2, 2), [(1, 1), (1, 1)], (1, 1), 1)
-  h = np.maximum(_np_bn(s1 * acc1, v, 'bn1'), 0).reshape(len(x), -1)
-  xq = q(h, s2, qmax).astype(np.int32)
-  wq = q(p['add2']['kernel'], s2, qmax).astype(np.int32)
-  acc2 = -np.abs(xq[:, :, None] - wq[None]).sum(axis=1)
-  h = s2 * acc2 + p['add2']['bias']
+  h = conv1(s1 * q(h, s1, qmax), w_eff(k1, s1))
+  h = np.maximum(_np_bn(h, v, 'bn1'), 0).reshape(len(x), -1)
+  h = dense2(s2 * q(h, s2, qmax), w_eff(k2, s2)) + p['add2']['bias']
   if first_last == 'int8':
     ws = np.abs(p['head']['kernel']).max(axis=0) / 127
     acc = q(h, sx3, 127) @ q(p['head']['kernel'], ws, 127)
@@ -311,16 +320,23 @@ def _np_pipeline(v, x, bits, first_last):
   return out, {'add1': s1, 'add2': s2, 'stem': sx0, 'head': sx3}
 
 
-@pytest.mark.parametrize('bits,first_last', [(8, 'float'), (5, 'int8')])
-def test_quantized_model_matches_numpy_pipeline(bits, first_last):
+@pytest.mark.parametrize('bits,first_last,clip_kernel',
+                         [(8, 'float', True), (5, 'int8', False)])
+def test_quantized_model_matches_numpy_pipeline(bits, first_last,
+                                                clip_kernel):
   model, v, x = _net_and_data()
-  cfg = quant.QuantConfig(bits=bits, first_last=first_last)
+  cfg = quant.QuantConfig(bits=bits, first_last=first_last,
+                          clip_kernel=clip_kernel)
   qm = quant.calibrate(model, v, [x], cfg)
-  want, scales = _np_pipeline(v, x, bits, first_last)
+  want, scales = _np_pipeline(v, x, bits, first_last, clip_kernel)
   plan = {p.path: p for p in qm.plan}
   assert [p.path for p in qm.plan] == ['stem', 'add1', 'add2', 'head']
   assert plan['stem'].bn == 'bn0' and plan['add1'].bn == 'bn1'
   assert plan['add2'].bn is None and plan['head'].bn is None
+  if clip_kernel:  # the random kernels reach beyond the activations
+    assert plan['add1'].w_clipped > 0 and plan['add2'].w_clipped > 0
+  else:
+    assert plan['add1'].w_clipped == 0 and plan['add2'].w_clipped == 0
   for name in ('add1', 'add2'):
     np.testing.assert_allclose(plan[name].scale, scales[name], rtol=1e-5)
   if first_last == 'int8':
@@ -347,12 +363,11 @@ def test_fold_equals_unfolded_batchnorm():
 def test_percentile_calibration_clips_activations():
   model, v, x = _net_and_data()
   qm = quant.calibrate(model, v, [x], quant.QuantConfig(
-      calibration='percentile', percentile=50.0))
+      calibration='percentile', percentile=90.0))
   for p in qm.plan:
     if p.kind == 'adder':
       assert p.x_range < p.x_absmax
-      np.testing.assert_allclose(
-          p.scale, max(p.x_range, p.w_absmax) / 127, rtol=1e-6)
+      np.testing.assert_allclose(p.scale, p.x_range / 127, rtol=1e-6)
   assert '| add1 | adder | 8 |' in qm.table()
 
 
