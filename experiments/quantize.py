@@ -43,6 +43,9 @@ def define_flags() -> None:
   flags.DEFINE_enum('calibration', 'max', ['max', 'percentile'],
                     'Scale choice (adderjax.quant.QuantConfig).')
   flags.DEFINE_float('percentile', 99.99, 'For --calibration=percentile.')
+  flags.DEFINE_bool('clip_kernel', True,
+                    'Clip adder kernels exactly to the activation range '
+                    '(adderjax.quant.QuantConfig.clip_kernel).')
   flags.DEFINE_list('first_last', ['float', 'int8'],
                     'Precision(s) of the stem and classifier to evaluate.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: last).')
@@ -158,6 +161,7 @@ def energy_table(model, image_shape, qm) -> list[Energy]:
 
 def run(workdir: str, bits_list, *, calibration_batches: int = 4,
         calibration: str = 'max', percentile: float = 99.99,
+        clip_kernel: bool = True,
         first_last=('float', 'int8'), step=None, data_dir=None,
         max_eval_examples=None) -> str:
   """Evaluates ``workdir`` in float and integer modes; returns the report."""
@@ -166,6 +170,10 @@ def run(workdir: str, bits_list, *, calibration_batches: int = 4,
   bits_list = [int(b) for b in bits_list]
   for b in bits_list:
     quant.qmax_of(b)
+  for fl in first_last:
+    if fl not in quant.FIRST_LAST:
+      raise ValueError(f'first_last must hold values of {quant.FIRST_LAST}, '
+                       f'got {fl!r}.')
   if calibration_batches < 1:
     raise ValueError(f'calibration_batches must be positive, got '
                      f'{calibration_batches!r}.')
@@ -184,7 +192,7 @@ def run(workdir: str, bits_list, *, calibration_batches: int = 4,
     for b in bits_list:
       qm = base.requantize(quant.QuantConfig(
           bits=b, calibration=calibration, percentile=percentile,
-          first_last=fl))
+          first_last=fl, clip_kernel=clip_kernel))
       models_by_key[(b, fl)] = qm
       results.append((f'int{b} adders', fl, accuracy(qm, datasets)))
   elapsed = time.perf_counter() - t0
@@ -197,7 +205,10 @@ def run(workdir: str, bits_list, *, calibration_batches: int = 4,
       f'{calibration_batches} training batches of {config.batch_size}, '
       f'`{calibration}`'
       + (f' ({percentile}th percentile)' if calibration == 'percentile'
-         else '') + f'; {elapsed:.0f} s for calibration and evaluation.', '',
+         else '') + ('; adder kernels clipped exactly to the activation '
+                     'range' if clip_kernel else '; scale covers the kernel '
+                     '(clip_kernel=False)')
+      + f'; {elapsed:.0f} s for calibration and evaluation.', '',
       '| model | stem / classifier | top-1 | vs float |', '|---|---|---|---|']
   for name, fl, acc in results:
     delta = '' if fl == '-' else f'{100 * (acc - float_acc):+.2f}'
@@ -226,6 +237,7 @@ def main(argv):
   report = run(FLAGS.workdir, FLAGS.bits,
                calibration_batches=FLAGS.calibration_batches,
                calibration=FLAGS.calibration, percentile=FLAGS.percentile,
+               clip_kernel=FLAGS.clip_kernel,
                first_last=tuple(FLAGS.first_last), step=FLAGS.step,
                data_dir=FLAGS.data_dir,
                max_eval_examples=FLAGS.max_eval_examples)
