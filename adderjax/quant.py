@@ -94,6 +94,8 @@ CALIBRATIONS = ('max', 'percentile')
 FIRST_LAST = ('float', 'int8')
 #: Partial-sum dtypes of the integer adder kernel.
 PARTIAL_DTYPES = ('int16', 'int32')
+#: Hot-loop forms of the integer adder kernel.
+METHODS = ('max', 'abs')
 
 #: (tap, feature) terms per fused chunk of the integer forward loop.
 INT_FORWARD_TERMS = 18
@@ -166,15 +168,20 @@ def _tree_sum(parts: list[jax.Array]) -> jax.Array:
 
 
 def _int_forward(xq: jax.Array, wq: jax.Array, geo: geometry.ConvGeometry,
-                 terms: int, partial_dtype: str) -> jax.Array:
+                 terms: int, partial_dtype: str, method: str) -> jax.Array:
   """``-sum |xq - wq|`` on the flat shifted-phase layout, int32 result.
 
   Each (tap, input feature) term reads one contiguous slice of the flat
   input (see :func:`adderjax.ops.geometry.flat_layout`); the output features
-  are the vector axis. Terms are differenced in ``partial_dtype`` (int16:
-  twice the SIMD lanes of int32) and summed there in groups small enough not
-  to overflow (``|xq - wq| <= 255``: 128 terms per int16 group), then widened
-  to the int32 accumulator.
+  are the vector axis. ``method='abs'`` adds ``|xq - wq|`` (three vector
+  operations per term: subtract, absolute value, add); ``'max'`` adds
+  ``max(xq, wq)`` (two: max, add) and uses ``-|a - b| = a + b - 2 max(a,
+  b)``, exact in integers (in floating point it cancels, which is why the
+  float kernels do not use it for large inputs), with the window sums of
+  ``xq`` (a box filter) and the kernel sums computed once. Terms are formed
+  in ``partial_dtype`` (int16: twice the SIMD lanes of int32) and summed
+  there in groups of at most 128 (``|term| <= 255``: no int16 overflow),
+  then widened to the int32 accumulator.
   """
   fl = geometry.flat_layout(geo)
   g = geo.groups
@@ -187,14 +194,15 @@ def _int_forward(xq: jax.Array, wq: jax.Array, geo: geometry.ConvGeometry,
   w = wq.reshape(ntaps, cg, g, tg)
   cu = max(1, min(cg, terms // ntaps))
   cpad = -(-cg // cu) * cu
-  if cpad != cg:  # zero features add |0 - 0| = 0
+  if cpad != cg:  # zero features add |0 - 0| = 0 (and max(0, 0) = 0)
     xf = jnp.pad(xf, [(0, 0)] * 4 + [(0, cpad - cg)])
     w = jnp.pad(w, [(0, 0), (0, cpad - cg), (0, 0), (0, 0)])
+  term = ((lambda a, b: jnp.abs(a - b)) if method == 'abs' else jnp.maximum)
 
   def chunk(i, acc):
     xc = lax.dynamic_slice_in_dim(xf, i * cu, cu, axis=4).astype(pdt)
     wc = lax.dynamic_slice_in_dim(w, i * cu, cu, axis=1).astype(pdt)
-    parts = [jnp.abs(xc[ph, :, off:off + length, :, j, None] - wc[ti, j])
+    parts = [term(xc[ph, :, off:off + length, :, j, None], wc[ti, j])
              for ti, (ph, off) in enumerate(fl.taps) for j in range(cu)]
     for start in range(0, len(parts), group):
       acc = acc + _tree_sum(parts[start:start + group]).astype(jnp.int32)
@@ -206,14 +214,21 @@ def _int_forward(xq: jax.Array, wq: jax.Array, geo: geometry.ConvGeometry,
     acc = chunk(0, acc)
   else:
     acc = lax.fori_loop(0, n_chunks, chunk, acc)
-  return geometry.out_from_flat(-acc.reshape(n, length, g * tg), fl)
+  if method == 'abs':
+    y = -acc
+  else:  # sum x + sum w - 2 sum max(x, w)
+    xs = jnp.sum(xf, axis=4, dtype=jnp.int32)  # [PH, N, Lin, G]
+    box = _tree_sum([xs[ph, :, off:off + length] for ph, off in fl.taps])
+    wsum = jnp.sum(w, axis=(0, 1), dtype=jnp.int32)  # [G, T]
+    y = box[..., None] + wsum - 2 * acc
+  return geometry.out_from_flat(y.reshape(n, length, g * tg), fl)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _adder_conv_int(xq, wq, geo, terms, partial_dtype):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _adder_conv_int(xq, wq, geo, terms, partial_dtype, method):
   if not geo.batch:
     return jnp.zeros(geo.out_shape, jnp.int32)
-  return _int_forward(xq, wq, geo, terms, partial_dtype)
+  return _int_forward(xq, wq, geo, terms, partial_dtype, method)
 
 
 def adder_conv_int(xq: jax.Array,
@@ -223,7 +238,8 @@ def adder_conv_int(xq: jax.Array,
                    kernel_dilation: int | tuple[int, ...] = 1,
                    feature_group_count: int = 1,
                    *,
-                   partial_dtype: str = 'int16') -> jax.Array:
+                   partial_dtype: str = 'int16',
+                   method: str = 'max') -> jax.Array:
   """Integer adder convolution: ``-sum |xq - wq|`` with int32 accumulation.
 
   The integer twin of :func:`adderjax.adder_conv` with the same arguments
@@ -241,6 +257,9 @@ def adder_conv_int(xq: jax.Array,
     partial_dtype: ``'int16'`` (default: differences and partial sums of up
       to 128 terms in int16, twice the vector lanes) or ``'int32'``; both are
       exact.
+    method: ``'max'`` (default: ``sum x + sum w - 2 sum max(x, w)``, two
+      vector operations per term) or ``'abs'`` (``sum |x - w|``, three);
+      both are exact.
 
   Returns:
     int32 ``(N, *out_spatial, C_out)``, every entry ``<= 0``.
@@ -262,21 +281,26 @@ def adder_conv_int(xq: jax.Array,
   if partial_dtype not in PARTIAL_DTYPES:
     raise ValueError(f'partial_dtype must be one of {PARTIAL_DTYPES}, got '
                      f'{partial_dtype!r}.')
+  if method not in METHODS:
+    raise ValueError(f'method must be one of {METHODS}, got {method!r}.')
   xq = jnp.asarray(xq)
   wq = jnp.asarray(wq)
   geo = geometry.make_geometry(xq.shape, wq.shape, strides, padding,
                                kernel_dilation, feature_group_count)
-  return _adder_conv_int(xq, wq, geo, INT_FORWARD_TERMS, partial_dtype)
+  return _adder_conv_int(xq, wq, geo, INT_FORWARD_TERMS, partial_dtype,
+                         method)
 
 
 def adder_dense_int(xq: jax.Array, wq: jax.Array, *,
-                    partial_dtype: str = 'int16') -> jax.Array:
+                    partial_dtype: str = 'int16',
+                    method: str = 'max') -> jax.Array:
   """Integer fully connected adder layer: ``-sum_k |xq[..., k] - wq[k, t]|``.
 
   Args:
     xq: int8 ``(..., K)``.
     wq: int8 ``(K, T)``.
     partial_dtype: see :func:`adder_conv_int`.
+    method: see :func:`adder_conv_int`.
 
   Returns:
     int32 ``(..., T)``.
@@ -305,7 +329,7 @@ def adder_dense_int(xq: jax.Array, wq: jax.Array, *,
                      f'wq expects {wq.shape[0]} (shape {wq.shape}).')
   batch_shape = xq.shape[:-1]
   y = adder_conv_int(xq.reshape(-1, 1, xq.shape[-1]), wq[None], 1, 'VALID',
-                     partial_dtype=partial_dtype)
+                     partial_dtype=partial_dtype, method=method)
   return y.reshape(*batch_shape, wq.shape[1])
 
 
@@ -333,6 +357,8 @@ class QuantConfig:
       rounding: a check of the folding).
     partial_dtype: partial sums of the integer adder kernel (see
       :func:`adder_conv_int`).
+    method: hot-loop form of the integer adder kernel (see
+      :func:`adder_conv_int`).
     clip_kernel: ``True`` (default): the shared scale covers the
       activations' range ``R`` only, and kernel entries beyond ``+-R`` are
       clipped *exactly*: an input quantized into ``[-R, R]`` has
@@ -355,6 +381,7 @@ class QuantConfig:
   fold_bn: bool = True
   partial_dtype: str = 'int16'
   clip_kernel: bool = True
+  method: str = 'max'
 
   def __post_init__(self):
     qmax_of(self.bits)
@@ -375,6 +402,9 @@ class QuantConfig:
     if self.partial_dtype not in PARTIAL_DTYPES:
       raise ValueError(f'partial_dtype must be one of {PARTIAL_DTYPES}, got '
                        f'{self.partial_dtype!r}.')
+    if self.method not in METHODS:
+      raise ValueError(f'method must be one of {METHODS}, got '
+                       f'{self.method!r}.')
 
   @property
   def qmax(self) -> int:
@@ -805,13 +835,15 @@ def _run_layer(module, plan: LayerPlan, q: dict, x: jax.Array,
   if plan.kind == 'adder':
     xq = quantize(x, plan.scale, cfg.bits)
     if plan.op == 'dense':
-      acc = adder_dense_int(xq, q['wq'], partial_dtype=cfg.partial_dtype)
+      acc = adder_dense_int(xq, q['wq'], partial_dtype=cfg.partial_dtype,
+                            method=cfg.method)
     else:
       _check_conv_input(module, x)
       strides, pads, dilation = _conv_padding(module, x.shape, q['wq'].shape)
       acc = adder_conv_int(xq, q['wq'], strides, pads, dilation,
                            module.feature_group_count,
-                           partial_dtype=cfg.partial_dtype)
+                           partial_dtype=cfg.partial_dtype,
+                           method=cfg.method)
     return acc.astype(jnp.float32) * q['mult'] + q['shift']
   if plan.bits is None:  # float stem / classifier (BN folded in the kernel)
     kernel = q['kernel']

@@ -87,9 +87,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize('case', CASES, ids=[f'case{i}' for i in
-                                              range(len(CASES))])
-def test_adder_conv_int_equals_numpy_oracle(case):
+@pytest.mark.parametrize('case,method', [(c, 'max') for c in CASES] + [
+    (CASES[i], 'abs') for i in (2, 6, 7, 11)], ids=[
+        f'case{i}' for i in range(len(CASES))] + [
+            f'abs-case{i}' for i in (2, 6, 7, 11)])
+def test_adder_conv_int_equals_numpy_oracle(case, method):
   x_shape, w_shape, strides, padding, dilation, groups = case
   rng = np.random.default_rng(len(x_shape) * 100 + w_shape[-1])
   x = _rand_int8(rng, x_shape)
@@ -100,7 +102,7 @@ def test_adder_conv_int_equals_numpy_oracle(case):
   pads = _pads(padding, x_shape[1:-1], w_shape[:nsp], st, dl)
   want = int_oracle(x, w, st, pads, dl, groups)
   got = quant.adder_conv_int(jnp.asarray(x), jnp.asarray(w), strides, padding,
-                             dilation, groups)
+                             dilation, groups, method=method)
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got), want)
 
@@ -115,9 +117,9 @@ def test_int32_partials_and_extremes_exact():
   w[::2, 0, 1] = 127
   want = int_oracle(x, w, (1,), [(0, 0)], (1,), 1)
   assert want.min() < -32767  # beyond int16
-  for pdt in quant.PARTIAL_DTYPES:
+  for pdt, method in itertools.product(quant.PARTIAL_DTYPES, quant.METHODS):
     got = quant.adder_conv_int(jnp.asarray(x), jnp.asarray(w), 1, 'VALID',
-                               partial_dtype=pdt)
+                               partial_dtype=pdt, method=method)
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
@@ -179,6 +181,10 @@ def test_validation_errors_name_the_value():
                           jnp.zeros((3, 2), jnp.int32))
   with pytest.raises(ValueError, match="'int64'"):
     quant.adder_conv_int(i8, w8, partial_dtype='int64')
+  with pytest.raises(ValueError, match="'min'"):
+    quant.adder_conv_int(i8, w8, method='min')
+  with pytest.raises(ValueError, match="'min'"):
+    quant.QuantConfig(method='min')
   with pytest.raises(ValueError, match='feature_group_count=3'):
     quant.adder_conv_int(i8, w8, feature_group_count=3)
   with pytest.raises(ValueError, match='expects 5'):

@@ -8,9 +8,12 @@ the inference forward pass (BatchNorm in eval mode) of
 * ``adder f32``: the AdderNet in float32 (``adderjax.adder_conv``, the
   patch-free XLA kernels);
 * ``adder int8``: the same AdderNet quantized by :mod:`adderjax.quant`
-  (int8 operands, int16 partial sums, int32 accumulators, folded BN; stem and
-  classifier float as in the paper);
-* ``adder int8/i32``: the same with int32 partial sums (half the SIMD lanes
+  with its defaults (int8 operands, ``sum x + sum w - 2 sum max(x, w)``: two
+  vector operations per term, int16 partial sums, int32 accumulators, folded
+  BN; stem and classifier float as in the paper);
+* ``int8 abs/i16``: the same with ``method='abs'`` (``sum |x - w|``: three
+  operations per term);
+* ``int8 abs/i32``: ``'abs'`` with int32 partial sums (half the SIMD lanes
   of int16: shows what the vector width buys);
 
 for LeNet-5-BN and ResNet-20 at batch 64 and 256, and the same four for one
@@ -32,7 +35,8 @@ import numpy as np
 
 from experiments.benchmarks import common
 
-CANDIDATES = ('conv', 'adder f32', 'adder int8', 'adder int8/i32')
+CANDIDATES = ('conv', 'adder f32', 'adder int8', 'int8 abs/i16',
+              'int8 abs/i32')
 
 
 def _variables(model, x):
@@ -67,9 +71,11 @@ def model_candidates(name: str, batch: int, seed: int = 0):
       'adder f32', lambda v, x: add.apply(v, x, train=False), (va, x)))
   qm = quant.calibrate(add, va, [x[:32]], quant.QuantConfig(bits=8))
   cands.append(common.Candidate('adder int8', qm.apply, (qm.qparams, x)))
-  q32 = qm.requantize(quant.QuantConfig(bits=8, partial_dtype='int32'))
-  cands.append(common.Candidate('adder int8/i32', q32.apply,
-                                (q32.qparams, x)))
+  for name, method, pdt in (('int8 abs/i16', 'abs', 'int16'),
+                            ('int8 abs/i32', 'abs', 'int32')):
+    qv = qm.requantize(quant.QuantConfig(bits=8, method=method,
+                                         partial_dtype=pdt))
+    cands.append(common.Candidate(name, qv.apply, (qv.qparams, x)))
   return cands
 
 
@@ -92,8 +98,10 @@ def layer_candidates(batch: int, seed: int = 0):
                        (x, k)),
       common.Candidate('adder int8', lambda x, k: quant.adder_conv_int(
           x, k, 1, pads), (xq, kq)),
-      common.Candidate('adder int8/i32', lambda x, k: quant.adder_conv_int(
-          x, k, 1, pads, partial_dtype='int32'), (xq, kq)),
+      common.Candidate('int8 abs/i16', lambda x, k: quant.adder_conv_int(
+          x, k, 1, pads, method='abs'), (xq, kq)),
+      common.Candidate('int8 abs/i32', lambda x, k: quant.adder_conv_int(
+          x, k, 1, pads, method='abs', partial_dtype='int32'), (xq, kq)),
   ]
 
 
@@ -111,8 +119,8 @@ def report(rows: Sequence[tuple[str, int, Sequence[common.Candidate]]]
         common.fmt_ratio(add, conv)])
   text = common.table(
       ['forward', 'batch', 'conv ms', 'adder f32 ms', 'adder int8 ms',
-       'int8 (i32 partials) ms', 'int8 / f32 adder', 'int8 / conv',
-       'f32 adder / conv'], out)
+       'int8 abs/i16 ms', 'int8 abs/i32 ms', 'int8 / f32 adder',
+       'int8 / conv', 'f32 adder / conv'], out)
   errors = [f'  {label} b{batch} {c.name}: {c.error}'
             for label, batch, cands in rows for c in cands if c.error]
   if errors:
