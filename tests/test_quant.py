@@ -377,6 +377,7 @@ def test_percentile_calibration_clips_activations():
   assert '| add1 | adder | 8 |' in qm.table()
 
 
+@pytest.mark.slow
 def test_lenet_int8_close_to_float_and_bits_order():
   """Random LeNet-5-BN with BN statistics of its own data: int8 logits stay
   close to float; fewer bits give a larger error."""
