@@ -73,7 +73,7 @@ import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import flax.linen as nn
