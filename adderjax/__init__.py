@@ -10,6 +10,7 @@ from adderjax import optim
 from adderjax import bnn
 from adderjax import models
 from adderjax import official
+from adderjax import quant
 from adderjax.models import create_model
 from adderjax.ops_count import count_ops
 from adderjax.ops_count import count_params
@@ -19,4 +20,5 @@ __version__ = '0.1.0'
 
 __all__ = ['adder_conv', 'adder_dense', 'available_implementations',
            'GRAD_MODES', 'linen', 'nnx', 'optim', 'bnn', 'models', 'official',
-           'create_model', 'count_ops', 'count_params', 'EnergyModel']
+           'create_model', 'count_ops', 'count_params', 'EnergyModel',
+           'quant']

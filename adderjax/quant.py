@@ -1,0 +1,881 @@
+"""Post-training integer quantization of AdderNets and an integer adder path.
+
+An adder layer computes ``-sum |x - w|``. A convolution quantizes its two
+operands on separate scales (``sx * sw * sum xq wq``: the scales multiply
+out), but a difference only stays a difference of integers when ``x`` and
+``w`` share **one** scale: ``|s xq - s wq| = s |xq - wq|``. So each adder
+layer gets one symmetric scale ``s`` whose range ``qmax * s`` has to cover
+the layer's input activations; the calibration picks it per layer from a few
+training batches (:class:`QuantConfig`). The kernel need not fit in that
+range: for an input inside ``[-R, R]`` and ``|w| > R``,
+``|x - w| = |x - clip(w, -R, R)| + (|w| - R)``, so kernel entries beyond
+the activations are clipped exactly, their excess moving into a
+per-channel constant (``QuantConfig.clip_kernel``). Trained adder kernels
+reach far beyond their inputs, and without this a scale covering the kernel
+leaves the activations a handful of levels.
+
+The integer layer (:func:`adder_conv_int`, :func:`adder_dense_int`) reads
+int8 inputs and kernels and returns the int32 accumulator
+``acc = -sum |xq - wq|`` exactly (no rounding anywhere: the tests compare it
+with a numpy int32 loop). Zero padding pads with the integer 0, the
+quantized 0.0 of a symmetric scheme, so the integer layer is the float layer
+on the dequantized operands: ``s * acc == adder_conv(s xq, s wq)``.
+
+What is folded (and what cannot be):
+
+* **BatchNorm after an adder layer** cannot be folded into the adder kernel,
+  as it is for a convolution: BN multiplies the output by ``a_t = gamma_t /
+  sqrt(var_t + eps)`` and ``a_t * |x - w|`` is not ``|x - w'|`` for any
+  ``w'`` (a scale does not pass inside an l1 distance, and a negative
+  ``gamma`` would flip the sign of a distance). It folds instead into a
+  per-output-channel affine on the int32 accumulator, merged with the
+  dequantization: ``BN(s * acc + b) = (a_t s) * acc + (beta_t + a_t
+  (b_t - mean_t))``, with ``b`` the layer's bias minus the kernel clipping
+  constant. One multiply and one add per output element, not per
+  tap; the BatchNorm module itself is then skipped.
+* **BatchNorm after a full-precision layer** (the stem convolution, the
+  classifier of a ResNet) folds into that layer's kernel and bias as usual
+  (``w' = a_t w``, ``b' = a_t (b - mean) + beta``) before it is quantized,
+  when the stem and classifier run in int8 (``first_last='int8'``: per-tensor
+  input scale, per-output-channel kernel scale, int32 accumulation of
+  products) or stays a float layer with the folded kernel
+  (``first_last='float'``, the paper's setting: they stay full precision).
+* Not folded: a BatchNorm that does not read a layer's output directly (for
+  instance after an addition), one with batch statistics (``train=True``) or
+  not on the last axis. It runs in float32, as do ReLU, pooling and residual
+  additions, on the dequantized accumulators. Every weighted layer reads
+  integers: that is where the quantization error enters.
+
+The model is run with :func:`flax.linen.intercept_methods` (as
+:func:`adderjax.count_ops` does), so every Linen model built from
+:class:`adderjax.linen.AdderConv` / ``AdderDense``, ``nn.Conv``,
+``nn.Dense`` and ``nn.BatchNorm`` works, the model zoo included. The
+BatchNorm to fold is found by data flow during calibration (a BatchNorm whose
+input *is* a layer's output array); the folding assumes that output has no
+other reader, which holds for every zoo model (each layer feeds only its BN).
+
+Examples:
+  >>> import jax, jax.numpy as jnp
+  >>> from adderjax import quant
+  >>> xq = jnp.array([[3, -2]], jnp.int8)
+  >>> wq = jnp.array([[1, 0], [-2, 5]], jnp.int8)
+  >>> quant.adder_dense_int(xq, wq).tolist()  # -(|3-1| + |-2+2|), ...
+  [[-2, -10]]
+
+References:
+  Chen et al., "AdderNet: Do We Really Need Multiplications in Deep
+  Learning?", CVPR 2020. https://arxiv.org/abs/1912.13200
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from adderjax import linen as adder_linen
+from adderjax.ops import geometry
+from adderjax.ops.geometry import PaddingLike
+
+#: Bit widths accepted for the adder layers.
+BITS = (4, 5, 6, 7, 8)
+#: Calibration methods of :class:`QuantConfig`.
+CALIBRATIONS = ('max', 'percentile')
+#: Precision of the stem and the classifier (full-precision layers).
+FIRST_LAST = ('float', 'int8')
+#: Partial-sum dtypes of the integer adder kernel.
+PARTIAL_DTYPES = ('int16', 'int32')
+#: Hot-loop forms of the integer adder kernel.
+METHODS = ('max', 'abs')
+
+#: (tap, feature) terms per fused chunk of the integer forward loop.
+INT_FORWARD_TERMS = 18
+_INT16_MAX = 32767
+
+
+def qmax_of(bits: int) -> int:
+  """Largest level of a symmetric signed ``bits``-bit code: ``2**(b-1) - 1``.
+
+  Examples:
+    >>> qmax_of(8), qmax_of(4)
+    (127, 7)
+  """
+  if not geometry.is_int(bits) or int(bits) not in BITS:
+    raise ValueError(f'bits must be an int in {BITS[0]}..{BITS[-1]}, got '
+                     f'{bits!r}.')
+  return 2**(int(bits) - 1) - 1
+
+
+def quantize(x: jax.Array, scale, bits: int = 8) -> jax.Array:
+  """Symmetric quantization: ``clip(round(x / scale), -qmax, qmax)`` as int8.
+
+  Rounds half to even (``jnp.round``); ``-qmax`` is the lowest level (the
+  code is symmetric, ``-128`` is never produced at 8 bits). A NaN becomes 0.
+
+  Args:
+    x: float array.
+    scale: positive scale (scalar, or broadcastable to ``x``).
+    bits: 4..8.
+
+  Returns:
+    int8 array of the shape of ``x``.
+
+  Raises:
+    ValueError: bad ``bits`` or a non-positive concrete ``scale``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> quantize(jnp.array([0.26, -1.0, 5.0]), 0.5, bits=4).tolist()
+    [1, -2, 7]
+  """
+  qmax = qmax_of(bits)
+  if isinstance(scale, (int, float, np.ndarray, np.generic)):
+    if not np.all(np.asarray(scale) > 0):
+      raise ValueError(f'scale must be positive, got {scale!r}.')
+  x = jnp.asarray(x, jnp.float32)
+  q = jnp.clip(jnp.round(x / scale), -qmax, qmax)
+  q = jnp.where(jnp.isnan(q), 0.0, q)
+  return q.astype(jnp.int8)
+
+
+# ----------------------------------------------------------------------------
+# The integer adder layer.
+
+
+def _check_int8(name: str, a) -> None:
+  dtype = jnp.result_type(a)
+  if dtype != jnp.int8:
+    raise TypeError(f'{name} must be int8 (quantized values), got {dtype}; '
+                    'see adderjax.quant.quantize.')
+
+
+def _tree_sum(parts: list[jax.Array]) -> jax.Array:
+  while len(parts) > 1:
+    nxt = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
+    if len(parts) % 2:
+      nxt.append(parts[-1])
+    parts = nxt
+  return parts[0]
+
+
+def _int_forward(xq: jax.Array, wq: jax.Array, geo: geometry.ConvGeometry,
+                 terms: int, partial_dtype: str, method: str) -> jax.Array:
+  """``-sum |xq - wq|`` on the flat shifted-phase layout, int32 result.
+
+  Each (tap, input feature) term reads one contiguous slice of the flat
+  input (see :func:`adderjax.ops.geometry.flat_layout`); the output features
+  are the vector axis. ``method='abs'`` adds ``|xq - wq|`` (three vector
+  operations per term: subtract, absolute value, add); ``'max'`` adds
+  ``max(xq, wq)`` (two: max, add) and uses ``-|a - b| = a + b - 2 max(a,
+  b)``, exact in integers (in floating point it cancels, which is why the
+  float kernels do not use it for large inputs), with the window sums of
+  ``xq`` (a box filter) and the kernel sums computed once. Terms are formed
+  in ``partial_dtype`` (int16: twice the SIMD lanes of int32) and summed
+  there in groups of at most 128 (``|term| <= 255``: no int16 overflow),
+  then widened to the int32 accumulator.
+  """
+  fl = geometry.flat_layout(geo)
+  g = geo.groups
+  cg, tg = geo.in_features // g, geo.out_features // g
+  n, length = geo.batch, fl.length_out
+  nph, ntaps = len(fl.phases), len(fl.taps)
+  pdt = jnp.dtype(partial_dtype)
+  group = _INT16_MAX // 255 if pdt == jnp.int16 else 2**31 // 255
+  xf = geometry.to_flat(xq, fl).reshape(nph, n, fl.length_in, g, cg)
+  w = wq.reshape(ntaps, cg, g, tg)
+  cu = max(1, min(cg, terms // ntaps))
+  cpad = -(-cg // cu) * cu
+  if cpad != cg:  # zero features add |0 - 0| = 0 (and max(0, 0) = 0)
+    xf = jnp.pad(xf, [(0, 0)] * 4 + [(0, cpad - cg)])
+    w = jnp.pad(w, [(0, 0), (0, cpad - cg), (0, 0), (0, 0)])
+  term = ((lambda a, b: jnp.abs(a - b)) if method == 'abs' else jnp.maximum)
+
+  def chunk(i, acc):
+    xc = lax.dynamic_slice_in_dim(xf, i * cu, cu, axis=4).astype(pdt)
+    wc = lax.dynamic_slice_in_dim(w, i * cu, cu, axis=1).astype(pdt)
+    parts = [term(xc[ph, :, off:off + length, :, j, None], wc[ti, j])
+             for ti, (ph, off) in enumerate(fl.taps) for j in range(cu)]
+    for start in range(0, len(parts), group):
+      acc = acc + _tree_sum(parts[start:start + group]).astype(jnp.int32)
+    return acc
+
+  acc = jnp.zeros((n, length, g, tg), jnp.int32)
+  n_chunks = cpad // cu
+  if n_chunks == 1:
+    acc = chunk(0, acc)
+  else:
+    acc = lax.fori_loop(0, n_chunks, chunk, acc)
+  if method == 'abs':
+    y = -acc
+  else:  # sum x + sum w - 2 sum max(x, w)
+    xs = jnp.sum(xf, axis=4, dtype=jnp.int32)  # [PH, N, Lin, G]
+    box = _tree_sum([xs[ph, :, off:off + length] for ph, off in fl.taps])
+    wsum = jnp.sum(w, axis=(0, 1), dtype=jnp.int32)  # [G, T]
+    y = box[..., None] + wsum - 2 * acc
+  return geometry.out_from_flat(y.reshape(n, length, g * tg), fl)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _adder_conv_int(xq, wq, geo, terms, partial_dtype, method):
+  if not geo.batch:
+    return jnp.zeros(geo.out_shape, jnp.int32)
+  return _int_forward(xq, wq, geo, terms, partial_dtype, method)
+
+
+def adder_conv_int(xq: jax.Array,
+                   wq: jax.Array,
+                   strides: int | tuple[int, ...] = 1,
+                   padding: PaddingLike = 'SAME',
+                   kernel_dilation: int | tuple[int, ...] = 1,
+                   feature_group_count: int = 1,
+                   *,
+                   partial_dtype: str = 'int16',
+                   method: str = 'max') -> jax.Array:
+  """Integer adder convolution: ``-sum |xq - wq|`` with int32 accumulation.
+
+  The integer twin of :func:`adderjax.adder_conv` with the same arguments
+  and geometry (1-3 spatial dims, strides, any padding form, dilation,
+  groups); it is exact: no rounding, every entry is the integer sum.
+
+  Args:
+    xq: int8 feature-last input ``(N, *spatial, C_in)``.
+    wq: int8 kernel ``(*kernel_size, C_in // groups, C_out)``.
+    strides: an int or one int per spatial dim.
+    padding: ``'SAME'``, ``'VALID'``, an int, one int per spatial dim, or
+      ``(lo, hi)`` pairs; pads with the integer 0.
+    kernel_dilation: an int or one int per spatial dim.
+    feature_group_count: number of groups.
+    partial_dtype: ``'int16'`` (default: differences and partial sums of up
+      to 128 terms in int16, twice the vector lanes) or ``'int32'``; both are
+      exact.
+    method: ``'max'`` (default: ``sum x + sum w - 2 sum max(x, w)``, two
+      vector operations per term) or ``'abs'`` (``sum |x - w|``, three);
+      both are exact.
+
+  Returns:
+    int32 ``(N, *out_spatial, C_out)``, every entry ``<= 0``.
+
+  Raises:
+    TypeError: ``xq`` or ``wq`` not int8.
+    ValueError: mismatched shapes, bad padding, strides, dilation, groups or
+      ``partial_dtype``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> xq = jnp.ones((1, 4, 4, 2), jnp.int8)
+    >>> wq = jnp.full((3, 3, 2, 1), -1, jnp.int8)
+    >>> adder_conv_int(xq, wq, padding='VALID')[0, :, :, 0].tolist()
+    [[-36, -36], [-36, -36]]
+  """
+  _check_int8('xq', xq)
+  _check_int8('wq', wq)
+  if partial_dtype not in PARTIAL_DTYPES:
+    raise ValueError(f'partial_dtype must be one of {PARTIAL_DTYPES}, got '
+                     f'{partial_dtype!r}.')
+  if method not in METHODS:
+    raise ValueError(f'method must be one of {METHODS}, got {method!r}.')
+  xq = jnp.asarray(xq)
+  wq = jnp.asarray(wq)
+  geo = geometry.make_geometry(xq.shape, wq.shape, strides, padding,
+                               kernel_dilation, feature_group_count)
+  return _adder_conv_int(xq, wq, geo, INT_FORWARD_TERMS, partial_dtype,
+                         method)
+
+
+def adder_dense_int(xq: jax.Array, wq: jax.Array, *,
+                    partial_dtype: str = 'int16',
+                    method: str = 'max') -> jax.Array:
+  """Integer fully connected adder layer: ``-sum_k |xq[..., k] - wq[k, t]|``.
+
+  Args:
+    xq: int8 ``(..., K)``.
+    wq: int8 ``(K, T)``.
+    partial_dtype: see :func:`adder_conv_int`.
+    method: see :func:`adder_conv_int`.
+
+  Returns:
+    int32 ``(..., T)``.
+
+  Raises:
+    TypeError: non-int8 operands.
+    ValueError: ``wq`` not 2-D, ``xq`` a scalar, or mismatched features.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> adder_dense_int(jnp.array([[127, -127]], jnp.int8),
+    ...                 jnp.array([[-127], [127]], jnp.int8)).tolist()
+    [[-508]]
+  """
+  _check_int8('xq', xq)
+  _check_int8('wq', wq)
+  xq = jnp.asarray(xq)
+  wq = jnp.asarray(wq)
+  if wq.ndim != 2:
+    raise ValueError(f'wq must have shape (in_features, out_features), got '
+                     f'shape {wq.shape}.')
+  if xq.ndim < 1:
+    raise ValueError(f'xq must have at least one axis, got shape {xq.shape}.')
+  if xq.shape[-1] != wq.shape[0]:
+    raise ValueError(f'xq has {xq.shape[-1]} features (shape {xq.shape}) but '
+                     f'wq expects {wq.shape[0]} (shape {wq.shape}).')
+  batch_shape = xq.shape[:-1]
+  y = adder_conv_int(xq.reshape(-1, 1, xq.shape[-1]), wq[None], 1, 'VALID',
+                     partial_dtype=partial_dtype, method=method)
+  return y.reshape(*batch_shape, wq.shape[1])
+
+
+# ----------------------------------------------------------------------------
+# Calibration and the quantized model.
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """How a model is quantized.
+
+  Attributes:
+    bits: bit width of the adder layers' shared scale (4..8, symmetric).
+    calibration: ``'max'``: the range covers the largest ``|x|`` seen in
+      calibration and the largest ``|w|`` (nothing is clipped);
+      ``'percentile'``: the activations' range is the ``percentile``-th
+      percentile of ``|x|`` (outliers clipped), still at least ``max |w|``.
+    percentile: see ``calibration``.
+    first_last: ``'float'`` keeps the stem and the classifier (every
+      ``nn.Conv`` / ``nn.Dense``) full precision, as the paper does;
+      ``'int8'`` runs them in int8 (per-tensor input scale, per-channel
+      kernel scale, int32 accumulation).
+    fold_bn: fold BatchNorm (see the module docstring); ``False`` runs every
+      BatchNorm in float on the dequantized output (same result up to float
+      rounding: a check of the folding).
+    partial_dtype: partial sums of the integer adder kernel (see
+      :func:`adder_conv_int`).
+    method: hot-loop form of the integer adder kernel (see
+      :func:`adder_conv_int`).
+    clip_kernel: ``True`` (default): the shared scale covers the
+      activations' range ``R`` only, and kernel entries beyond ``+-R`` are
+      clipped *exactly*: an input quantized into ``[-R, R]`` has
+      ``|x - w| = |x - clip(w, -R, R)| + (|w| - R)`` for ``|w| > R``, so the
+      per-output-channel constant ``sum (|w| - R)_+`` goes into the output
+      affine and costs nothing per tap. Trained adder kernels reach far
+      beyond the activations (``max |w|`` 40-50 against inputs below 7 in
+      our MNIST LeNet-5-BN), and a scale covering them would leave the
+      activations a handful of levels. ``False``: the range is
+      ``max(R, max |w|)``, nothing clipped (the plain shared scale).
+
+  Examples:
+    >>> QuantConfig(bits=6).qmax
+    31
+  """
+  bits: int = 8
+  calibration: str = 'max'
+  percentile: float = 99.99
+  first_last: str = 'float'
+  fold_bn: bool = True
+  partial_dtype: str = 'int16'
+  clip_kernel: bool = True
+  method: str = 'max'
+
+  def __post_init__(self):
+    qmax_of(self.bits)
+    if self.calibration not in CALIBRATIONS:
+      raise ValueError(f'calibration must be one of {CALIBRATIONS}, got '
+                       f'{self.calibration!r}.')
+    if not (isinstance(self.percentile, (int, float)) and
+            0 < self.percentile <= 100):
+      raise ValueError(f'percentile must be in (0, 100], got '
+                       f'{self.percentile!r}.')
+    if self.first_last not in FIRST_LAST:
+      raise ValueError(f'first_last must be one of {FIRST_LAST}, got '
+                       f'{self.first_last!r}.')
+    for name in ('fold_bn', 'clip_kernel'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'{name} must be a bool, got '
+                         f'{getattr(self, name)!r}.')
+    if self.partial_dtype not in PARTIAL_DTYPES:
+      raise ValueError(f'partial_dtype must be one of {PARTIAL_DTYPES}, got '
+                       f'{self.partial_dtype!r}.')
+    if self.method not in METHODS:
+      raise ValueError(f'method must be one of {METHODS}, got '
+                       f'{self.method!r}.')
+
+  @property
+  def qmax(self) -> int:
+    return qmax_of(self.bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """The quantization of one weighted layer (one row of the scale table).
+
+  Attributes:
+    path: module path, e.g. ``'layer1_0/conv1'``.
+    kind: ``'adder'`` or ``'fp'`` (full-precision stem / classifier).
+    op: ``'conv'`` or ``'dense'``.
+    bits: bit width of this layer (``None``: left in float).
+    scale: adder layers: the shared scale of input and kernel; fp layers
+      in int8: the input scale (the kernel has per-channel scales).
+    x_absmax: largest ``|x|`` over the calibration batches.
+    x_range: activation range the scale was chosen for.
+    w_absmax: largest ``|w|`` of the kernel.
+    bound_by: ``'x'`` or ``'w'``: which range set an adder layer's scale.
+    x_clipped: fraction of calibration inputs beyond ``qmax * scale``.
+    w_clipped: fraction of an adder kernel's entries beyond ``qmax *
+      scale``, clipped exactly (see :class:`QuantConfig` ``clip_kernel``).
+    bn: path of the folded BatchNorm, or ``None``.
+  """
+  path: str
+  kind: str
+  op: str
+  bits: int | None
+  scale: float
+  x_absmax: float
+  x_range: float
+  w_absmax: float
+  bound_by: str
+  x_clipped: float
+  w_clipped: float
+  bn: str | None
+
+
+def _layer_kind(module) -> tuple[str, str] | None:
+  if isinstance(module, adder_linen.AdderConv):
+    return 'adder', 'conv'
+  if isinstance(module, adder_linen.AdderDense):
+    return 'adder', 'dense'
+  if isinstance(module, nn.Conv):
+    return 'fp', 'conv'
+  if isinstance(module, nn.Dense):
+    return 'fp', 'dense'
+  return None
+
+
+def _path(module) -> str:
+  return '/'.join(module.path)
+
+
+def _accepts_train(model) -> bool:
+  try:
+    return 'train' in inspect.signature(type(model).__call__).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def _conv_padding(module, x_shape, kernel_shape) -> tuple:
+  """Explicit ``(lo, hi)`` pads of a Conv-like module (integer path)."""
+  nsp = len(kernel_shape) - 2
+  padding = module.padding
+  if isinstance(padding, str) and padding.upper() not in ('SAME', 'VALID'):
+    raise NotImplementedError(
+        f'layer {_path(module)!r}: padding {padding!r} is not supported by '
+        "the integer path (use 'SAME', 'VALID', ints or (lo, hi) pairs).")
+  strides = geometry.as_int_tuple(module.strides, nsp, 'strides')
+  dilation = geometry.as_int_tuple(module.kernel_dilation, nsp,
+                                   'kernel_dilation')
+  return strides, geometry.canonicalize_padding(
+      padding, kernel_shape[:nsp], strides, dilation, x_shape[1:-1]), dilation
+
+
+def _check_conv_input(module, x) -> None:
+  nsp = len(module.get_variable('params', 'kernel').shape) - 2
+  if jnp.ndim(x) != nsp + 2:
+    raise NotImplementedError(
+        f'layer {_path(module)!r}: the integer path takes inputs with one '
+        f'batch dim (rank {nsp + 2}), got shape {jnp.shape(x)}.')
+  if getattr(module, 'input_dilation', 1) not in (None, 1):
+    if any(d != 1 for d in np.atleast_1d(module.input_dilation)):
+      raise NotImplementedError(f'layer {_path(module)!r}: input_dilation '
+                                'is not supported by the integer path.')
+
+
+@dataclasses.dataclass
+class _Record:
+  kind: str
+  op: str
+  absmax: float = 0.0
+  samples: list = dataclasses.field(default_factory=list)
+  calls: int = 0
+  bn: str | None = None
+  bn_ok: bool = True
+
+
+def _bn_foldable(module) -> bool:
+  return (isinstance(module, nn.BatchNorm) and
+          bool(module.use_running_average) and module.axis in (-1,) and
+          module.axis_name is None)
+
+
+def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
+              config: QuantConfig = QuantConfig(),
+              **call_kwargs) -> 'QuantizedModel':
+  """Calibrates the scales of a trained model and returns it quantized.
+
+  Runs the float model on ``batches`` (jitted, under
+  :func:`flax.linen.intercept_methods`), records each weighted layer's
+  largest input magnitude (and a sample of them for percentiles) and which
+  BatchNorm reads each layer's output, then picks per layer:
+
+  * adder layers: one scale ``s = x_range / qmax`` shared by the input and
+    the kernel (``qmax = 2**(bits - 1) - 1``), kernel entries beyond the
+    range clipped exactly (``max(x_range, max |w|) / qmax`` with
+    ``clip_kernel=False``);
+  * full-precision layers with ``first_last='int8'``: an input scale
+    ``x_range / 127`` and a per-output-channel kernel scale (after the
+    BatchNorm fold).
+
+  Args:
+    model: an unbound Linen model (e.g. :func:`adderjax.create_model`).
+    variables: its trained variables (``params`` and ``batch_stats``).
+    batches: a few preprocessed input batches (e.g. 4 training batches).
+    config: :class:`QuantConfig`.
+    **call_kwargs: extra call arguments; ``train=False`` is passed when the
+      model takes ``train``.
+
+  Returns:
+    A :class:`QuantizedModel`.
+
+  Raises:
+    ValueError: no batches, a layer called more than once per forward pass,
+      or a model without adder layers.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> from adderjax import linen, quant
+    >>> model = nn.Sequential([linen.AdderDense(4, use_bias=False),
+    ...                        nn.BatchNorm(use_running_average=True),
+    ...                        nn.Dense(2)])
+    >>> x = jax.random.normal(jax.random.key(0), (16, 5))
+    >>> variables = model.init(jax.random.key(1), x)
+    >>> qm = quant.calibrate(model, variables, [x], quant.QuantConfig(bits=8))
+    >>> [(p.path, p.kind, p.bits, p.bn) for p in qm.plan]
+    [('layers_0', 'adder', 8, 'layers_1'), ('layers_2', 'fp', None, None)]
+    >>> qm(x).shape
+    (16, 2)
+  """
+  if not isinstance(config, QuantConfig):
+    raise TypeError(f'config must be a QuantConfig, got {config!r}.')
+  if 'train' not in call_kwargs and _accepts_train(model):
+    call_kwargs['train'] = False
+  records: dict[str, _Record] = {}
+  order: list[str] = []
+  bn_modules: dict[str, Any] = {}
+  max_samples = 1 << 18
+
+  def collect(variables, batch):
+    """Traced once per input shape: finds the layers and the BatchNorms
+    that read their outputs, and returns each layer's input statistics."""
+    outputs: dict[int, str] = {}
+    alive: list = []  # keeps outputs alive so that their ids stay unique
+    seen: set[str] = set()
+    stats = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      if context.method_name != '__call__':
+        return next_fun(*args, **kwargs)
+      module = context.module
+      path = _path(module)
+      kinds = _layer_kind(module)
+      if isinstance(module, nn.BatchNorm) and args:
+        src = outputs.get(id(args[0]))
+        if src is not None:
+          rec = records[src]
+          if rec.bn not in (None, path) or not _bn_foldable(module):
+            rec.bn_ok = False
+          rec.bn = path
+          bn_modules[path] = module
+      if kinds is None or not args:
+        return next_fun(*args, **kwargs)
+      if path in seen:
+        raise ValueError(f'layer {path!r} is called more than once per '
+                         'forward pass; shared layers are not supported.')
+      seen.add(path)
+      if path not in records:
+        records[path] = _Record(*kinds)
+        order.append(path)
+      x = jnp.abs(jnp.asarray(args[0], jnp.float32)).ravel()
+      step = max(1, -(-x.size // max_samples))  # fixed, evenly spaced
+      stats[path] = (jnp.max(x, initial=0.0), x[::step])
+      out = next_fun(*args, **kwargs)
+      outputs[id(out)] = path
+      alive.append(out)
+      return out
+
+    with nn.intercept_methods(interceptor):
+      model.apply(variables, batch, **call_kwargs)
+    return stats
+
+  collect = jax.jit(collect)
+  n_batches = 0
+  for batch in batches:
+    n_batches += 1
+    stats = jax.device_get(collect(variables, jnp.asarray(batch)))
+    for path, (absmax, sample) in stats.items():
+      rec = records[path]
+      rec.calls += 1
+      rec.absmax = max(rec.absmax, float(absmax))
+      rec.samples.append(np.asarray(sample))
+  if not n_batches:
+    raise ValueError('calibrate needs at least one batch.')
+  if not any(r.kind == 'adder' for r in records.values()):
+    raise ValueError('the model has no AdderConv / AdderDense layer to '
+                     'quantize.')
+  for rec in records.values():
+    if rec.calls != n_batches:  # a layer not called on every batch
+      rec.bn_ok = False
+  return _build(model, variables, config, records, order, bn_modules,
+                call_kwargs)
+
+
+def _variables_at(tree, path: str):
+  node = tree
+  for name in filter(None, path.split('/')):  # '' is the top module
+    node = node[name]
+  return node
+
+
+def _bn_affine(module, variables, path: str):
+  """``(a, c)`` with ``BN(y) = a * y + c`` for a BatchNorm in eval mode."""
+  stats = _variables_at(variables['batch_stats'], path)
+  mean = jnp.asarray(stats['mean'], jnp.float32)
+  var = jnp.asarray(stats['var'], jnp.float32)
+  try:
+    params = _variables_at(variables['params'], path)
+  except (KeyError, TypeError):
+    params = {}
+  gamma = jnp.asarray(params['scale'], jnp.float32) if module.use_scale else 1.0
+  beta = jnp.asarray(params['bias'], jnp.float32) if module.use_bias else 0.0
+  a = gamma * lax.rsqrt(var + module.epsilon)
+  return a, beta - a * mean
+
+
+def _build(model, variables, config, records, order, bn_modules,
+           call_kwargs) -> 'QuantizedModel':
+  plan = []
+  qparams = {}
+  for path in order:
+    rec = records[path]
+    p = _variables_at(variables['params'], path)
+    kernel = jnp.asarray(p['kernel'], jnp.float32)
+    bias = jnp.asarray(p['bias'], jnp.float32) if 'bias' in p else None
+    w_absmax = float(jnp.max(jnp.abs(kernel))) if kernel.size else 0.0
+    xs = np.concatenate(rec.samples) if rec.samples else np.zeros(1)
+    if config.calibration == 'percentile':
+      x_range = float(np.percentile(xs, config.percentile))
+    else:
+      x_range = rec.absmax
+    bn = rec.bn if (config.fold_bn and rec.bn_ok) else None
+    if bn is not None:
+      a, c = _bn_affine(bn_modules[bn], variables, bn)
+    else:
+      a, c = None, None
+    entry = {}
+    w_clipped = 0.0
+    if rec.kind == 'adder':
+      qmax = config.qmax
+      if config.clip_kernel and x_range > 0:
+        rng, bound = x_range, 'x'
+      else:
+        rng = max(x_range, w_absmax)
+        bound = 'x' if x_range >= w_absmax else 'w'
+      scale = rng / qmax if rng > 0 else 1.0
+      # Kernel entries beyond the range: for |x| <= R and |w| > R,
+      # |x - w| = |x - clip(w)| + (|w| - R), so clipping is exact once the
+      # per-channel constant sum (|w| - R)_+ is subtracted from the output.
+      r = qmax * scale
+      excess = jnp.maximum(jnp.abs(kernel) - r, 0.0)
+      w_clipped = float(jnp.mean(excess > 0)) if kernel.size else 0.0
+      correction = jnp.sum(excess.reshape(-1, kernel.shape[-1]), axis=0)
+      entry['wq'] = quantize(jnp.clip(kernel, -r, r), scale, config.bits)
+      mult = jnp.full((kernel.shape[-1],), scale, jnp.float32)
+      shift = (bias if bias is not None else jnp.zeros_like(mult)) - correction
+      if a is not None:  # BN(s * acc + shift) = (a s) acc + a shift + c
+        mult, shift = a * mult, a * shift + c
+      entry['mult'], entry['shift'] = mult, shift
+      bits = config.bits
+    else:
+      if a is not None:  # fold BN into the kernel and bias (a conv's fold)
+        kernel = kernel * a
+        bias = (a * bias + c) if bias is not None else c
+      bound = 'x'
+      if config.first_last == 'int8':
+        scale = x_range / 127 if x_range > 0 else 1.0
+        axes = tuple(range(kernel.ndim - 1))
+        wmax = jnp.max(jnp.abs(kernel), axis=axes)
+        wscale = jnp.where(wmax > 0, wmax / 127, 1.0)
+        entry['wq'] = quantize(kernel, wscale, 8)
+        entry['mult'] = scale * wscale
+        bits = 8
+      else:
+        scale = math.nan
+        entry['kernel'] = kernel
+        bits = None
+      entry['shift'] = (bias if bias is not None else
+                        jnp.zeros((kernel.shape[-1],), jnp.float32))
+    x_clipped = (float(np.mean(xs > (config.qmax if rec.kind == 'adder'
+                                     else 127) * scale))
+                 if bits is not None else 0.0)
+    qparams[path] = entry
+    plan.append(LayerPlan(
+        path=path, kind=rec.kind, op=rec.op, bits=bits, scale=float(scale),
+        x_absmax=rec.absmax, x_range=x_range, w_absmax=w_absmax,
+        bound_by=bound, x_clipped=x_clipped, w_clipped=w_clipped, bn=bn))
+  return QuantizedModel(model=model, variables=variables, config=config,
+                        plan=tuple(plan), qparams=qparams,
+                        call_kwargs=dict(call_kwargs),
+                        calibration=(records, order, bn_modules))
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+  """A calibrated model whose weighted layers run on integers.
+
+  Built by :func:`calibrate`. Calling it runs the model with every adder
+  layer replaced by its integer form (int8 input and kernel on the layer's
+  shared scale, :func:`adder_conv_int`, then the folded per-channel affine),
+  and the stem / classifier in float or int8 (``config.first_last``).
+
+  Attributes:
+    model: the Linen model.
+    variables: its float variables.
+    config: the :class:`QuantConfig`.
+    plan: one :class:`LayerPlan` per weighted layer, in call order.
+    qparams: per layer path: int8 kernel ``wq`` (or float ``kernel``),
+      per-channel ``mult`` and ``shift`` of the output affine.
+    call_kwargs: extra model call arguments.
+    calibration: the statistics gathered by :func:`calibrate` (reused by
+      :meth:`requantize`).
+  """
+  model: nn.Module
+  variables: Any
+  config: QuantConfig
+  plan: tuple[LayerPlan, ...]
+  qparams: dict
+  call_kwargs: dict
+  calibration: Any = dataclasses.field(default=None, repr=False)
+
+  def __post_init__(self):
+    self._jitted = jax.jit(self.apply)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """The quantized forward pass (jitted)."""
+    return self._jitted(self.qparams, jnp.asarray(x))
+
+  def apply(self, qparams: dict, x: jax.Array) -> jax.Array:
+    """The quantized forward pass as a pure function of ``qparams`` and ``x``."""
+    plans = {p.path: p for p in self.plan}
+    folded = {p.bn for p in self.plan if p.bn is not None}
+    cfg = self.config
+
+    def interceptor(next_fun, args, kwargs, context):
+      if context.method_name != '__call__':
+        return next_fun(*args, **kwargs)
+      module = context.module
+      path = _path(module)
+      if path in folded and isinstance(module, nn.BatchNorm):
+        return args[0]
+      plan = plans.get(path)
+      if plan is None or _layer_kind(module) is None:
+        return next_fun(*args, **kwargs)
+      return _run_layer(module, plan, qparams[path], args[0], cfg)
+
+    with nn.intercept_methods(interceptor):
+      return self.model.apply(self.variables, x, **self.call_kwargs)
+
+  def requantize(self, config: QuantConfig) -> 'QuantizedModel':
+    """The same calibration quantized with another :class:`QuantConfig`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from adderjax import linen, quant
+      >>> model = linen.AdderDense(3)
+      >>> x = jnp.arange(8.).reshape(2, 4)
+      >>> q8 = quant.calibrate(model, model.init(jax.random.key(0), x), [x])
+      >>> q4 = q8.requantize(quant.QuantConfig(bits=4))
+      >>> q4.plan[0].bits, round(q4.plan[0].scale * 7, 4)  # range: max |x|
+      (4, 7.0)
+    """
+    if not isinstance(config, QuantConfig):
+      raise TypeError(f'config must be a QuantConfig, got {config!r}.')
+    records, order, bn_modules = self.calibration
+    return _build(self.model, self.variables, config, records, order,
+                  bn_modules, self.call_kwargs)
+
+  def table(self) -> str:
+    """The per-layer scale choice as a markdown table."""
+    head = ('| layer | kind | bits | scale | max abs x | x range | max abs w '
+            '| scale set by | x clipped | w clipped (exact) | BN folded |')
+    lines = [head, '|' + '---|' * 11]
+    for p in self.plan:
+      bits = '-' if p.bits is None else str(p.bits)
+      scale = '-' if p.bits is None else f'{p.scale:.4g}'
+      if p.kind == 'fp' and p.bits is not None:
+        scale += ' (x); w per channel'
+      lines.append(
+          f'| {p.path} | {p.kind} | {bits} | {scale} | {p.x_absmax:.4g} | '
+          f'{p.x_range:.4g} | {p.w_absmax:.4g} | '
+          f'{p.bound_by if p.kind == "adder" else "-"} | '
+          f'{100 * p.x_clipped:.3f} % | '
+          f'{f"{100 * p.w_clipped:.1f} %" if p.kind == "adder" else "-"} | '
+          f'{p.bn or "-"} |')
+    return '\n'.join(lines)
+
+
+def _run_layer(module, plan: LayerPlan, q: dict, x: jax.Array,
+               cfg: QuantConfig) -> jax.Array:
+  """One weighted layer of the quantized forward pass (float32 output)."""
+  x = jnp.asarray(x, jnp.float32)
+  if plan.kind == 'adder':
+    xq = quantize(x, plan.scale, cfg.bits)
+    if plan.op == 'dense':
+      acc = adder_dense_int(xq, q['wq'], partial_dtype=cfg.partial_dtype,
+                            method=cfg.method)
+    else:
+      _check_conv_input(module, x)
+      strides, pads, dilation = _conv_padding(module, x.shape, q['wq'].shape)
+      acc = adder_conv_int(xq, q['wq'], strides, pads, dilation,
+                           module.feature_group_count,
+                           partial_dtype=cfg.partial_dtype,
+                           method=cfg.method)
+    return acc.astype(jnp.float32) * q['mult'] + q['shift']
+  if plan.bits is None:  # float stem / classifier (BN folded in the kernel)
+    kernel = q['kernel']
+    if plan.op == 'dense':
+      y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                          precision=lax.Precision.HIGHEST)
+    else:
+      _check_conv_input(module, x)
+      strides, pads, dilation = _conv_padding(module, x.shape, kernel.shape)
+      y = _lax_conv(x, kernel, strides, pads, dilation,
+                    module.feature_group_count, jnp.float32)
+    return y + q['shift']
+  xq = quantize(x, plan.scale, 8)
+  wq = q['wq']
+  if plan.op == 'dense':
+    acc = lax.dot_general(xq, wq, (((xq.ndim - 1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.int32)
+  else:
+    _check_conv_input(module, x)
+    strides, pads, dilation = _conv_padding(module, x.shape, wq.shape)
+    acc = _lax_conv(xq, wq, strides, pads, dilation,
+                    module.feature_group_count, jnp.int32)
+  return acc.astype(jnp.float32) * q['mult'] + q['shift']
+
+
+def _lax_conv(x, kernel, strides, pads, dilation, groups, out_dtype):
+  nsp = kernel.ndim - 2
+  spatial = ''.join('DHW'[3 - nsp:])
+  dn = lax.conv_dimension_numbers(
+      x.shape, kernel.shape, (f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'))
+  return lax.conv_general_dilated(
+      x, kernel, strides, pads, rhs_dilation=dilation,
+      dimension_numbers=dn, feature_group_count=groups,
+      precision=lax.Precision.HIGHEST if out_dtype == jnp.float32 else None,
+      preferred_element_type=out_dtype)
