@@ -1,0 +1,409 @@
+"""Patch-free adder (l1) convolution kernels for TPUs (Pallas Mosaic).
+
+No patch matrix: each grid step reads image rows (with their halo) straight
+from the activation into VMEM and walks the kernel taps in-kernel (implicit
+im2col).
+
+Layout. Outside the kernel the activation is zero-padded once and transposed
+from NHWC to ``(H, W, G, C, N)`` (one copy of one activation), so a VMEM block
+of one image row is ``(W, C, N)``: **the batch is the lane axis**, channels
+are sublanes and the spatial position is an untiled leading dim. A tap
+``(i, j)`` of output position ``(oh, ow)`` then reads row ``oh*sh + i*dh``,
+column ``ow*sw + j*dw``: a block index and a dynamic leading-dim index, with
+no lane or sublane shifts, and strides and dilations cost nothing (no phase
+split is needed). The halo along ``H`` is had by passing the activation once
+per kernel row ``i``, each with its own row index map; along ``W`` a block
+holds the whole row.
+
+Forward: grid ``(G, N-blocks, T-blocks, OH, C-blocks)``; the output row block
+``(OW, bt, bn)`` stays resident over the ``C`` steps. For each output column
+the ``(bt, bn)`` accumulator (``bt/8 * bn/128`` vregs) takes
+``|w[tap, t, c] - x[col, c, n]|`` for every tap and channel: a sublane
+broadcast of an activation row and a lane broadcast of a kernel column, as in
+:mod:`pallas_kernels.adder_tpu`. 3 VPU ops per l1 term; the activation is read
+``KH`` times per ``T`` block from HBM, which at ``KH * KW * C * T`` terms per
+element is far below the VPU bound (v5e: 197 TOP/s-class VPU vs 819 GB/s).
+
+Input gradient (gather form): grid ``(G, N-blocks, C-blocks, H, T-blocks)``;
+input row ``h`` pulls, for tap row ``i``, cotangent row
+``oh = (h + ph - i*dh) / sh`` (a block index map, clamped; the step is skipped
+unless it is an integer inside ``[0, OH)``). For each input column and tap the
+contribution ``sum_t g[oh, ow, t, n] h(w[tap, c, t] - x[h, w, c, n])`` is
+added only under ``pl.when(valid)``, so an input position read by no output
+keeps exactly 0 and a NaN reaches exactly the positions that read it.
+
+VMEM: one step holds ``KH`` activation rows ``(W, bc, bn)``, the output row and
+(input gradient) ``KH`` cotangent rows, double-buffered; the configs
+(:mod:`pallas_kernels.conv_tpu_config`) size the channel blocks to fit and set
+``vmem_limit_bytes``. HBM temporaries: the padded, transposed activation, the
+transposed cotangent and output (one activation each) -- against ``KH*KW``
+activations for a patch matrix.
+
+Limits: the lanes are the batch, so a batch below 128 per block leaves lanes
+idle (``N / 128`` of the VPU is used, and Mosaic pads the lane dim of the HBM
+copy); depthwise layers pad their one channel per group to 16 sublanes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import _conv_util
+from pallas_kernels import _util
+from pallas_kernels.conv_spec import ConvSpec
+from pallas_kernels.conv_tpu_config import ForwardConfig
+from pallas_kernels.conv_tpu_config import InputGradConfig
+from pallas_kernels.conv_tpu_config import LANES
+from pallas_kernels.conv_tpu_config import SUBLANES
+from pallas_kernels.conv_tpu_config import padded_batch
+from pallas_kernels.conv_tpu_config import padded_lane_axis
+
+_F32 = jnp.float32
+
+
+def _lane_chunks(n: int, chunk_fn, acc):
+  """``chunk_fn(offset, size, acc)`` over ``n`` lanes in 128-lane chunks."""
+  n_full, tail = divmod(n, LANES)
+  if n_full == 1:
+    acc = chunk_fn(0, LANES, acc)
+  elif n_full > 1:
+    acc = lax.fori_loop(
+        0, n_full,
+        lambda c, a: chunk_fn(pl.multiple_of(c * LANES, LANES), LANES, a),
+        acc)
+  if tail:
+    acc = chunk_fn(n_full * LANES, tail, acc)
+  return acc
+
+
+def _to_hwgcn(x, groups, c_pad, n_pad, pads=((0, 0), (0, 0))):
+  """``(N, H, W, G*C)`` -> zero-padded ``(H', W', G, C_pad, N_pad)``."""
+  n, h, w, _ = x.shape
+  x = x.reshape(n, h, w, groups, -1)
+  c = x.shape[-1]
+  x = jnp.pad(x, ((0, n_pad - n), pads[0], pads[1], (0, 0), (0, c_pad - c)))
+  return jnp.transpose(x, (1, 2, 3, 4, 0))
+
+
+def _from_hwgcn(y, n, c):
+  """``(H, W, G, C_pad, N_pad)`` -> ``(N, H, W, G*C)``."""
+  h, w, g = y.shape[:3]
+  y = jnp.transpose(y[:, :, :, :c, :n], (4, 0, 1, 2, 3))
+  return y.reshape(n, h, w, g * c)
+
+
+# --- forward ----------------------------------------------------------------
+
+
+def _forward_kernel(*refs, kh, kw, sw, dw, ow_count):
+  """One ``(g, n-block, t-block, oh, c-block)`` step.
+
+  Refs: ``kh`` activation rows ``(Wp, bc, bn)`` (row ``oh*sh + i*dh``), the
+  transposed kernel ``(KH*KW, bt, bc)`` float32 and the output row
+  ``(OW, bt, bn)`` float32, which holds ``sum |x - w|`` until the last
+  channel step turns it into ``0 - sum``.
+  """
+  x_refs, wt_ref, o_ref = refs[:kh], refs[kh], refs[kh + 1]
+  c_step = pl.program_id(4)
+  bc = wt_ref.shape[2]
+
+  @pl.when(c_step == 0)
+  def _init():
+    o_ref[...] = jnp.zeros(o_ref.shape, _F32)
+
+  def column(ow, carry):
+    acc = o_ref[ow]                                          # (bt, bn)
+    for i in range(kh):
+      def tap(j, acc, i=i):
+        col = ow * sw + j * dw
+        tap_index = i * kw + j
+
+        def chunk(off, size, acc):
+          wt = wt_ref[tap_index, :, pl.ds(off, size)]        # (bt, size)
+          for r0 in range(0, size, SUBLANES):
+            rows = x_refs[i][col, pl.ds(off + r0, SUBLANES), :].astype(_F32)
+            for r in range(SUBLANES):
+              acc = acc + jnp.abs(wt[:, r0 + r:r0 + r + 1] - rows[r:r + 1, :])
+          return acc
+        return _lane_chunks(bc, chunk, acc)
+      acc = tap(0, acc) if kw == 1 else lax.fori_loop(0, kw, tap, acc)
+    o_ref[ow] = acc
+    return carry
+
+  lax.fori_loop(0, ow_count, column, 0)
+
+  @pl.when(c_step == pl.num_programs(4) - 1)
+  def _finish():
+    o_ref[...] = 0.0 - o_ref[...]
+
+
+@functools.partial(jax.jit, static_argnames=('spec', 'interpret', 'config',
+                                             'generation'))
+def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
+                    interpret: bool = False,
+                    config: ForwardConfig | None = None,
+                    generation: str | None = None) -> jax.Array:
+  """Adder conv forward, ``y = -sum |xpad[window] - w|``, without patches.
+
+  ``y[n, oh, ow, t] = -sum_{i,j,c} |xpad[n, oh*sh + i*dh, ow*sw + j*dw, c]
+  - w[i, j, c, t]|`` with zero padding (the padded zeros enter the distance);
+  with groups, channel group ``g`` of ``x`` meets output channels
+  ``[g*T/G, (g+1)*T/G)``.
+
+  Args:
+    x: ``(N, H, W, C)`` (or ``(N, W, C)`` with a 1-D spec), float32, bfloat16
+      or float16; read as is and upcast in-kernel.
+    w: ``(KH, KW, C // groups, T)`` (flax Conv layout); read as float32.
+    spec: strides, padding, dilation and groups.
+    interpret: run the kernel in the Pallas interpreter (any backend).
+    config: block sizes; ``None`` uses :meth:`ForwardConfig.get_default`.
+    generation: TPU generation for the default config (``'v4'``, ``'v5e'``,
+      ``'v6e'``; ``None``: v5e).
+
+  Returns:
+    ``(N, OH, OW, T)`` (or ``(N, OW, T)``) float32.
+
+  Raises:
+    TypeError, ValueError: bad operands or spec (the message names them).
+    NotImplementedError: 3-D convolutions.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from pallas_kernels import conv_tpu
+    >>> from pallas_kernels.conv_spec import ConvSpec
+    >>> x = jnp.arange(4.0).reshape(1, 4, 1)          # N=1, W=4, C=1
+    >>> w = jnp.ones((2, 1, 1))                       # KW=2, T=1
+    >>> spec = ConvSpec(strides=(1,), padding=((0, 1),), dilation=(1,))
+    >>> conv_tpu.l1_conv_forward(x, w, spec, interpret=True)[0, :, 0].tolist()
+    [-1.0, -1.0, -3.0, -3.0]
+  """
+  x, w, _, geo, was_1d = _conv_util.check_conv_args(x, w, spec)
+  s = geo.spec
+  (ph0, ph1), (pw0, pw1) = s.padding
+  hp, wp = geo.h + ph0 + ph1, geo.w + pw0 + pw1
+  cfg = config or ForwardConfig.get_default(
+      n=geo.n, h=hp, w=wp, c=geo.c, t=geo.t, kh=geo.kh, kw=geo.kw, oh=geo.oh,
+      ow=geo.ow, itemsize=x.dtype.itemsize, generation=generation)
+  n_pad, bn = padded_batch(geo.n, cfg.block_n)
+  c_pad, bc = padded_lane_axis(geo.c, SUBLANES, cfg.block_c)
+  bt = min(cfg.block_t, _util.round_up(geo.t, 8))
+  t_pad = _util.round_up(geo.t, bt)
+  taps = geo.kh * geo.kw
+
+  xt = _to_hwgcn(x, geo.groups, c_pad, n_pad, s.padding)   # (Hp, Wp, G, C, N)
+  wt = w.astype(_F32).reshape(taps, geo.c, geo.groups, geo.t)
+  wt = jnp.transpose(wt, (2, 0, 3, 1))                      # (G, taps, T, C)
+  wt = jnp.pad(wt, ((0, 0), (0, 0), (0, t_pad - geo.t), (0, c_pad - geo.c)))
+
+  sh, sw = s.strides
+  dh, dw = s.dilation
+  grid = (geo.groups, n_pad // bn, t_pad // bt, geo.oh, c_pad // bc)
+
+  def x_map(i):
+    return lambda g, nb, tb, oh, cb: (oh * sh + i * dh, 0, g, cb, nb)
+
+  in_specs = [pl.BlockSpec((None, wp, None, bc, bn), x_map(i))
+              for i in range(geo.kh)]
+  in_specs.append(pl.BlockSpec((None, taps, bt, bc),
+                               lambda g, nb, tb, oh, cb: (g, 0, tb, cb)))
+  kernel = functools.partial(_forward_kernel, kh=geo.kh, kw=geo.kw, sw=sw,
+                             dw=dw, ow_count=geo.ow)
+  terms = geo.groups * n_pad * t_pad * geo.oh * geo.ow * taps * c_pad
+  y = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(
+          (geo.oh, geo.ow, geo.groups, t_pad, n_pad), _F32),
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, geo.ow, None, bt, bn),
+                             lambda g, nb, tb, oh, cb: (oh, 0, g, tb, nb)),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel',
+                               'parallel', 'arbitrary'),
+          vmem_limit_bytes=cfg.vmem_limit_bytes),
+      cost_estimate=pl.CostEstimate(
+          flops=3 * terms, transcendentals=0,
+          bytes_accessed=(xt.size * xt.dtype.itemsize * geo.kh * grid[2] +
+                          wt.size * 4 * grid[1] * geo.oh +
+                          4 * geo.oh * geo.ow * geo.groups * t_pad * n_pad)),
+      interpret=interpret,
+      name='adder_conv_forward_mosaic',
+  )(*([xt] * geo.kh), wt)
+  y = _from_hwgcn(y, geo.n, geo.t)
+  return y[:, 0] if was_1d else y
+
+
+# --- input gradient ----------------------------------------------------------
+
+
+def _valid_index(num, stride, count):
+  """``(num / stride is an integer in [0, count), clamped index)``."""
+  nonneg = jnp.maximum(num, 0)
+  q = nonneg // stride if stride > 1 else nonneg
+  ok = (num >= 0) & (q < count)
+  if stride > 1:
+    ok = ok & (nonneg % stride == 0)
+  return ok, jnp.minimum(q, count - 1)
+
+
+def _input_grad_kernel(*refs, kh, kw, sh, sw, dh, dw, ph, pw, oh_count,
+                       ow_count, w_count, mode):
+  """One ``(g, n-block, c-block, h, t-block)`` step.
+
+  Refs: ``kh`` cotangent rows ``(OW, bt, bn)`` float32 (row
+  ``(h + ph - i*dh) / sh``, clamped), the activation row ``(W, bc, bn)``, the
+  kernel ``(KH*KW, bc, bt)`` float32 and the output row ``(W, bc, bn)``
+  float32, accumulated over the ``T`` steps.
+  """
+  g_refs = refs[:kh]
+  x_ref, w_ref, o_ref = refs[kh:]
+  h = pl.program_id(3)
+  bt = w_ref.shape[2]
+
+  @pl.when(pl.program_id(4) == 0)
+  def _init():
+    o_ref[...] = jnp.zeros(o_ref.shape, _F32)
+
+  row_ok = [_valid_index(h + ph - i * dh, sh, oh_count)[0] for i in range(kh)]
+
+  def column(wi, carry):
+    x = x_ref[wi].astype(_F32)                               # (bc, bn)
+    for i in range(kh):
+      def tap(j, carry, i=i):
+        col_ok, ow = _valid_index(wi + pw - j * dw, sw, ow_count)
+        tap_index = i * kw + j
+
+        @pl.when(row_ok[i] & col_ok)
+        def _add():
+          def chunk(off, size, acc):
+            wc = w_ref[tap_index, :, pl.ds(off, size)]       # (bc, size)
+            for r0 in range(0, size, 8):
+              g_rows = g_refs[i][ow, pl.ds(off + r0, 8), :]  # (8, bn)
+              for r in range(8):
+                acc = acc + _conv_util.grad_term(
+                    mode, wc[:, r0 + r:r0 + r + 1] - x, g_rows[r:r + 1, :])
+            return acc
+          o_ref[wi] = _lane_chunks(bt, chunk, o_ref[wi])
+        return carry
+      if kw == 1:
+        tap(0, 0)
+      else:
+        lax.fori_loop(0, kw, tap, 0)
+    return carry
+
+  lax.fori_loop(0, w_count, column, 0)
+
+
+@functools.partial(jax.jit, static_argnames=('spec', 'mode', 'interpret',
+                                             'config', 'generation'))
+def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
+                       spec: ConvSpec, *, mode: str,
+                       interpret: bool = False,
+                       config: InputGradConfig | None = None,
+                       generation: str | None = None) -> jax.Array:
+  """Input gradient of the adder conv (paper eq. 6-7), without patches.
+
+  ``dx[n, h, w, c] = sum g[n, oh, ow, t] * f(w[i, j, c, t] - x[n, h, w, c])``
+  over the taps ``(i, j)`` and outputs ``(oh, ow)`` that read ``x[n, h, w, c]``
+  and over ``t``; ``f`` is HardTanh (``'full_precision'``), ``sign``
+  (``'sign'``) or the identity (``'unclipped'``). Positions read by no output
+  get exactly 0.
+
+  Args:
+    x: ``(N, H, W, C)`` (or ``(N, W, C)``), float32 / bfloat16 / float16.
+    w: ``(KH, KW, C // groups, T)``; read as float32.
+    g: output cotangent ``(N, OH, OW, T)``; read as float32.
+    spec: strides, padding, dilation and groups of the forward.
+    mode: ``'full_precision'``, ``'sign'`` or ``'unclipped'``.
+    interpret: run the kernel in the Pallas interpreter (any backend).
+    config: block sizes; ``None`` uses :meth:`InputGradConfig.get_default`.
+    generation: TPU generation for the default config (``None``: v5e).
+
+  Returns:
+    ``(N, H, W, C)`` (or ``(N, W, C)``) float32.
+
+  Raises:
+    TypeError, ValueError: bad operands, spec or mode.
+    NotImplementedError: 3-D convolutions.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from pallas_kernels import conv_tpu
+    >>> from pallas_kernels.conv_spec import ConvSpec
+    >>> x = jnp.array([[[0.0], [3.0], [1.0]]])        # N=1, W=3, C=1
+    >>> w = jnp.full((1, 1, 1), 0.5)                  # 1x1, T=1
+    >>> spec = ConvSpec(strides=(2,), padding=((0, 0),), dilation=(1,))
+    >>> g = jnp.ones((1, 2, 1))
+    >>> conv_tpu.l1_conv_input_grad(x, w, g, spec, mode='full_precision',
+    ...                             interpret=True)[0, :, 0].tolist()
+    [0.5, 0.0, -0.5]
+  """
+  _conv_util.check_mode(mode)
+  x, w, g, geo, was_1d = _conv_util.check_conv_args(x, w, spec, g)
+  s = geo.spec
+  cfg = config or InputGradConfig.get_default(
+      n=geo.n, h=geo.h, w=geo.w, c=geo.c, t=geo.t, kh=geo.kh, kw=geo.kw,
+      oh=geo.oh, ow=geo.ow, itemsize=x.dtype.itemsize, generation=generation)
+  n_pad, bn = padded_batch(geo.n, cfg.block_n)
+  bc = min(cfg.block_c, _util.round_up(geo.c, SUBLANES))
+  c_pad = _util.round_up(geo.c, bc)
+  t_pad, bt = padded_lane_axis(geo.t, 8, cfg.block_t)
+  taps = geo.kh * geo.kw
+
+  xt = _to_hwgcn(x, geo.groups, c_pad, n_pad)                # (H, W, G, C, N)
+  gt = _to_hwgcn(g.astype(_F32), geo.groups, t_pad, n_pad)   # (OH, OW, G, T, N)
+  wk = w.astype(_F32).reshape(taps, geo.c, geo.groups, geo.t)
+  wk = jnp.transpose(wk, (2, 0, 1, 3))                       # (G, taps, C, T)
+  wk = jnp.pad(wk, ((0, 0), (0, 0), (0, c_pad - geo.c), (0, t_pad - geo.t)))
+
+  sh, sw = s.strides
+  dh, dw = s.dilation
+  ph, pw = s.padding[0][0], s.padding[1][0]
+  grid = (geo.groups, n_pad // bn, c_pad // bc, geo.h, t_pad // bt)
+
+  def g_map(i):
+    def index(gi, nb, cb, h, tb):
+      return (_valid_index(h + ph - i * dh, sh, geo.oh)[1], 0, gi, tb, nb)
+    return index
+
+  in_specs = [pl.BlockSpec((None, geo.ow, None, bt, bn), g_map(i))
+              for i in range(geo.kh)]
+  row_map = lambda gi, nb, cb, h, tb: (h, 0, gi, cb, nb)
+  in_specs += [
+      pl.BlockSpec((None, geo.w, None, bc, bn), row_map),
+      pl.BlockSpec((None, taps, bc, bt),
+                   lambda gi, nb, cb, h, tb: (gi, 0, cb, tb)),
+  ]
+  kernel = functools.partial(
+      _input_grad_kernel, kh=geo.kh, kw=geo.kw, sh=sh, sw=sw, dh=dh, dw=dw,
+      ph=ph, pw=pw, oh_count=geo.oh, ow_count=geo.ow, w_count=geo.w,
+      mode=mode)
+  terms = geo.groups * n_pad * t_pad * geo.oh * geo.ow * taps * c_pad
+  dx = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(
+          (geo.h, geo.w, geo.groups, c_pad, n_pad), _F32),
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, geo.w, None, bc, bn), row_map),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel',
+                               'parallel', 'arbitrary'),
+          vmem_limit_bytes=cfg.vmem_limit_bytes),
+      cost_estimate=pl.CostEstimate(
+          flops=5 * terms, transcendentals=0,
+          bytes_accessed=(xt.size * xt.dtype.itemsize * grid[4] +
+                          gt.size * 4 * geo.kh * grid[2] +
+                          wk.size * 4 * grid[1] * geo.h +
+                          4 * geo.h * geo.w * geo.groups * c_pad * n_pad)),
+      interpret=interpret,
+      name='adder_conv_input_grad_mosaic',
+  )(*([gt] * geo.kh), xt, wk)
+  dx = _from_hwgcn(dx, geo.n, geo.c)
+  return dx[:, 0] if was_1d else dx
