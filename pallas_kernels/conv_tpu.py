@@ -244,11 +244,13 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
 
 def _valid_index(num, stride, count):
   """``(num / stride is an integer in [0, count), clamped index)``."""
+  # lax.div / lax.rem of a non-negative value: jnp's floor division lowers
+  # through sign(), whose Mosaic rule queries the (absent) device.
   nonneg = jnp.maximum(num, 0)
-  q = nonneg // stride if stride > 1 else nonneg
+  q = lax.div(nonneg, stride) if stride > 1 else nonneg
   ok = (num >= 0) & (q < count)
   if stride > 1:
-    ok = ok & (nonneg % stride == 0)
+    ok = ok & (lax.rem(nonneg, stride) == 0)
   return ok, jnp.minimum(q, count - 1)
 
 
