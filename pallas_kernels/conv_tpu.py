@@ -82,20 +82,43 @@ def _lane_chunks(n: int, chunk_fn, acc):
   return acc
 
 
-def _to_hwgcn(x, groups, c_pad, n_pad, pads=((0, 0), (0, 0))):
-  """``(N, H, W, G*C)`` -> zero-padded ``(H', W', G, C_pad, N_pad)``."""
+def _to_hwgcn(x, groups, c_pad, pads=((0, 0), (0, 0))):
+  """``(N, H, W, G*C)`` -> zero-padded ``(H', W', G, C_pad, N)``."""
   n, h, w, _ = x.shape
   x = x.reshape(n, h, w, groups, -1)
   c = x.shape[-1]
-  x = jnp.pad(x, ((0, n_pad - n), pads[0], pads[1], (0, 0), (0, c_pad - c)))
+  x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0), (0, c_pad - c)))
   return jnp.transpose(x, (1, 2, 3, 4, 0))
 
 
-def _from_hwgcn(y, n, c):
-  """``(H, W, G, C_pad, N_pad)`` -> ``(N, H, W, G*C)``."""
-  h, w, g = y.shape[:3]
-  y = jnp.transpose(y[:, :, :, :c, :n], (4, 0, 1, 2, 3))
-  return y.reshape(n, h, w, g * c)
+def _strip_count(n: int, rows: int, block_n: int) -> int:
+  """Row strips folded into the lanes so that a small batch fills them."""
+  return max(1, min(block_n // n, rows)) if n < block_n else 1
+
+
+def _to_strips(a, count, step, rows):
+  """``(H, ...rest, N)`` -> ``(rows, ...rest, count*N)``, strip ``s`` being
+  rows ``[s*step, s*step + rows)`` (zero rows past the end); lane
+  ``s*N + n`` holds strip ``s`` of image ``n`` (space-to-batch)."""
+  need = (count - 1) * step + rows
+  if a.shape[0] < need:
+    a = jnp.pad(a, ((0, need - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
+  if count == 1:
+    return a[:rows]
+  a = jnp.stack([a[k * step:k * step + rows] for k in range(count)], -2)
+  return a.reshape(a.shape[:-2] + (-1,))
+
+
+def _from_strips(y, count, n, rows, c):
+  """Kernel output ``(R, W, G, C_pad, L_pad)`` -> ``(N, rows, W, G*C)``."""
+  r, w, g = y.shape[:3]
+  y = y[:, :, :, :c, :count * n].reshape(r, w, g, c, count, n)
+  y = jnp.transpose(y, (5, 4, 0, 1, 2, 3)).reshape(n, count * r, w, g * c)
+  return y[:, :rows]
+
+
+def _pad_lanes(a, size):
+  return _util.pad_to(a, a.ndim - 1, size)
 
 
 # --- forward ----------------------------------------------------------------
@@ -190,20 +213,27 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
   cfg = config or ForwardConfig.get_default(
       n=geo.n, h=hp, w=wp, c=geo.c, t=geo.t, kh=geo.kh, kw=geo.kw, oh=geo.oh,
       ow=geo.ow, itemsize=x.dtype.itemsize, generation=generation)
-  n_pad, bn = padded_batch(geo.n, cfg.block_n)
   c_pad, bc = padded_lane_axis(geo.c, SUBLANES, cfg.block_c)
   bt = min(cfg.block_t, _util.round_up(geo.t, 8))
   t_pad = _util.round_up(geo.t, bt)
   taps = geo.kh * geo.kw
+  sh, sw = s.strides
+  dh, dw = s.dilation
 
-  xt = _to_hwgcn(x, geo.groups, c_pad, n_pad, s.padding)   # (Hp, Wp, G, C, N)
+  # A batch below one lane block: fold P output-row strips into the lanes.
+  strips = _strip_count(geo.n, geo.oh, cfg.block_n)
+  oh_k = -(-geo.oh // strips)                    # output rows per strip
+  strips = -(-geo.oh // oh_k)
+  rows_in = (oh_k - 1) * sh + (geo.kh - 1) * dh + 1
+  xt = _to_hwgcn(x, geo.groups, c_pad, s.padding)          # (Hp, Wp, G, C, N)
+  xt = _to_strips(xt, strips, oh_k * sh, rows_in)          # (rows, Wp, G, C, L)
+  n_pad, bn = padded_batch(strips * geo.n, cfg.block_n)
+  xt = _pad_lanes(xt, n_pad)
   wt = w.astype(_F32).reshape(taps, geo.c, geo.groups, geo.t)
   wt = jnp.transpose(wt, (2, 0, 3, 1))                      # (G, taps, T, C)
   wt = jnp.pad(wt, ((0, 0), (0, 0), (0, t_pad - geo.t), (0, c_pad - geo.c)))
 
-  sh, sw = s.strides
-  dh, dw = s.dilation
-  grid = (geo.groups, n_pad // bn, t_pad // bt, geo.oh, c_pad // bc)
+  grid = (geo.groups, n_pad // bn, t_pad // bt, oh_k, c_pad // bc)
 
   def x_map(i):
     return lambda g, nb, tb, oh, cb: (oh * sh + i * dh, 0, g, cb, nb)
@@ -214,11 +244,11 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
                                lambda g, nb, tb, oh, cb: (g, 0, tb, cb)))
   kernel = functools.partial(_forward_kernel, kh=geo.kh, kw=geo.kw, sw=sw,
                              dw=dw, ow_count=geo.ow)
-  terms = geo.groups * n_pad * t_pad * geo.oh * geo.ow * taps * c_pad
+  terms = geo.groups * n_pad * t_pad * oh_k * geo.ow * taps * c_pad
   y = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct(
-          (geo.oh, geo.ow, geo.groups, t_pad, n_pad), _F32),
+          (oh_k, geo.ow, geo.groups, t_pad, n_pad), _F32),
       grid=grid,
       in_specs=in_specs,
       out_specs=pl.BlockSpec((None, geo.ow, None, bt, bn),
@@ -230,12 +260,12 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
       cost_estimate=pl.CostEstimate(
           flops=3 * terms, transcendentals=0,
           bytes_accessed=(xt.size * xt.dtype.itemsize * geo.kh * grid[2] +
-                          wt.size * 4 * grid[1] * geo.oh +
-                          4 * geo.oh * geo.ow * geo.groups * t_pad * n_pad)),
+                          wt.size * 4 * grid[1] * oh_k +
+                          4 * oh_k * geo.ow * geo.groups * t_pad * n_pad)),
       interpret=interpret,
       name='adder_conv_forward_mosaic',
   )(*([xt] * geo.kh), wt)
-  y = _from_hwgcn(y, geo.n, geo.t)
+  y = _from_strips(y, strips, geo.n, geo.oh, geo.t)
   return y[:, 0] if was_1d else y
 
 
@@ -259,12 +289,13 @@ def _input_grad_kernel(*refs, kh, kw, sh, sw, dh, dw, ph, pw, oh_count,
   """One ``(g, n-block, c-block, h, t-block)`` step.
 
   Refs: ``kh`` cotangent rows ``(OW, bt, bn)`` float32 (row
-  ``(h + ph - i*dh) / sh``, clamped), the activation row ``(W, bc, bn)``, the
-  kernel ``(KH*KW, bc, bt)`` float32 and the output row ``(W, bc, bn)``
-  float32, accumulated over the ``T`` steps.
+  ``(h + ph - i*dh) / sh``, clamped), ``kh`` lane masks ``(1, bn)`` of those
+  rows (1 where the row is a real output of that lane's strip), the
+  activation row ``(W, bc, bn)``, the kernel ``(KH*KW, bc, bt)`` float32 and
+  the output row ``(W, bc, bn)`` float32, accumulated over the ``T`` steps.
   """
-  g_refs = refs[:kh]
-  x_ref, w_ref, o_ref = refs[kh:]
+  g_refs, m_refs = refs[:kh], refs[kh:2 * kh]
+  x_ref, w_ref, o_ref = refs[2 * kh:]
   h = pl.program_id(3)
   bt = w_ref.shape[2]
 
@@ -291,7 +322,9 @@ def _input_grad_kernel(*refs, kh, kw, sh, sw, dh, dw, ph, pw, oh_count,
                 acc = acc + _conv_util.grad_term(
                     mode, wc[:, r0 + r:r0 + r + 1] - x, g_rows[r:r + 1, :])
             return acc
-          o_ref[wi] = _lane_chunks(bt, chunk, o_ref[wi])
+          part = _lane_chunks(bt, chunk, jnp.zeros(x.shape, _F32))
+          # A select, not a product: a NaN part of a masked lane is dropped.
+          o_ref[wi] = o_ref[wi] + jnp.where(m_refs[i][...] > 0, part, 0.0)
         return carry
       if kw == 1:
         tap(0, 0)
@@ -352,30 +385,51 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
   cfg = config or InputGradConfig.get_default(
       n=geo.n, h=geo.h, w=geo.w, c=geo.c, t=geo.t, kh=geo.kh, kw=geo.kw,
       oh=geo.oh, ow=geo.ow, itemsize=x.dtype.itemsize, generation=generation)
-  n_pad, bn = padded_batch(geo.n, cfg.block_n)
   bc = min(cfg.block_c, _util.round_up(geo.c, SUBLANES))
   c_pad = _util.round_up(geo.c, bc)
   t_pad, bt = padded_lane_axis(geo.t, 8, cfg.block_t)
   taps = geo.kh * geo.kw
+  sh, sw = s.strides
+  dh, dw = s.dilation
+  ph, pw = s.padding[0][0], s.padding[1][0]
 
-  xt = _to_hwgcn(x, geo.groups, c_pad, n_pad)                # (H, W, G, C, N)
-  gt = _to_hwgcn(g.astype(_F32), geo.groups, t_pad, n_pad)   # (OH, OW, G, T, N)
+  # A batch below one lane block: fold P input-row strips into the lanes.
+  # Strip k holds input rows [k*rows, (k+1)*rows) (rows a multiple of sh)
+  # and cotangent rows [k*rows/sh - above, ...) with `above` rows of halo;
+  # a per-lane mask marks the cotangent rows that are real outputs.
+  strips = _strip_count(geo.n, -(-geo.h // sh), cfg.block_n)
+  rows = sh * -(-geo.h // (sh * strips))
+  strips = -(-geo.h // rows)
+  above = max(0, -(-((geo.kh - 1) * dh - ph) // sh))
+  ph_k = ph + above * sh                     # padding as seen from a strip
+  oh_k = (rows - 1 + ph_k) // sh + 1         # cotangent rows per strip
+  xt = _to_hwgcn(x, geo.groups, c_pad)                      # (H, W, G, C, N)
+  xt = _to_strips(xt, strips, rows, rows)
+  gt = _to_hwgcn(g.astype(_F32), geo.groups, t_pad)         # (OH, OW, G, T, N)
+  gt = jnp.pad(gt, ((above, 0),) + ((0, 0),) * 4)
+  gt = _to_strips(gt, strips, rows // sh, oh_k)
+  real = jnp.arange(strips)[None, :] * (rows // sh) + jnp.arange(oh_k)[:, None]
+  real = (real >= above) & (real < above + geo.oh)          # (oh_k, strips)
+  mask = jnp.repeat(real.astype(_F32), geo.n, axis=1)[:, None, :]
+  n_pad, bn = padded_batch(strips * geo.n, cfg.block_n)
+  xt, gt, mask = (_pad_lanes(a, n_pad) for a in (xt, gt, mask))
   wk = w.astype(_F32).reshape(taps, geo.c, geo.groups, geo.t)
   wk = jnp.transpose(wk, (2, 0, 1, 3))                       # (G, taps, C, T)
   wk = jnp.pad(wk, ((0, 0), (0, 0), (0, c_pad - geo.c), (0, t_pad - geo.t)))
 
-  sh, sw = s.strides
-  dh, dw = s.dilation
-  ph, pw = s.padding[0][0], s.padding[1][0]
-  grid = (geo.groups, n_pad // bn, c_pad // bc, geo.h, t_pad // bt)
+  grid = (geo.groups, n_pad // bn, c_pad // bc, rows, t_pad // bt)
 
-  def g_map(i):
-    def index(gi, nb, cb, h, tb):
-      return (_valid_index(h + ph - i * dh, sh, geo.oh)[1], 0, gi, tb, nb)
-    return index
+  def g_row(i):
+    return lambda h: _valid_index(h + ph_k - i * dh, sh, oh_k)[1]
 
-  in_specs = [pl.BlockSpec((None, geo.ow, None, bt, bn), g_map(i))
+  in_specs = [pl.BlockSpec((None, geo.ow, None, bt, bn),
+                           lambda gi, nb, cb, h, tb, r=g_row(i): (
+                               r(h), 0, gi, tb, nb))
               for i in range(geo.kh)]
+  in_specs += [pl.BlockSpec((None, 1, bn),
+                            lambda gi, nb, cb, h, tb, r=g_row(i): (
+                                r(h), 0, nb))
+               for i in range(geo.kh)]
   row_map = lambda gi, nb, cb, h, tb: (h, 0, gi, cb, nb)
   in_specs += [
       pl.BlockSpec((None, geo.w, None, bc, bn), row_map),
@@ -384,13 +438,13 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
   ]
   kernel = functools.partial(
       _input_grad_kernel, kh=geo.kh, kw=geo.kw, sh=sh, sw=sw, dh=dh, dw=dw,
-      ph=ph, pw=pw, oh_count=geo.oh, ow_count=geo.ow, w_count=geo.w,
+      ph=ph_k, pw=pw, oh_count=oh_k, ow_count=geo.ow, w_count=geo.w,
       mode=mode)
-  terms = geo.groups * n_pad * t_pad * geo.oh * geo.ow * taps * c_pad
+  terms = geo.groups * n_pad * t_pad * oh_k * geo.ow * taps * c_pad
   dx = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct(
-          (geo.h, geo.w, geo.groups, c_pad, n_pad), _F32),
+          (rows, geo.w, geo.groups, c_pad, n_pad), _F32),
       grid=grid,
       in_specs=in_specs,
       out_specs=pl.BlockSpec((None, geo.w, None, bc, bn), row_map),
@@ -402,10 +456,10 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
           flops=5 * terms, transcendentals=0,
           bytes_accessed=(xt.size * xt.dtype.itemsize * grid[4] +
                           gt.size * 4 * geo.kh * grid[2] +
-                          wk.size * 4 * grid[1] * geo.h +
-                          4 * geo.h * geo.w * geo.groups * c_pad * n_pad)),
+                          wk.size * 4 * grid[1] * rows +
+                          4 * rows * geo.w * geo.groups * c_pad * n_pad)),
       interpret=interpret,
       name='adder_conv_input_grad_mosaic',
-  )(*([gt] * geo.kh), xt, wk)
-  dx = _from_hwgcn(dx, geo.n, geo.c)
+  )(*([gt] * geo.kh), *([mask] * geo.kh), xt, wk)
+  dx = _from_strips(dx, strips, geo.n, geo.h, geo.c)
   return dx[:, 0] if was_1d else dx
