@@ -5,43 +5,61 @@ from the activation into VMEM and walks the kernel taps in-kernel (implicit
 im2col).
 
 Layout. Outside the kernel the activation is zero-padded once and transposed
-from NHWC to ``(H, W, G, C, N)`` (one copy of one activation), so a VMEM block
-of one image row is ``(W, C, N)``: **the batch is the lane axis**, channels
-are sublanes and the spatial position is an untiled leading dim. A tap
-``(i, j)`` of output position ``(oh, ow)`` then reads row ``oh*sh + i*dh``,
-column ``ow*sw + j*dw``: a block index and a dynamic leading-dim index, with
-no lane or sublane shifts, and strides and dilations cost nothing (no phase
-split is needed). The halo along ``H`` is had by passing the activation once
-per kernel row ``i``, each with its own row index map; along ``W`` a block
-holds the whole row.
+from NHWC to ``(H, W, G, C, L)`` (one copy of one activation), so a VMEM block
+of one image row is ``(W, C, L)``: **the lanes are images**, the channels are
+sublanes and the spatial position is an untiled leading dim. A tap ``(i, j)``
+of output ``(oh, ow)`` reads row ``oh*sh + i*dh`` and column ``ow*sw + j*dw``:
+a block index and a dynamic leading-dim index, with no lane or sublane shifts,
+so strides and dilations cost nothing (no phase split is needed). The halo
+along ``H`` is had by passing the activation once per kernel row ``i``, each
+with its own row index map; a block holds whole rows along ``W``.
 
-Forward: grid ``(G, N-blocks, T-blocks, OH, C-blocks)``; the output row block
-``(OW, bt, bn)`` stays resident over the ``C`` steps. For each output column
-the ``(bt, bn)`` accumulator (``bt/8 * bn/128`` vregs) takes
-``|w[tap, t, c] - x[col, c, n]|`` for every tap and channel: a sublane
+Small batches (space-to-batch). With ``N < 128`` images a lane block would be
+mostly empty (and Mosaic pads the lane dim of the HBM copy to 128: 4x the
+activation at N = 32). So ``P = 128 // N`` horizontal strips of the image are
+folded into the lanes: lane ``s*N + n`` holds output rows
+``[s*R, (s+1)*R)`` of image ``n``, and its input strip carries
+``(KH-1)*dh - sh + 1`` halo rows (56x56 3x3 at N=32: 4 strips of 14 rows, 16
+input rows each, 1.1x the activation). The input gradient strips the input
+rows instead; the cotangent strip rows that are not real outputs of a lane's
+strip are dropped by a per-lane mask (a select, so NaN stays local).
+
+Forward: grid ``(G, L-blocks, T-blocks, OH, C-blocks)``; the output row block
+``(OW, bt, bl)`` stays resident over the ``C`` steps. For each output column
+the ``(bt, bl)`` accumulator (``bt/8 * bl/128`` vregs: 4 at 32 x 128) takes
+``|w[tap, t, c] - x[col, c, l]|`` for every tap and channel: a sublane
 broadcast of an activation row and a lane broadcast of a kernel column, as in
-:mod:`pallas_kernels.adder_tpu`. 3 VPU ops per l1 term; the activation is read
-``KH`` times per ``T`` block from HBM, which at ``KH * KW * C * T`` terms per
-element is far below the VPU bound (v5e: 197 TOP/s-class VPU vs 819 GB/s).
+:mod:`pallas_kernels.adder_tpu`. 3 VPU ops per l1 term. Roofline (v5e: 4 VPU
+ALUs x 2048 lanes x 940 MHz ~ 7.7 T f32 ops/s ~ 2.6 T terms/s; 819 GB/s HBM):
+a ResNet-20 3x3 16->16 layer at batch 128 is 302 M terms, ~0.12 ms on the VPU,
+while its HBM traffic (activation read ``KH`` times, output written once) is
+~30 MB, ~0.04 ms: compute bound, as every adder layer with ``T >= 16``.
 
-Input gradient (gather form): grid ``(G, N-blocks, C-blocks, H, T-blocks)``;
+Input gradient (gather form): grid ``(G, L-blocks, C-blocks, H, T-blocks)``;
 input row ``h`` pulls, for tap row ``i``, cotangent row
-``oh = (h + ph - i*dh) / sh`` (a block index map, clamped; the step is skipped
-unless it is an integer inside ``[0, OH)``). For each input column and tap the
-contribution ``sum_t g[oh, ow, t, n] h(w[tap, c, t] - x[h, w, c, n])`` is
-added only under ``pl.when(valid)``, so an input position read by no output
-keeps exactly 0 and a NaN reaches exactly the positions that read it.
+``oh = (h + ph - i*dh) / sh`` (a block index map, clamped; the tap is skipped
+under ``pl.when`` unless it is an integer inside ``[0, OH)``, so stride-2
+layers do a quarter of the taps per row). For each input column and tap,
+``sum_t g[oh, ow, t, l] h(w[tap, c, t] - x[h, w, c, l])`` is added to the
+resident output row: an input read by no output keeps exactly 0 and a NaN
+reaches exactly the positions that read it. 4-5 VPU ops per term (sub,
+clip or compare/select, multiply, add).
 
-VMEM: one step holds ``KH`` activation rows ``(W, bc, bn)``, the output row and
-(input gradient) ``KH`` cotangent rows, double-buffered; the configs
-(:mod:`pallas_kernels.conv_tpu_config`) size the channel blocks to fit and set
-``vmem_limit_bytes``. HBM temporaries: the padded, transposed activation, the
-transposed cotangent and output (one activation each) -- against ``KH*KW``
-activations for a patch matrix.
+VMEM: one step holds ``KH`` activation rows ``(W, bc, bl)``, the output row
+and (input gradient) ``KH`` cotangent rows, double-buffered; the configs
+(:mod:`pallas_kernels.conv_tpu_config`) size the channel blocks from that
+estimate to fit the generation and set ``vmem_limit_bytes``. HBM temporaries:
+the padded, transposed activation, the transposed cotangent and the
+transposed output (one activation each) -- against ``KH*KW`` activations (and
+a float32 ``dP``) for a patch matrix. Measured by deviceless compiles for v5e
+(``tests/test_pallas_conv_lowering.py --sweep``): forward + input-gradient
+temp memory 0 MiB for every ResNet-20 layer at batch 128, 42 MiB for a
+ResNet-50 56x56x64 3x3 layer at batch 32 (the patch kernels: 294 MiB before
+the strips, GBs with patches).
 
-Limits: the lanes are the batch, so a batch below 128 per block leaves lanes
-idle (``N / 128`` of the VPU is used, and Mosaic pads the lane dim of the HBM
-copy); depthwise layers pad their one channel per group to 16 sublanes.
+Limits: depthwise layers pad their one channel per group to 16 sublanes
+(16x the work); the lanes are images x strips, so ``N * OH < 128`` leaves
+lanes idle.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ class ForwardConfig:
     >>> from pallas_kernels.conv_tpu_config import ForwardConfig
     >>> ForwardConfig.get_default(n=128, h=32, w=32, c=16, t=16, kh=3, kw=3,
     ...                           oh=32, ow=32)
-    ForwardConfig(block_n=128, block_t=16, block_c=128, vmem_limit_bytes=16777216)
+    ForwardConfig(block_n=128, block_t=16, block_c=512, vmem_limit_bytes=16777216)
     >>> ForwardConfig(block_c=100)
     Traceback (most recent call last):
     ...
