@@ -54,8 +54,8 @@ transposed output (one activation each) -- against ``KH*KW`` activations (and
 a float32 ``dP``) for a patch matrix. Measured by deviceless compiles for v5e
 (``tests/test_pallas_conv_lowering.py --sweep``): forward + input-gradient
 temp memory 0 MiB for every ResNet-20 layer at batch 128, 42 MiB for a
-ResNet-50 56x56x64 3x3 layer at batch 32 (the patch kernels: 294 MiB before
-the strips, GBs with patches).
+ResNet-50 56x56x64 3x3 layer at batch 32 (294 MiB without the strips); the
+same sweep prints the patch-matrix kernels' figures next to them.
 
 Limits: depthwise layers pad their one channel per group to 16 sublanes
 (16x the work); the lanes are images x strips, so ``N * OH < 128`` leaves
