@@ -1,0 +1,242 @@
+"""Block sizes of the patch-free TPU (Mosaic) adder conv kernels.
+
+Layout (see :mod:`pallas_kernels.conv_tpu`): the activation is stored
+``(H, W, G, C, N)``, so a VMEM block of one image row is ``(W, C, N)``: the
+batch is the lane axis, the channels the sublane axis and the spatial
+positions untiled leading dims. Every constraint follows from Mosaic's
+``(8, 128)`` tiling of the last two block dims:
+
+* ``block_n`` (lanes of every activation block): a multiple of 128, or the
+  whole batch when ``N <= 128`` (the block is then the whole axis).
+* forward ``block_c`` is the lane axis of the kernel block ``W^T[taps, T, C]``:
+  a multiple of 128, or the whole (16-padded) ``C``.
+* forward ``block_t`` (sublanes of the output block): a multiple of 8.
+* input-gradient ``block_c`` (sublanes of the activation blocks): a multiple of
+  16 (the packed bf16 tile).
+* input-gradient ``block_t`` is the lane axis of the kernel block
+  ``W[taps, C, T]``: a multiple of 128, or the whole (8-padded) ``T``.
+
+``vmem_limit_bytes`` is the scoped-VMEM limit handed to Mosaic; the defaults
+size the blocks from an estimate of the double-buffered working set so it fits
+the generation's VMEM (v4: 16 MiB per core usable of 32; v5e, v6e: 128 MiB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pallas_kernels import _util
+
+LANES = 128
+SUBLANES = 16
+_MIB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """What the block heuristics need to know about one TPU generation.
+
+  Attributes:
+    name: ``'v4'``, ``'v5e'`` or ``'v6e'``.
+    vmem_bytes: VMEM per TensorCore.
+    vmem_budget_bytes: the working set the defaults aim for (half of VMEM or
+      less, so that Mosaic's internal scratch and double buffers fit).
+    block_t: output channels per step (sublanes of the forward accumulator).
+  """
+  name: str
+  vmem_bytes: int
+  vmem_budget_bytes: int
+  block_t: int
+
+
+GENERATIONS = {
+    'v4': Generation('v4', 32 * _MIB, 12 * _MIB, 32),
+    'v5e': Generation('v5e', 128 * _MIB, 48 * _MIB, 32),
+    'v6e': Generation('v6e', 128 * _MIB, 48 * _MIB, 64),
+}
+DEFAULT_GENERATION = 'v5e'
+
+
+def get_generation(name: str | None) -> Generation:
+  """The :class:`Generation` called ``name`` (``None``: v5e).
+
+  Raises:
+    ValueError: an unknown name.
+  """
+  name = DEFAULT_GENERATION if name is None else name
+  if name not in GENERATIONS:
+    raise ValueError(f'unknown TPU generation {name!r}; known: '
+                     f'{sorted(GENERATIONS)}.')
+  return GENERATIONS[name]
+
+
+def _check_multiple(owner, name, value, multiple, allow_none=False):
+  if allow_none and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (
+      value % multiple):
+    raise ValueError(f'{owner}.{name} must be a positive multiple of '
+                     f'{multiple} (Mosaic tiling), got {value!r}.')
+
+
+def _check_vmem(owner, value):
+  if value is not None and (isinstance(value, bool) or
+                            not isinstance(value, int) or value < _MIB):
+    raise ValueError(f'{owner}.vmem_limit_bytes must be None or an int of at '
+                     f'least 1 MiB, got {value!r}.')
+
+
+def padded_batch(n: int, block_n: int) -> tuple[int, int]:
+  """``(n_pad, block)``: the whole batch if it fits one block."""
+  if n <= block_n:
+    return n, n
+  return _util.round_up(n, block_n), block_n
+
+
+def padded_lane_axis(size: int, multiple: int, block: int) -> tuple[int, int]:
+  """``(size_pad, block)`` of an axis that is a lane axis of a kernel block.
+
+  Padded to ``multiple`` and kept whole when that fits one block, else padded
+  to a multiple of ``block`` (itself a multiple of 128).
+  """
+  small = _util.round_up(size, multiple)
+  if small <= block:
+    return small, small
+  return _util.round_up(size, block), block
+
+
+def _lanes(n):
+  return _util.round_up(n, LANES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardConfig:
+  """Tiling of the patch-free forward ``y = -sum |xpad - w|`` on TPU.
+
+  Attributes:
+    block_n: images per block (lanes), a multiple of 128 (a batch of at most
+      ``block_n`` images is one whole block).
+    block_t: output channels per block (sublanes), a multiple of 8.
+    block_c: input channels per reduction step (lanes of the kernel block), a
+      multiple of 128 (fewer channels are one whole block).
+    vmem_limit_bytes: scoped VMEM limit for Mosaic (``None``: its default).
+
+  Examples:
+    >>> from pallas_kernels.conv_tpu_config import ForwardConfig
+    >>> ForwardConfig.get_default(n=128, h=32, w=32, c=16, t=16, kh=3, kw=3,
+    ...                           oh=32, ow=32)
+    ForwardConfig(block_n=128, block_t=16, block_c=512, vmem_limit_bytes=16777216)
+    >>> ForwardConfig(block_c=100)
+    Traceback (most recent call last):
+    ...
+    ValueError: ForwardConfig.block_c must be a positive multiple of 128 (Mosaic tiling), got 100.
+  """
+  block_n: int = 128
+  block_t: int = 32
+  block_c: int = 512
+  vmem_limit_bytes: int | None = None
+
+  def __post_init__(self):
+    owner = type(self).__name__
+    _check_multiple(owner, 'block_n', self.block_n, LANES)
+    _check_multiple(owner, 'block_t', self.block_t, 8)
+    _check_multiple(owner, 'block_c', self.block_c, LANES)
+    _check_vmem(owner, self.vmem_limit_bytes)
+
+  def vmem_estimate(self, *, n, w, c, t, kh, kw, ow, itemsize=4) -> int:
+    """Double-buffered VMEM bytes of one grid step (lane/sublane padded)."""
+    _, bn = padded_batch(n, self.block_n)
+    _, bc = padded_lane_axis(c, SUBLANES, self.block_c)
+    bt = min(self.block_t, _util.round_up(t, 8))
+    x_blocks = kh * w * _util.round_up(bc, SUBLANES) * _lanes(bn) * itemsize
+    w_block = 2 * kh * kw * bt * _lanes(bc) * 4
+    out = ow * bt * _lanes(bn) * 4
+    return 2 * (x_blocks + out) + w_block
+
+  @classmethod
+  def get_default(cls, *, n, h, w, c, t, kh, kw, oh, ow, itemsize=4,
+                  generation: str | None = None) -> 'ForwardConfig':
+    """Largest channel block whose working set fits the generation's budget.
+
+    Args:
+      n, h, w, c, t: batch, padded input height/width, channels and output
+        channels per group.
+      kh, kw, oh, ow: kernel and output spatial sizes.
+      itemsize: bytes per activation element.
+      generation: ``'v4'``, ``'v5e'`` (default) or ``'v6e'``.
+    """
+    del h, oh
+    gen = get_generation(generation)
+    block_t = min(gen.block_t, _util.round_up(t, 8))
+    for block_c in (512, 256, 128):
+      cfg = cls(block_t=block_t, block_c=block_c)
+      est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
+                              itemsize=itemsize)
+      if est <= gen.vmem_budget_bytes:
+        break
+    limit = min(gen.vmem_bytes * 3 // 4, max(16 * _MIB, 2 * est))
+    return cls(block_t=block_t, block_c=block_c,
+               vmem_limit_bytes=_util.round_up(limit, _MIB))
+
+
+@dataclasses.dataclass(frozen=True)
+class InputGradConfig:
+  """Tiling of the patch-free input gradient on TPU.
+
+  Attributes:
+    block_n: images per block (lanes), a multiple of 128 (a batch of at most
+      ``block_n`` images is one whole block).
+    block_c: input channels per block (sublanes), a multiple of 16.
+    block_t: output channels per reduction step (lanes of the kernel block),
+      a multiple of 128 (fewer channels are one whole block).
+    vmem_limit_bytes: scoped VMEM limit for Mosaic (``None``: its default).
+
+  Examples:
+    >>> from pallas_kernels.conv_tpu_config import InputGradConfig
+    >>> InputGradConfig.get_default(n=128, h=32, w=32, c=16, t=16, kh=3,
+    ...                             kw=3, oh=32, ow=32)
+    InputGradConfig(block_n=128, block_c=16, block_t=128, vmem_limit_bytes=16777216)
+  """
+  block_n: int = 128
+  block_c: int = 64
+  block_t: int = 128
+  vmem_limit_bytes: int | None = None
+
+  def __post_init__(self):
+    owner = type(self).__name__
+    _check_multiple(owner, 'block_n', self.block_n, LANES)
+    _check_multiple(owner, 'block_c', self.block_c, SUBLANES)
+    _check_multiple(owner, 'block_t', self.block_t, LANES)
+    _check_vmem(owner, self.vmem_limit_bytes)
+
+  def vmem_estimate(self, *, n, w, c, t, kh, kw, ow, itemsize=4) -> int:
+    """Double-buffered VMEM bytes of one grid step (lane/sublane padded)."""
+    _, bn = padded_batch(n, self.block_n)
+    bc = min(self.block_c, _util.round_up(c, SUBLANES))
+    _, bt = padded_lane_axis(t, 8, self.block_t)
+    x_block = w * bc * _lanes(bn) * itemsize
+    out = w * bc * _lanes(bn) * 4
+    g_blocks = kh * ow * bt * _lanes(bn) * 4
+    w_block = 2 * kh * kw * bc * _lanes(bt) * 4
+    return 2 * (x_block + out + g_blocks) + w_block
+
+  @classmethod
+  def get_default(cls, *, n, h, w, c, t, kh, kw, oh, ow, itemsize=4,
+                  generation: str | None = None) -> 'InputGradConfig':
+    """Blocks whose working set fits the generation's VMEM budget.
+
+    Args: as :meth:`ForwardConfig.get_default`.
+    """
+    del h, oh
+    gen = get_generation(generation)
+    c16 = _util.round_up(c, SUBLANES)
+    for block_c, block_t in ((min(64, c16), 128), (min(32, c16), 128),
+                             (16, 128)):
+      cfg = cls(block_c=block_c, block_t=block_t)
+      est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
+                              itemsize=itemsize)
+      if est <= gen.vmem_budget_bytes:
+        break
+    limit = min(gen.vmem_bytes * 3 // 4, max(16 * _MIB, 2 * est))
+    return cls(block_c=block_c, block_t=block_t,
+               vmem_limit_bytes=_util.round_up(limit, _MIB))
