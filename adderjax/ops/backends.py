@@ -136,10 +136,11 @@ class DispatchBackend(protocol.Backend):
   Every reduction is a :func:`adderjax.ops.platform_dispatch.platform_dispatch`
   whose branches are the compiled Pallas backend of each accelerator platform
   and the XLA backend for the rest (the CPU). All branches are traced; each
-  is lowered only for its own platform. On TPU, traced without a mesh
-  context and lowered for several devices that XLA partitions automatically
-  (a plain ``jit`` over sharded inputs), the XLA branch replaces the Mosaic
-  kernels, with a warning (under ``jax.set_mesh`` the kernels run per shard).
+  is lowered only for its own platform. Traced without a mesh context and
+  lowered for several devices that XLA partitions automatically (a plain
+  ``jit`` over sharded inputs), the XLA branch replaces the kernels, with a
+  warning: XLA cannot partition a Pallas call (under ``jax.set_mesh`` the
+  kernels run per batch shard).
 
   Args:
     name: registry name.
@@ -174,7 +175,7 @@ class DispatchBackend(protocol.Backend):
     no_mesh = jax.sharding.get_abstract_mesh().empty
     return platform_dispatch.platform_dispatch(
         *arrays, default=xla_branch,
-        partitioned={'tpu': xla_branch} if no_mesh else None,
+        partitioned=dict.fromkeys(_PLATFORM, xla_branch) if no_mesh else None,
         **per_platform)
 
   def forward(self, x, kernel, geo, *, precision=None):

@@ -15,38 +15,36 @@ Mosaic on TPU, :mod:`pallas_kernels.adder_tpu`). It provides:
 
 What runs where:
 
-* Forward and the HardTanh / sign input gradient: the kernels (float32
-  accumulation; float64 inputs run the XLA backend, which keeps float64).
+* Forward and the HardTanh / sign input gradient of 1-D and 2-D layers: the
+  patch-free kernels (:mod:`pallas_kernels.conv_gpu`,
+  :mod:`pallas_kernels.conv_tpu`), which read an input tile with its halo on
+  chip instead of a patch matrix in HBM; 3-D layers: the patch-matrix kernels
+  (:mod:`pallas_kernels.adder_gpu`, :mod:`pallas_kernels.adder_tpu`). Float32
+  accumulation; float64 inputs run the XLA backend, which keeps float64.
 * The ``'unclipped'`` input gradient and the weight gradient are matmul
   identities on operands centred on the kernel (a convolution's own input
   and weight gradients plus rank-1 terms, :mod:`adderjax.ops.xla_backend`
   with no batch tiles), which run on tensor cores / the MXU and need no patch
   matrix; an l1 kernel cannot use the matrix units (``docs/roofline.md``).
 
-Sharding: a ``pallas_call`` cannot be partitioned by XLA (on CPU it silently
-gathers its operands, on TPU it refuses), so every kernel call runs per shard
-of ``M`` (``M = N * prod(out_spatial)`` is batch-major: a batch-sharded input
-shards ``M`` contiguously). The reduction axes and the small kernel ``W`` are
-replicated; no activation is gathered. Mechanisms, picked at trace time:
+Sharding: a ``pallas_call`` cannot be partitioned by XLA, so every kernel
+call runs per shard of the batch (the patch-free kernels: axis 0 of the
+input and cotangent; the patch kernels: ``M = N * prod(out_spatial)``, which
+is batch-major). The kernel weights are replicated; no activation is
+gathered.
 
-* under a mesh context (``jax.set_mesh(mesh)``, what the experiments' runners
-  do, and the only way to shard the kernels on TPU): ``jax.shard_map`` over
-  ``M``. With ``Explicit`` mesh axes ``M`` is split over the axes the patches
-  are sharded on; with ``Auto`` axes, whose shardings are not known at trace
-  time, over the mesh axes (in order, dropping trailing ones until their size
-  divides ``M``). Inside ``shard_map`` or ``pmap`` (manual axes) the kernels
-  run on the local shard.
-* no mesh context, GPU kernels: ``jax.experimental.custom_partitioning`` with
-  a Shardy rule, which keeps the ``G`` and ``M`` shardings of the patches as
-  XLA propagated them (plain ``jax.jit`` with ``NamedSharding`` inputs).
-* no mesh context, TPU kernels: libtpu (jax 0.10.2) cannot compile
-  ``custom_partitioning`` ("Custom emitter for CustomSPMDPartitioning not
-  found", jax-ml/jax#38196), and the sharding of the inputs is not known when
-  tracing. The kernels are called directly, which is right for one device
-  (and inside ``shard_map`` / ``pmap``); when the lowering is partitioned
-  over several devices, :class:`adderjax.ops.backends.DispatchBackend`
-  lowers the XLA backend instead (correct for any sharding) and warns: enter
-  ``jax.set_mesh(mesh)`` to run the kernels per shard.
+* Under a mesh context (``jax.set_mesh(mesh)``, what the experiments' runners
+  do): ``jax.shard_map`` over the batch. With ``Explicit`` mesh axes the
+  batch is split over the axes it is sharded on; with ``Auto`` axes, whose
+  shardings are not known at trace time, over the mesh axes (in order,
+  dropping trailing ones until their size divides it). Inside ``shard_map``
+  or ``pmap`` (manual axes) the kernels run on the local shard.
+* No mesh context: the kernels are called directly, which is right for one
+  device; when the lowering is partitioned over several devices,
+  :class:`adderjax.ops.backends.DispatchBackend` lowers the XLA backend
+  instead (correct for any sharding) and warns. (The 3-D patch kernels keep
+  ``jax.experimental.custom_partitioning`` for the named interpret backends;
+  libtpu cannot compile it, jax-ml/jax#38196.)
 
 Each op is also wrapped in ``jax.custom_batching.custom_vmap`` (folding a
 vmapped axis into ``G``), because ``custom_partitioning`` has no batching
@@ -72,6 +70,9 @@ from adderjax.ops import reference
 from adderjax.ops import xla_backend
 from pallas_kernels import adder_gpu
 from pallas_kernels import adder_tpu
+from pallas_kernels import conv_gpu
+from pallas_kernels import conv_tpu
+from pallas_kernels.conv_spec import ConvSpec
 
 #: ``jax.default_backend()`` names on which the compiled kernels run.
 ACCELERATOR_PLATFORMS = ('gpu', 'tpu')
@@ -125,6 +126,30 @@ class KernelSet:
       return tpu(p, w, gy)
     return lax.platform_dependent(p, w, gy, cuda=gpu, rocm=gpu, tpu=tpu)
 
+  def conv_forward(self, x, w, spec: ConvSpec):
+    """Patch-free forward on ``(N, *spatial, C)`` (1-D or 2-D)."""
+    gpu = functools.partial(conv_gpu.l1_conv_forward, spec=spec,
+                            interpret=self.interpret)
+    tpu = functools.partial(conv_tpu.l1_conv_forward, spec=spec,
+                            interpret=self.interpret)
+    if self.flavour == 'gpu':
+      return gpu(x, w)
+    if self.flavour == 'tpu':
+      return tpu(x, w)
+    return lax.platform_dependent(x, w, cuda=gpu, rocm=gpu, tpu=tpu)
+
+  def conv_input_grad(self, x, w, gy, spec: ConvSpec, mode: str):
+    """Patch-free input gradient (HardTanh or sign) on the conv's arrays."""
+    gpu = functools.partial(conv_gpu.l1_conv_input_grad, spec=spec, mode=mode,
+                            interpret=self.interpret)
+    tpu = functools.partial(conv_tpu.l1_conv_input_grad, spec=spec, mode=mode,
+                            interpret=self.interpret)
+    if self.flavour == 'gpu':
+      return gpu(x, w, gy)
+    if self.flavour == 'tpu':
+      return tpu(x, w, gy)
+    return lax.platform_dependent(x, w, gy, cuda=gpu, rocm=gpu, tpu=tpu)
+
 
 # --- sharding ---------------------------------------------------------------
 
@@ -168,8 +193,12 @@ def _input_grad_infer(kernels, mode, mesh, arg_shapes, result_shape):
   return _patch_shardings(mesh, arg_shapes[0].sharding)[0]
 
 
-def _shard_map_m_axes(mesh, p) -> tuple[str, ...] | None:
-  """Mesh axes to split ``M`` over with shard_map, or None (no context)."""
+def _shard_map_axes(mesh, a, axis: int) -> tuple[str, ...] | None:
+  """Mesh axes to split ``a``'s ``axis`` over with shard_map, or None.
+
+  None when there is no mesh context; ``()`` when ``a`` is already local
+  (every mesh axis manual) or not split.
+  """
   if mesh.empty:
     return None
   types = dict(zip(mesh.axis_names, mesh.axis_types))
@@ -177,14 +206,43 @@ def _shard_map_m_axes(mesh, p) -> tuple[str, ...] | None:
   if not free:  # Already inside a shard_map over every axis: per shard.
     return ()
   if all(types[n] == jax.sharding.AxisType.Explicit for n in free):
-    m_spec = _spec(jax.typeof(p).sharding, 3)[2]
-    if m_spec is None:
+    spec = _spec(jax.typeof(a).sharding, a.ndim)[axis]
+    if spec is None:
       return ()
-    return (m_spec,) if isinstance(m_spec, str) else tuple(m_spec)
-  m = p.shape[2]
-  while free and m % math.prod(mesh.shape[n] for n in free):
+    return (spec,) if isinstance(spec, str) else tuple(spec)
+  size = a.shape[axis]
+  while free and size % math.prod(mesh.shape[n] for n in free):
     free.pop()
   return tuple(free)
+
+
+def _shard_map_m_axes(mesh, p) -> tuple[str, ...] | None:
+  """Mesh axes to split ``M`` (axis 2 of the patches) over, or None."""
+  return _shard_map_axes(mesh, p, 2)
+
+
+def _per_batch_shard(fn, n_sharded: int):
+  """Runs ``fn`` per batch shard: shard_map under a mesh, else directly.
+
+  The first ``n_sharded`` arguments are batch-major arrays split along
+  their first axis; the rest (the kernel) are replicated. Without a mesh the
+  kernel is called directly: right on one device and inside ``shard_map`` /
+  ``pmap``; a lowering that XLA partitions gets the XLA backend instead
+  (:class:`adderjax.ops.backends.DispatchBackend`).
+  """
+
+  def run(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = _shard_map_axes(mesh, args[0], 0)
+    if not axes:
+      return fn(*args)
+    b_spec = PartitionSpec(axes)
+    specs = tuple(b_spec if i < n_sharded else PartitionSpec()
+                  for i in range(len(args)))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=b_spec,
+                         check_vma=False)(*args)
+
+  return run
 
 
 def _per_m_shard(fn, partitioned, n_sharded: int, kernels: KernelSet):
@@ -294,6 +352,17 @@ def input_grad_op(kernels: KernelSet, mode: str):
 #: batch tiles: the tiles are a CPU cache optimisation).
 _XLA = xla_backend.XlaBackend(xla_backend.XlaConfig(tile_bytes=None))
 
+def conv_spec(geo: geometry.ConvGeometry) -> ConvSpec:
+  """The kernels' description of an adder convolution."""
+  return ConvSpec(strides=geo.strides, padding=geo.padding,
+                  dilation=geo.dilation, groups=geo.groups)
+
+
+def _patch_free(geo: geometry.ConvGeometry) -> bool:
+  """1-D and 2-D layers run the patch-free kernels (3-D: patch matrix)."""
+  return len(geo.kernel_size) in (1, 2)
+
+
 class PallasBackend(protocol.Backend):
   """Runs the l1 reductions with the Pallas kernels of :mod:`pallas_kernels`.
 
@@ -326,6 +395,11 @@ class PallasBackend(protocol.Backend):
   def forward(self, x, kernel, geo, *, precision=None):
     if self._xla_instead(x, kernel):
       return _XLA.forward(x, kernel, geo)
+    if _patch_free(geo):
+      spec = conv_spec(geo)
+      run = _per_batch_shard(
+          lambda a, k: self.kernels.conv_forward(a, k, spec), 1)
+      return run(x, kernel)
     p = geometry.extract_patches(x, geo)
     w = geometry.kernel_to_canonical(kernel, geo)
     y = forward_op(self.kernels)(p, w)
@@ -335,6 +409,13 @@ class PallasBackend(protocol.Backend):
     if mode == 'unclipped' or self._xla_instead(x, kernel, gy):
       # 'unclipped' is a matmul identity: leave it to the matrix units.
       return _XLA.input_grad(x, kernel, gy, geo, mode, precision=precision)
+    if _patch_free(geo):
+      spec = conv_spec(geo)
+      run = _per_batch_shard(
+          lambda a, g, k: self.kernels.conv_input_grad(a, k, g, spec, mode), 2)
+      # The kernel's copies of x (padding, phase split) wait for the
+      # cotangent instead of being made in the forward pass and held.
+      return run(xla_backend.after_cotangent(x, gy), gy, kernel)
     p = geometry.extract_patches(x, geo)
     w = geometry.kernel_to_canonical(kernel, geo)
     gyc = geometry.output_to_canonical(gy, geo)
