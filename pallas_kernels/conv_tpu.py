@@ -29,11 +29,12 @@ Forward: grid ``(G, L-blocks, T-blocks, OH, C-blocks)``; the output row block
 the ``(bt, bl)`` accumulator (``bt/8 * bl/128`` vregs: 4 at 32 x 128) takes
 ``|w[tap, t, c] - x[col, c, l]|`` for every tap and channel: a sublane
 broadcast of an activation row and a lane broadcast of a kernel column, as in
-:mod:`pallas_kernels.adder_tpu`. 3 VPU ops per l1 term. Roofline (v5e: 4 VPU
-ALUs x 2048 lanes x 940 MHz ~ 7.7 T f32 ops/s ~ 2.6 T terms/s; 819 GB/s HBM):
-a ResNet-20 3x3 16->16 layer at batch 128 is 302 M terms, ~0.12 ms on the VPU,
-while its HBM traffic (activation read ``KH`` times, output written once) is
-~30 MB, ~0.04 ms: compute bound, as every adder layer with ``T >= 16``.
+:mod:`pallas_kernels.adder_tpu`. 3 VPU ops per l1 term (vsub, vand for the
+absolute value, vadd). Roofline with docs/roofline.md's v5e figures (3.1e12
+vector ops/s, 0.82 TB/s): a ResNet-20 3x3 16->16 layer at batch 128 is 302 M
+terms, ~0.29 ms of VPU work, while its HBM traffic (the activation read ``KH``
+times, the output written once, ~40 MB) is ~0.05 ms: compute bound, as is
+every adder layer with ``T >= 16``.
 
 Input gradient (gather form): grid ``(G, L-blocks, C-blocks, H, T-blocks)``;
 input row ``h`` pulls, for tap row ``i``, cotangent row

@@ -97,7 +97,8 @@ def oracle_input_grad(x, w, g, strides, padding, dilation, groups, mode):
           if not (0 <= r < h and 0 <= s < wd):
             continue  # the tap reads a padded zero
           for gi in range(groups):
-            cs, ts = slice(gi * cg, (gi + 1) * cg), slice(gi * tg, (gi + 1) * tg)
+            cs = slice(gi * cg, (gi + 1) * cg)
+            ts = slice(gi * tg, (gi + 1) * tg)
             d = w[i, j, :, ts][None] - x[:, r, s, cs, None]      # (N, cg, tg)
             dx[:, r, s, cs] += (g[:, a, b, None, ts] * _f(mode, d)).sum(-1)
   return dx[:, 0] if x1d else dx
