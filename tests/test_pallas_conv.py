@@ -314,10 +314,12 @@ class TestGpuConvInterpret(_ConvTestBase):
 class TestTpuConvInterpret(_ConvTestBase):
   __test__ = True
   module = conv_tpu
-  fwd_config = conv_tpu_config.ForwardConfig(block_n=128, block_t=8,
-                                             block_c=128)
+  # T=20: 2 steps of 16, each 2 register sub-blocks of 8; C=136: 2 steps of
+  # 128 (forward), 3 steps of 64 in sub-blocks of 32 (input gradient).
+  fwd_config = conv_tpu_config.ForwardConfig(block_n=128, block_t=16,
+                                             block_c=128, sub_t=8)
   dx_config = conv_tpu_config.InputGradConfig(block_n=128, block_c=64,
-                                              block_t=128)
+                                              block_t=128, sub_c=32)
 
 
 # --- spec and configs ---------------------------------------------------------

@@ -151,8 +151,10 @@ def compile_tpu_conv_kernels(sweep: bool) -> None:
   spec = _spec((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
   compile_pair(sds((130, 3, 5, 136), jnp.bfloat16),
                sds((2, 2, 136, 136), jnp.float32), spec, 'sign',
-               conv_tpu_config.ForwardConfig(block_t=8, block_c=128),
-               conv_tpu_config.InputGradConfig(block_c=64, block_t=128))
+               conv_tpu_config.ForwardConfig(block_t=16, block_c=128,
+                                             sub_t=8),
+               conv_tpu_config.InputGradConfig(block_c=64, block_t=128,
+                                               sub_c=32))
   count += 2
   print(f'compiled {count} TPU conv kernels for v5e', flush=True)
   if not sweep:
