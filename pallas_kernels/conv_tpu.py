@@ -302,8 +302,11 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
           vmem_limit_bytes=cfg.vmem_limit_bytes),
       cost_estimate=pl.CostEstimate(
           flops=3 * terms, transcendentals=0,
+          # The kernel block is fetched again only when its index changes
+          # between consecutive steps (several T or C blocks).
           bytes_accessed=(xt.size * xt.dtype.itemsize * geo.kh * grid[2] +
-                          wt.size * 4 * grid[1] * oh_k +
+                          wt.size * 4 * (grid[1] * oh_k
+                                         if grid[2] * grid[4] > 1 else 1) +
                           4 * oh_k * geo.ow * geo.groups * t_pad * n_pad)),
       interpret=interpret,
       name='adder_conv_forward_mosaic',
@@ -506,9 +509,12 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
           vmem_limit_bytes=cfg.vmem_limit_bytes),
       cost_estimate=pl.CostEstimate(
           flops=5 * terms, transcendentals=0,
-          bytes_accessed=(xt.size * xt.dtype.itemsize * grid[4] +
+          # The activation row stays put over the T steps; the kernel block
+          # is fetched again only if there are several C or T blocks.
+          bytes_accessed=(xt.size * xt.dtype.itemsize +
                           gt.size * 4 * geo.kh * grid[2] +
-                          wk.size * 4 * grid[1] * rows +
+                          wk.size * 4 * (grid[1] * rows
+                                         if grid[2] * grid[4] > 1 else 1) +
                           4 * rows * geo.w * geo.groups * c_pad * n_pad)),
       interpret=interpret,
       name='adder_conv_input_grad_mosaic',
