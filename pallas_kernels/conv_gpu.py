@@ -17,9 +17,11 @@ so a row segment is one coalesced load.
 Forward: program ``(n, g, oh)`` x T-block x OW-block, accumulator
 ``(block_t, block_w)`` in registers; per input channel and tap it loads one
 kernel column (``block_t``) and one input row segment (``block_w``) and does
-``block_t * block_w`` sub/abs/add: ``(bt * bw) / (bt + bw)`` l1 terms per
-loaded value (21 at 32 x 64), so the kernel is bound by the FP32 pipes (3 ops
-per term: A100 ~6.5 T terms/s, H100 ~17), not by bandwidth.
+``block_t * block_w`` l1 terms: ``(bt * bw) / (bt + bw)`` terms per loaded
+value (21 at 32 x 64, 32 at 64 x 64), so the kernel is bound by the FP32
+pipes -- 2 instructions per term, the absolute value being a free operand
+modifier of FADD (docs/roofline.md: A100 9.7e12, H100 33.5e12 instructions/s,
+i.e. 4.9 and 17 T terms/s) -- not by bandwidth.
 
 Input gradient (gather form), one ``pallas_call`` per stride phase
 ``(r, q)`` with that phase's taps static: program ``(n, g, a)`` x C-block x
@@ -299,7 +301,8 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
   col_pad = (geo.kw - 1) * dw // sw
   groups = geo.groups
 
-  xph = _phase_split(x, groups, s, hq, wq, c_pad)      # (N, G, sh, sw, hq, C, wq)
+  # (N, G, sh, sw, hq, C, wq)
+  xph = _phase_split(x, groups, s, hq, wq, c_pad)
   wk = w.astype(_F32).reshape(geo.kh * geo.kw, geo.c, groups, geo.t)
   wk = jnp.transpose(wk, (2, 0, 1, 3))                 # (G, taps, C, T)
   wk = jnp.pad(wk, ((0, 0), (0, 0), (0, c_pad - geo.c), (0, 0)))
@@ -354,7 +357,8 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
           name='adder_conv_input_grad_triton',
       )(xph, wk, gk))
   dx = jnp.stack(phases).reshape(sh, sw, geo.n, groups, hq, c_pad, wq)
-  dx = jnp.transpose(dx, (2, 4, 0, 6, 1, 3, 5))        # (N, hq, sh, wq, sw, G, C)
+  # (N, hq, sh, wq, sw, G, C)
+  dx = jnp.transpose(dx, (2, 4, 0, 6, 1, 3, 5))
   dx = dx.reshape(geo.n, hq * sh, wq * sw, groups, c_pad)
   dx = dx[:, ph0:ph0 + geo.h, pw0:pw0 + geo.w, :, :geo.c]
   dx = dx.reshape(geo.n, geo.h, geo.w, groups * geo.c)

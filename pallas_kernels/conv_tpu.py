@@ -29,11 +29,12 @@ Forward: grid ``(G, L-blocks, T-blocks, OH, C-blocks)``; the output row block
 the ``(bt, bl)`` accumulator (``bt/8 * bl/128`` vregs: 4 at 32 x 128) takes
 ``|w[tap, t, c] - x[col, c, l]|`` for every tap and channel: a sublane
 broadcast of an activation row and a lane broadcast of a kernel column, as in
-:mod:`pallas_kernels.adder_tpu`. 3 VPU ops per l1 term. Roofline (v5e: 4 VPU
-ALUs x 2048 lanes x 940 MHz ~ 7.7 T f32 ops/s ~ 2.6 T terms/s; 819 GB/s HBM):
-a ResNet-20 3x3 16->16 layer at batch 128 is 302 M terms, ~0.12 ms on the VPU,
-while its HBM traffic (activation read ``KH`` times, output written once) is
-~30 MB, ~0.04 ms: compute bound, as every adder layer with ``T >= 16``.
+:mod:`pallas_kernels.adder_tpu`. 3 VPU ops per l1 term (vsub, vand for the
+absolute value, vadd). Roofline with docs/roofline.md's v5e figures (3.1e12
+vector ops/s, 0.82 TB/s): a ResNet-20 3x3 16->16 layer at batch 128 is 302 M
+terms, ~0.29 ms of VPU work, while its HBM traffic (the activation read ``KH``
+times, the output written once, ~40 MB) is ~0.05 ms: compute bound, as is
+every adder layer with ``T >= 16``.
 
 Input gradient (gather form): grid ``(G, L-blocks, C-blocks, H, T-blocks)``;
 input row ``h`` pulls, for tap row ``i``, cotangent row
@@ -142,13 +143,32 @@ def _pad_lanes(a, size):
 # --- forward ----------------------------------------------------------------
 
 
-def _forward_kernel(*refs, kh, kw, sw, dw, ow_count):
+def _sub_block(size: int, most: int, unit: int) -> int:
+  """Largest multiple of ``unit`` up to ``most`` that divides ``size``."""
+  for b in range(min(most, size), 0, -unit):
+    if size % b == 0 and b % unit == 0:
+      return b
+  return size
+
+
+def _sub_blocks(size: int, block: int, fn, carry):
+  """``fn(offset, carry)`` over ``size // block`` sub-blocks (aligned)."""
+  count = size // block
+  if count == 1:
+    return fn(0, carry)
+  return lax.fori_loop(
+      0, count, lambda k, c: fn(pl.multiple_of(k * block, block), c), carry)
+
+
+def _forward_kernel(*refs, kh, kw, sw, dw, ow_count, sub_t):
   """One ``(g, n-block, t-block, oh, c-block)`` step.
 
   Refs: ``kh`` activation rows ``(Wp, bc, bn)`` (row ``oh*sh + i*dh``), the
   transposed kernel ``(KH*KW, bt, bc)`` float32 and the output row
   ``(OW, bt, bn)`` float32, which holds ``sum |x - w|`` until the last
-  channel step turns it into ``0 - sum``.
+  channel step turns it into ``0 - sum``. The ``bt`` channels of a step are
+  walked in register-sized sub-blocks of ``sub_t``, so the activation rows
+  are fetched from HBM once for all of them.
   """
   x_refs, wt_ref, o_ref = refs[:kh], refs[kh], refs[kh + 1]
   c_step = pl.program_id(4)
@@ -159,23 +179,27 @@ def _forward_kernel(*refs, kh, kw, sw, dw, ow_count):
     o_ref[...] = jnp.zeros(o_ref.shape, _F32)
 
   def column(ow, carry):
-    acc = o_ref[ow]                                          # (bt, bn)
-    for i in range(kh):
-      def tap(j, acc, i=i):
-        col = ow * sw + j * dw
-        tap_index = i * kw + j
+    def t_block(t0, carry):
+      acc = o_ref[ow, pl.ds(t0, sub_t), :]                   # (sub_t, bn)
+      for i in range(kh):
+        def tap(j, acc, i=i):
+          col = ow * sw + j * dw
+          tap_index = i * kw + j
 
-        def chunk(off, size, acc):
-          wt = wt_ref[tap_index, :, pl.ds(off, size)]        # (bt, size)
-          for r0 in range(0, size, SUBLANES):
-            rows = x_refs[i][col, pl.ds(off + r0, SUBLANES), :].astype(_F32)
-            for r in range(SUBLANES):
-              acc = acc + jnp.abs(wt[:, r0 + r:r0 + r + 1] - rows[r:r + 1, :])
-          return acc
-        return _lane_chunks(bc, chunk, acc)
-      acc = tap(0, acc) if kw == 1 else lax.fori_loop(0, kw, tap, acc)
-    o_ref[ow] = acc
-    return carry
+          def chunk(off, size, acc):
+            wt = wt_ref[tap_index, pl.ds(t0, sub_t), pl.ds(off, size)]
+            for r0 in range(0, size, SUBLANES):
+              rows = x_refs[i][col, pl.ds(off + r0, SUBLANES), :].astype(
+                  _F32)
+              for r in range(SUBLANES):
+                acc = acc + jnp.abs(wt[:, r0 + r:r0 + r + 1] -
+                                    rows[r:r + 1, :])
+            return acc
+          return _lane_chunks(bc, chunk, acc)
+        acc = tap(0, acc) if kw == 1 else lax.fori_loop(0, kw, tap, acc)
+      o_ref[ow, pl.ds(t0, sub_t), :] = acc
+      return carry
+    return _sub_blocks(o_ref.shape[1], sub_t, t_block, carry)
 
   lax.fori_loop(0, ow_count, column, 0)
 
@@ -261,7 +285,8 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
   in_specs.append(pl.BlockSpec((None, taps, bt, bc),
                                lambda g, nb, tb, oh, cb: (g, 0, tb, cb)))
   kernel = functools.partial(_forward_kernel, kh=geo.kh, kw=geo.kw, sw=sw,
-                             dw=dw, ow_count=geo.ow)
+                             dw=dw, ow_count=geo.ow,
+                             sub_t=_sub_block(bt, cfg.sub_t, 8))
   terms = geo.groups * n_pad * t_pad * oh_k * geo.ow * taps * c_pad
   y = pl.pallas_call(
       kernel,
@@ -277,8 +302,11 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
           vmem_limit_bytes=cfg.vmem_limit_bytes),
       cost_estimate=pl.CostEstimate(
           flops=3 * terms, transcendentals=0,
+          # The kernel block is fetched again only when its index changes
+          # between consecutive steps (several T or C blocks).
           bytes_accessed=(xt.size * xt.dtype.itemsize * geo.kh * grid[2] +
-                          wt.size * 4 * grid[1] * oh_k +
+                          wt.size * 4 * (grid[1] * oh_k
+                                         if grid[2] * grid[4] > 1 else 1) +
                           4 * oh_k * geo.ow * geo.groups * t_pad * n_pad)),
       interpret=interpret,
       name='adder_conv_forward_mosaic',
@@ -303,7 +331,7 @@ def _valid_index(num, stride, count):
 
 
 def _input_grad_kernel(*refs, kh, kw, sh, sw, dh, dw, ph, pw, oh_count,
-                       ow_count, w_count, mode):
+                       ow_count, w_count, mode, sub_c):
   """One ``(g, n-block, c-block, h, t-block)`` step.
 
   Refs: ``kh`` cotangent rows ``(OW, bt, bn)`` float32 (row
@@ -311,6 +339,8 @@ def _input_grad_kernel(*refs, kh, kw, sh, sw, dh, dw, ph, pw, oh_count,
   rows (1 where the row is a real output of that lane's strip), the
   activation row ``(W, bc, bn)``, the kernel ``(KH*KW, bc, bt)`` float32 and
   the output row ``(W, bc, bn)`` float32, accumulated over the ``T`` steps.
+  The ``bc`` channels of a step are walked in sub-blocks of ``sub_c``, so the
+  cotangent rows are fetched from HBM once for all of them.
   """
   g_refs, m_refs = refs[:kh], refs[kh:2 * kh]
   x_ref, w_ref, o_ref = refs[2 * kh:]
@@ -324,7 +354,6 @@ def _input_grad_kernel(*refs, kh, kw, sh, sw, dh, dw, ph, pw, oh_count,
   row_ok = [_valid_index(h + ph - i * dh, sh, oh_count)[0] for i in range(kh)]
 
   def column(wi, carry):
-    x = x_ref[wi].astype(_F32)                               # (bc, bn)
     for i in range(kh):
       def tap(j, carry, i=i):
         col_ok, ow = _valid_index(wi + pw - j * dw, sw, ow_count)
@@ -332,17 +361,25 @@ def _input_grad_kernel(*refs, kh, kw, sh, sw, dh, dw, ph, pw, oh_count,
 
         @pl.when(row_ok[i] & col_ok)
         def _add():
-          def chunk(off, size, acc):
-            wc = w_ref[tap_index, :, pl.ds(off, size)]       # (bc, size)
-            for r0 in range(0, size, 8):
-              g_rows = g_refs[i][ow, pl.ds(off + r0, 8), :]  # (8, bn)
-              for r in range(8):
-                acc = acc + _conv_util.grad_term(
-                    mode, wc[:, r0 + r:r0 + r + 1] - x, g_rows[r:r + 1, :])
-            return acc
-          part = _lane_chunks(bt, chunk, jnp.zeros(x.shape, _F32))
-          # A select, not a product: a NaN part of a masked lane is dropped.
-          o_ref[wi] = o_ref[wi] + jnp.where(m_refs[i][...] > 0, part, 0.0)
+          keep = m_refs[i][...] > 0                          # (1, bn)
+
+          def c_block(c0, carry):
+            x = x_ref[wi, pl.ds(c0, sub_c), :].astype(_F32)  # (sub_c, bn)
+
+            def chunk(off, size, acc):
+              wc = w_ref[tap_index, pl.ds(c0, sub_c), pl.ds(off, size)]
+              for r0 in range(0, size, 8):
+                g_rows = g_refs[i][ow, pl.ds(off + r0, 8), :]  # (8, bn)
+                for r in range(8):
+                  acc = acc + _conv_util.grad_term(
+                      mode, wc[:, r0 + r:r0 + r + 1] - x, g_rows[r:r + 1, :])
+              return acc
+            part = _lane_chunks(bt, chunk, jnp.zeros(x.shape, _F32))
+            # A select, not a product: a NaN part of a masked lane is dropped.
+            o_ref[wi, pl.ds(c0, sub_c), :] = (
+                o_ref[wi, pl.ds(c0, sub_c), :] + jnp.where(keep, part, 0.0))
+            return carry
+          _sub_blocks(o_ref.shape[1], sub_c, c_block, 0)
         return carry
       if kw == 1:
         tap(0, 0)
@@ -457,7 +494,7 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
   kernel = functools.partial(
       _input_grad_kernel, kh=geo.kh, kw=geo.kw, sh=sh, sw=sw, dh=dh, dw=dw,
       ph=ph_k, pw=pw, oh_count=oh_k, ow_count=geo.ow, w_count=geo.w,
-      mode=mode)
+      mode=mode, sub_c=_sub_block(bc, cfg.sub_c, SUBLANES))
   terms = geo.groups * n_pad * t_pad * oh_k * geo.ow * taps * c_pad
   dx = pl.pallas_call(
       kernel,
@@ -472,9 +509,12 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
           vmem_limit_bytes=cfg.vmem_limit_bytes),
       cost_estimate=pl.CostEstimate(
           flops=5 * terms, transcendentals=0,
-          bytes_accessed=(xt.size * xt.dtype.itemsize * grid[4] +
+          # The activation row stays put over the T steps; the kernel block
+          # is fetched again only if there are several C or T blocks.
+          bytes_accessed=(xt.size * xt.dtype.itemsize +
                           gt.size * 4 * geo.kh * grid[2] +
-                          wk.size * 4 * grid[1] * rows +
+                          wk.size * 4 * (grid[1] * rows
+                                         if grid[2] * grid[4] > 1 else 1) +
                           4 * rows * geo.w * geo.groups * c_pad * n_pad)),
       interpret=interpret,
       name='adder_conv_input_grad_mosaic',

@@ -109,31 +109,42 @@ def _lanes(n):
   return _util.round_up(n, LANES)
 
 
+def _budget_limit(gen, est):
+  limit = min(gen.vmem_bytes * 3 // 4, max(16 * _MIB, 2 * est))
+  return _util.round_up(limit, _MIB)
+
+
 @dataclasses.dataclass(frozen=True)
 class ForwardConfig:
   """Tiling of the patch-free forward ``y = -sum |xpad - w|`` on TPU.
 
   Attributes:
-    block_n: images per block (lanes), a multiple of 128 (a batch of at most
-      ``block_n`` images is one whole block).
-    block_t: output channels per block (sublanes), a multiple of 8.
+    block_n: images (x row strips) per block (lanes), a multiple of 128 (at
+      most ``block_n`` lanes are one whole block).
+    block_t: output channels per grid step (sublanes of the resident output
+      block), a multiple of 8: the activation rows are read from HBM once per
+      ``block_t`` channels, so the defaults take all of ``T`` that fits.
     block_c: input channels per reduction step (lanes of the kernel block), a
       multiple of 128 (fewer channels are one whole block).
+    sub_t: output channels per register accumulator inside a step (a
+      multiple of 8; the largest divisor of ``block_t`` up to it is used):
+      ``sub_t / 8`` vregs per 128 lanes.
     vmem_limit_bytes: scoped VMEM limit for Mosaic (``None``: its default).
 
   Examples:
     >>> from pallas_kernels.conv_tpu_config import ForwardConfig
-    >>> ForwardConfig.get_default(n=128, h=32, w=32, c=16, t=16, kh=3, kw=3,
+    >>> ForwardConfig.get_default(n=128, h=34, w=34, c=16, t=16, kh=3, kw=3,
     ...                           oh=32, ow=32)
-    ForwardConfig(block_n=128, block_t=16, block_c=512, vmem_limit_bytes=16777216)
+    ForwardConfig(block_n=128, block_t=16, block_c=512, sub_t=16, vmem_limit_bytes=16777216)
     >>> ForwardConfig(block_c=100)
     Traceback (most recent call last):
     ...
     ValueError: ForwardConfig.block_c must be a positive multiple of 128 (Mosaic tiling), got 100.
   """
   block_n: int = 128
-  block_t: int = 32
+  block_t: int = 256
   block_c: int = 512
+  sub_t: int = 32
   vmem_limit_bytes: int | None = None
 
   def __post_init__(self):
@@ -141,6 +152,7 @@ class ForwardConfig:
     _check_multiple(owner, 'block_n', self.block_n, LANES)
     _check_multiple(owner, 'block_t', self.block_t, 8)
     _check_multiple(owner, 'block_c', self.block_c, LANES)
+    _check_multiple(owner, 'sub_t', self.sub_t, 8)
     _check_vmem(owner, self.vmem_limit_bytes)
 
   def vmem_estimate(self, *, n, w, c, t, kh, kw, ow, itemsize=4) -> int:
@@ -149,34 +161,39 @@ class ForwardConfig:
     _, bc = padded_lane_axis(c, SUBLANES, self.block_c)
     bt = min(self.block_t, _util.round_up(t, 8))
     x_blocks = kh * w * _util.round_up(bc, SUBLANES) * _lanes(bn) * itemsize
-    w_block = 2 * kh * kw * bt * _lanes(bc) * 4
+    w_block = kh * kw * bt * _lanes(bc) * 4
     out = ow * bt * _lanes(bn) * 4
-    return 2 * (x_blocks + out) + w_block
+    return 2 * (x_blocks + out + w_block)
 
   @classmethod
   def get_default(cls, *, n, h, w, c, t, kh, kw, oh, ow, itemsize=4,
                   generation: str | None = None) -> 'ForwardConfig':
-    """Largest channel block whose working set fits the generation's budget.
+    """The widest ``T`` step, then ``C`` step, that fits the VMEM budget.
 
     Args:
-      n, h, w, c, t: batch, padded input height/width, channels and output
-        channels per group.
+      n: batch (lanes before the row strips).
+      h, w: padded input height and width.
+      c, t: input and output channels per group.
       kh, kw, oh, ow: kernel and output spatial sizes.
       itemsize: bytes per activation element.
       generation: ``'v4'``, ``'v5e'`` (default) or ``'v6e'``.
     """
     del h, oh
     gen = get_generation(generation)
-    block_t = min(gen.block_t, _util.round_up(t, 8))
-    for block_c in (512, 256, 128):
-      cfg = cls(block_t=block_t, block_c=block_c)
-      est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
-                              itemsize=itemsize)
-      if est <= gen.vmem_budget_bytes:
-        break
-    limit = min(gen.vmem_bytes * 3 // 4, max(16 * _MIB, 2 * est))
-    return cls(block_t=block_t, block_c=block_c,
-               vmem_limit_bytes=_util.round_up(limit, _MIB))
+    t8 = _util.round_up(t, 8)
+    sub_t = min(gen.block_t, t8)
+    cfg = est = None
+    for block_t in sorted({t8, 512, 256, 128, 64, 32, 8}, reverse=True):
+      if block_t > t8:
+        continue
+      for block_c in (512, 256, 128):
+        cfg = cls(block_t=block_t, block_c=block_c, sub_t=sub_t)
+        est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
+                                itemsize=itemsize)
+        if est <= gen.vmem_budget_bytes:
+          return dataclasses.replace(
+              cfg, vmem_limit_bytes=_budget_limit(gen, est))
+    return dataclasses.replace(cfg, vmem_limit_bytes=_budget_limit(gen, est))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,22 +201,27 @@ class InputGradConfig:
   """Tiling of the patch-free input gradient on TPU.
 
   Attributes:
-    block_n: images per block (lanes), a multiple of 128 (a batch of at most
-      ``block_n`` images is one whole block).
-    block_c: input channels per block (sublanes), a multiple of 16.
+    block_n: images (x row strips) per block (lanes), a multiple of 128 (at
+      most ``block_n`` lanes are one whole block).
+    block_c: input channels per grid step (sublanes of the resident output
+      block), a multiple of 16: the cotangent rows are read from HBM once per
+      ``block_c`` channels, so the defaults take all of ``C`` that fits.
     block_t: output channels per reduction step (lanes of the kernel block),
       a multiple of 128 (fewer channels are one whole block).
+    sub_c: input channels per register accumulator inside a step (a multiple
+      of 16; the largest divisor of ``block_c`` up to it is used).
     vmem_limit_bytes: scoped VMEM limit for Mosaic (``None``: its default).
 
   Examples:
     >>> from pallas_kernels.conv_tpu_config import InputGradConfig
     >>> InputGradConfig.get_default(n=128, h=32, w=32, c=16, t=16, kh=3,
     ...                             kw=3, oh=32, ow=32)
-    InputGradConfig(block_n=128, block_c=16, block_t=128, vmem_limit_bytes=16777216)
+    InputGradConfig(block_n=128, block_c=16, block_t=128, sub_c=64, vmem_limit_bytes=16777216)
   """
   block_n: int = 128
-  block_c: int = 64
+  block_c: int = 256
   block_t: int = 128
+  sub_c: int = 64
   vmem_limit_bytes: int | None = None
 
   def __post_init__(self):
@@ -207,6 +229,7 @@ class InputGradConfig:
     _check_multiple(owner, 'block_n', self.block_n, LANES)
     _check_multiple(owner, 'block_c', self.block_c, SUBLANES)
     _check_multiple(owner, 'block_t', self.block_t, LANES)
+    _check_multiple(owner, 'sub_c', self.sub_c, SUBLANES)
     _check_vmem(owner, self.vmem_limit_bytes)
 
   def vmem_estimate(self, *, n, w, c, t, kh, kw, ow, itemsize=4) -> int:
@@ -217,26 +240,26 @@ class InputGradConfig:
     x_block = w * bc * _lanes(bn) * itemsize
     out = w * bc * _lanes(bn) * 4
     g_blocks = kh * ow * bt * _lanes(bn) * 4
-    w_block = 2 * kh * kw * bc * _lanes(bt) * 4
-    return 2 * (x_block + out + g_blocks) + w_block
+    w_block = kh * kw * bc * _lanes(bt) * 4
+    return 2 * (x_block + out + g_blocks + w_block)
 
   @classmethod
   def get_default(cls, *, n, h, w, c, t, kh, kw, oh, ow, itemsize=4,
                   generation: str | None = None) -> 'InputGradConfig':
-    """Blocks whose working set fits the generation's VMEM budget.
+    """The widest ``C`` step that fits the VMEM budget.
 
-    Args: as :meth:`ForwardConfig.get_default`.
+    Args: as :meth:`ForwardConfig.get_default` (``h``, ``w`` unpadded).
     """
     del h, oh
     gen = get_generation(generation)
     c16 = _util.round_up(c, SUBLANES)
-    for block_c, block_t in ((min(64, c16), 128), (min(32, c16), 128),
-                             (16, 128)):
-      cfg = cls(block_c=block_c, block_t=block_t)
+    cfg = est = None
+    for block_c in sorted({c16, 512, 256, 128, 64, 32, 16}, reverse=True):
+      if block_c > c16:
+        continue
+      cfg = cls(block_c=block_c, block_t=128)
       est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
                               itemsize=itemsize)
       if est <= gen.vmem_budget_bytes:
         break
-    limit = min(gen.vmem_bytes * 3 // 4, max(16 * _MIB, 2 * est))
-    return cls(block_c=block_c, block_t=block_t,
-               vmem_limit_bytes=_util.round_up(limit, _MIB))
+    return dataclasses.replace(cfg, vmem_limit_bytes=_budget_limit(gen, est))

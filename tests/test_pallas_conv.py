@@ -97,7 +97,8 @@ def oracle_input_grad(x, w, g, strides, padding, dilation, groups, mode):
           if not (0 <= r < h and 0 <= s < wd):
             continue  # the tap reads a padded zero
           for gi in range(groups):
-            cs, ts = slice(gi * cg, (gi + 1) * cg), slice(gi * tg, (gi + 1) * tg)
+            cs = slice(gi * cg, (gi + 1) * cg)
+            ts = slice(gi * tg, (gi + 1) * tg)
             d = w[i, j, :, ts][None] - x[:, r, s, cs, None]      # (N, cg, tg)
             dx[:, r, s, cs] += (g[:, a, b, None, ts] * _f(mode, d)).sum(-1)
   return dx[:, 0] if x1d else dx
@@ -313,10 +314,12 @@ class TestGpuConvInterpret(_ConvTestBase):
 class TestTpuConvInterpret(_ConvTestBase):
   __test__ = True
   module = conv_tpu
-  fwd_config = conv_tpu_config.ForwardConfig(block_n=128, block_t=8,
-                                             block_c=128)
+  # T=20: 2 steps of 16, each 2 register sub-blocks of 8; C=136: 2 steps of
+  # 128 (forward), 3 steps of 64 in sub-blocks of 32 (input gradient).
+  fwd_config = conv_tpu_config.ForwardConfig(block_n=128, block_t=16,
+                                             block_c=128, sub_t=8)
   dx_config = conv_tpu_config.InputGradConfig(block_n=128, block_c=64,
-                                              block_t=128)
+                                              block_t=128, sub_c=32)
 
 
 # --- spec and configs ---------------------------------------------------------

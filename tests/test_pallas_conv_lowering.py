@@ -151,8 +151,10 @@ def compile_tpu_conv_kernels(sweep: bool) -> None:
   spec = _spec((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
   compile_pair(sds((130, 3, 5, 136), jnp.bfloat16),
                sds((2, 2, 136, 136), jnp.float32), spec, 'sign',
-               conv_tpu_config.ForwardConfig(block_t=8, block_c=128),
-               conv_tpu_config.InputGradConfig(block_c=64, block_t=128))
+               conv_tpu_config.ForwardConfig(block_t=16, block_c=128,
+                                             sub_t=8),
+               conv_tpu_config.InputGradConfig(block_c=64, block_t=128,
+                                               sub_c=32))
   count += 2
   print(f'compiled {count} TPU conv kernels for v5e', flush=True)
   if not sweep:
@@ -176,12 +178,18 @@ def compile_tpu_conv_kernels(sweep: bool) -> None:
   from pallas_kernels import adder_tpu  # pylint: disable=g-import-not-at-top
   print(f'{"layer (batch per chip)":34s} {"adder fwd+dx":>13s} '
         f'{"patch kernels":>14s} {"conv fwd+dx":>12s} {"activation":>11s}'
-        '  (temp MiB, v5e)')
+        '  (temp MiB, v5e) | bytes accessed MiB: adder, patch, conv')
+
+  def accessed(compiled):
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost.get('bytes accessed', float('nan')) / (1 << 20)
   for name, n, hw, c, t, k, s in LAYERS:
     p = k // 2
     spec = _spec((s, s), ((p, p), (p, p)), (1, 1), 1)
     x, w = sds((n, hw, hw, c), jnp.float32), sds((k, k, c, t), jnp.float32)
-    adder = compile_pair(x, w, spec, 'full_precision').memory_analysis()
+    adder_c = compile_pair(x, w, spec, 'full_precision')
+    adder = adder_c.memory_analysis()
     y = jax.eval_shape(lambda x, w: conv_tpu.l1_conv_forward(x, w, spec),
                        x, w)
     g = sds(y.shape, jnp.float32)
@@ -191,7 +199,8 @@ def compile_tpu_conv_kernels(sweep: bool) -> None:
           x, w, (s, s), ((p, p), (p, p)),
           dimension_numbers=('NHWC', 'HWIO', 'NHWC')), x)
       return y, vjp(g)[0]
-    ref = jax.jit(conv).trace(x, w, g).lower().compile().memory_analysis()
+    ref_c = jax.jit(conv).trace(x, w, g).lower().compile()
+    ref = ref_c.memory_analysis()
 
     def patches(x, w, g):
       # Today's path: a materialised patch matrix P[1, K, M], the patch
@@ -207,12 +216,14 @@ def compile_tpu_conv_kernels(sweep: bool) -> None:
       gm = g.reshape(-1, g.shape[-1]).T[None]
       return (adder_tpu.l1_forward(pm, wk),
               col2im(adder_tpu.l1_input_grad(pm, wk, gm).astype(x.dtype))[0])
-    old = jax.jit(patches).trace(x, w, g).lower().compile().memory_analysis()
+    old_c = jax.jit(patches).trace(x, w, g).lower().compile()
+    old = old_c.memory_analysis()
     mib = 1 << 20
     print(f'{name:34s} {adder.temp_size_in_bytes / mib:13.1f} '
           f'{old.temp_size_in_bytes / mib:14.1f} '
           f'{ref.temp_size_in_bytes / mib:12.1f} '
-          f'{n * hw * hw * c * 4 / mib:11.1f}', flush=True)
+          f'{n * hw * hw * c * 4 / mib:11.1f}  | {accessed(adder_c):8.0f} '
+          f'{accessed(old_c):8.0f} {accessed(ref_c):8.0f}', flush=True)
 
 
 def _run_tpu_compile(sweep: bool) -> str:
