@@ -99,6 +99,10 @@ def main(argv):
   show = errors.traceback_requested(FLAGS.traceback)
 
   def run():
+    if _single_process():
+      # Refuse a busy workdir at once, before JAX's slow start-up.
+      from experiments import workdir_lock  # pylint: disable=g-import-not-at-top
+      workdir_lock.WorkdirLock(FLAGS.workdir).probe()
     import jax  # pylint: disable=g-import-not-at-top
     from experiments import parallel  # pylint: disable=g-import-not-at-top
     parallel.maybe_initialize_distributed(
@@ -110,6 +114,17 @@ def main(argv):
     from experiments import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   run_reporting_errors(run, show)
+
+
+def _single_process() -> bool:
+  """Whether this run is surely one process (no coordinator anywhere)."""
+  import os  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed == 'on' or FLAGS.coordinator_address:
+    return False
+  if FLAGS.distributed == 'off':
+    return True
+  return not os.environ.get('JAX_COORDINATOR_ADDRESS') and (
+      FLAGS.num_processes in (None, 1))
 
 
 def _usage_error(message: str) -> None:

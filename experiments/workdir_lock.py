@@ -167,6 +167,25 @@ class WorkdirLock:
     finally:
       os.close(fd)
 
+  def probe(self) -> None:
+    """Raises :class:`WorkdirBusyError` if a live local run holds the lock.
+
+    Changes nothing (a cheap early check before a slow start-up; the run
+    still takes the lock with :meth:`acquire`).
+    """
+    try:
+      fd = os.open(self.path, os.O_RDONLY)
+    except OSError:
+      return
+    try:
+      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        raise self._busy(_read_holder(self.path)) from None
+      raise
+    finally:
+      os.close(fd)
+
   def release(self) -> None:
     """Deletes the lock file and releases the lock (idempotent)."""
     if self._fd is None:
