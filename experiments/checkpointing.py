@@ -241,8 +241,15 @@ class Checkpointer:
       self.finish_pending(wait=True)
 
   def poll(self) -> None:
-    """Writes the checksums of saves Orbax has finished (cheap; no wait)."""
-    if self._pending and not self.manager.is_saving_in_progress():
+    """Writes the checksums of saves Orbax has finished (cheap; no wait).
+
+    Single-process only: with several processes, waiting on Orbax is kept
+    to the points every process reaches together (the next save, close).
+    """
+    if not self._pending:
+      return
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() == 1 and not self.manager.is_saving_in_progress():
       self.finish_pending(wait=True)
 
   def finish_pending(self, wait: bool = True) -> None:
@@ -283,6 +290,10 @@ class Checkpointer:
     Raises:
       CheckpointCorruptError: a file differs, is missing or is extra.
     """
+    if not os.path.isdir(self.step_directory(step)):
+      raise CheckpointCorruptError(
+          f'checkpoint {step} not found in {self.directory} (steps there: '
+          f'{self.all_steps() or "none"}).')
     manifest = self.checksum_path(step)
     if not os.path.exists(manifest):
       logging.warning('Checkpoint %d in %s has no checksum file (%s); '
@@ -297,10 +308,6 @@ class Checkpointer:
     return True
 
   def _restore(self, step: int, args) -> Any:
-    if not os.path.isdir(self.step_directory(step)):
-      raise CheckpointCorruptError(
-          f'checkpoint {step} not found in {self.directory} (steps there: '
-          f'{self.all_steps() or "none"}).')
     self.verify(step)
     try:
       return self.manager.restore(step, args=args)
@@ -351,6 +358,31 @@ class Checkpointer:
           f'({len(corrupt)} checkpoint(s) corrupt). Use a new --workdir or '
           'move the checkpoints away.')
     return None, host_target, {}, []
+
+  def newest_verified_step(self) -> int | None:
+    """The newest checkpoint that passes its checksums (no restore).
+
+    Corrupt newer ones are skipped with a warning; None if there is no
+    checkpoint.
+
+    Raises:
+      CheckpointCorruptError: every checkpoint is corrupt.
+    """
+    corrupt = []
+    for step in self.all_steps():
+      try:
+        self.verify(step)
+      except CheckpointCorruptError as e:
+        logging.warning('%s Falling back to an older checkpoint.', e)
+        corrupt.append(str(e))
+        continue
+      return step
+    if corrupt:
+      raise CheckpointCorruptError(
+          f'no intact checkpoint in {self.directory}: {corrupt[0]} '
+          f'({len(corrupt)} checkpoint(s) corrupt). Use a new --workdir or '
+          'move the checkpoints away.')
+    return None
 
   def quarantine(self, steps) -> list[str]:
     """Moves checkpoints out of Orbax's way into ``corrupt_checkpoints/``.

@@ -80,6 +80,15 @@ def _evaluate():
         f"{100 * result['top5']:.2f}%, loss {result['loss']:.4f})")
 
 
+def parse_flags(argv):
+  """absl flag parsing; a bad flag is one line and exit 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {" ".join(str(e).split())} (see --help).', file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
+
+
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

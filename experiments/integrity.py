@@ -145,7 +145,7 @@ def verify_manifest(directory: str, manifest_path: str, what: str) -> None:
     ...   verify_manifest(d, m, 'checkpoint 1')
     ... except ChecksumMismatchError as e:
     ...   print(str(e)[:40])
-    checkpoint 1: file x has sha256 a8f4aaed
+    checkpoint 1: file x has sha256 a52d159f
   """
   try:
     with open(manifest_path) as f:

@@ -827,6 +827,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       corrupt newest one falls back to the newest intact one).
   """
   validate_config(config)
+  # The checkpoint's checksums first: a corrupt one fails before compiling.
+  ckpt = checkpointing.Checkpointer(workdir, primary=False)
+  if step is None:
+    step = ckpt.newest_verified_step()
+    if step is None:
+      raise checkpointing.NoRunError(f'no checkpoint in {ckpt.directory}.')
+  else:
+    ckpt.verify(step)
   runner = parallel.make_runner(config.parallelism)
   datasets = data_lib.build_datasets(
       config.dataset, seed=config.seed, global_batch_size=config.batch_size,
@@ -841,13 +849,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   tx, _ = create_optimizer(config, model, example,
                            datasets.train.steps_per_epoch)
   target = init_host_state(model, tx, config.seed, datasets.image_shape)
-  ckpt = checkpointing.Checkpointer(workdir, primary=False)
-  if step is None:
-    step, host_state, _, _ = ckpt.restore_newest_intact(target)
-    if step is None:
-      raise checkpointing.NoRunError(f'no checkpoint in {ckpt.directory}.')
-  else:
-    host_state, _ = ckpt.restore(step, target)
+  host_state, _ = ckpt.restore(step, target)
   ckpt.close()
   dtype = jnp.dtype(config.model.dtype)
   axis = runner.axis_name
