@@ -391,16 +391,19 @@ def test_model_factory_from_a_workdir_needs_trust(finished_run, tmp_path,
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     mnist_dir, tmp_path, capsys):
   workdir = str(tmp_path / 'run')
-  config = tiny_config(mnist_dir, checkpoint_every_steps=1, log_every_steps=1,
-                       num_epochs=4)
+  # lr 1e6: the parameters overflow in step 3, the loss of step 4 is NaN.
+  config = tiny_config(mnist_dir, checkpoint_every_steps=2, log_every_steps=1)
   config.optimizer.learning_rate = 1e6
   with pytest.raises(SystemExit) as e:
     main_lib.run_reporting_errors(
         lambda: train.train_and_evaluate(config, workdir), False)
   assert e.value.code == errors.EXIT_DIVERGED == 3
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith('error: training diverged: ')
+  assert len(err) == 1 and err[0].startswith(
+      'error: training diverged: the mean training loss of steps ')
   step = int(err[0].split(' at step ')[1].split(';')[0])
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert rows[-1]['step'] == step and rows[-1]['train/loss'] in ('nan', 'inf')
   ckpt = checkpointing.Checkpointer(workdir, primary=False)
   last = ckpt.latest_step()
   assert last is not None and last < step
@@ -410,6 +413,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   assert all(np.isfinite(np.asarray(x)).all()
              for x in jax.tree.leaves(state['params']))
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+
+
+def test_non_finite_parameter_is_named():
+  tree = {'dense': {'kernel': np.ones((2, 2), np.float32),
+                    'bias': np.array([0.0, np.inf], np.float32)},
+          'step': np.int32(3)}
+  assert train._all_finite(tree) == (False, "['dense']['bias']")
+  tree['dense']['bias'][1] = 0.0
+  assert train._all_finite(tree) == (True, '')
 
 
 # --- CLI -----------------------------------------------------------------------
