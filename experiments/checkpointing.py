@@ -278,7 +278,7 @@ class Checkpointer:
       if stem is not None and stem.isdigit() and int(stem) not in present:
         os.remove(os.path.join(directory, name))
 
-  # --- restoring ---------------------------------------------------------------
+  # --- restoring -------------------------------------------------------------
 
   def verify(self, step: int) -> bool:
     """Checks checkpoint ``step`` against its checksums.

@@ -513,8 +513,11 @@ def _train_locked(config, workdir, primary, t_start, stop):
   # Everything read-only first: the stored config, the data, the model.
   ckpt.stored_config()
   runner = parallel.make_runner(config.parallelism)
-  rows = runner.local_rows(config.batch_size)
-  eval_rows = runner.local_rows(config.eval_batch_size)
+  try:
+    rows = runner.local_rows(config.batch_size)
+    eval_rows = runner.local_rows(config.eval_batch_size)
+  except ValueError as e:  # the devices do not divide a batch size
+    raise errors.ConfigError(str(e)) from e
   datasets = data_lib.build_datasets(
       config.dataset, seed=config.seed, global_batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, rows=rows, eval_rows=eval_rows)

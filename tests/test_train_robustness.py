@@ -86,7 +86,7 @@ def finished_run(mnist_dir, tmp_path_factory):
   return config, workdir, summary
 
 
-# --- the workdir lock ----------------------------------------------------------
+# --- the workdir lock --------------------------------------------------------
 
 
 def _hold_lock_in_child(workdir):
@@ -143,7 +143,7 @@ def test_lock_of_another_host_is_refused_with_the_path(tmp_path):
   assert lock_path.exists()
 
 
-# --- checkpoint checksums ------------------------------------------------------
+# --- checkpoint checksums ----------------------------------------------------
 
 
 def test_every_checkpoint_has_its_checksums(finished_run):
@@ -201,7 +201,8 @@ def test_flipped_bit_is_refused_and_evaluation_falls_back(finished_run,
   ckpt.close()
   # Evaluation of the newest checkpoint falls back to the newest intact one.
   assert train.evaluate_checkpoint(train.load_config(copy), copy)['step'] == 4
-  with pytest.raises(checkpointing.CheckpointCorruptError, match='checkpoint 6'):
+  with pytest.raises(checkpointing.CheckpointCorruptError,
+                     match='checkpoint 6'):
     train.evaluate_checkpoint(train.load_config(copy), copy, step=6)
 
 
@@ -261,7 +262,7 @@ def test_no_intact_checkpoint_is_an_error(finished_run, tmp_path):
     train.evaluate_checkpoint(config, copy)
 
 
-# --- re-runs, recorded dataset ---------------------------------------------------
+# --- re-runs, recorded dataset -----------------------------------------------
 
 
 def test_finished_workdir_is_not_run_again(finished_run, mnist_dir, capsys):
@@ -354,7 +355,7 @@ def test_image_larger_than_image_size_is_refused_before_writing(mnist_dir,
   assert not workdir.exists()
 
 
-# --- code from a workdir ---------------------------------------------------------
+# --- code from a workdir -----------------------------------------------------
 
 
 def test_model_factory_from_a_workdir_needs_trust(finished_run, tmp_path,
@@ -385,7 +386,7 @@ def test_model_factory_from_a_workdir_needs_trust(finished_run, tmp_path,
   assert marker.exists()
 
 
-# --- divergence ------------------------------------------------------------------
+# --- divergence --------------------------------------------------------------
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
@@ -424,7 +425,7 @@ def test_non_finite_parameter_is_named():
   assert train._all_finite(tree) == (True, '')
 
 
-# --- CLI -----------------------------------------------------------------------
+# --- CLI ---------------------------------------------------------------------
 
 
 def test_user_errors_are_one_line_unless_traceback_is_asked(capsys,
