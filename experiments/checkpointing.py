@@ -390,11 +390,11 @@ class Checkpointer:
     Used when a run falls back past corrupt checkpoints: it would write the
     same steps again. Returns the new paths.
     """
-    if not self.primary or not steps:
+    if not steps:
       return []
     moved = []
     stamp = time.strftime('%Y%m%d-%H%M%S')
-    for step in steps:
+    for step in (steps if self.primary else ()):
       src = self.step_directory(step)
       if not os.path.isdir(src):
         continue
@@ -405,6 +405,10 @@ class Checkpointer:
       if os.path.exists(manifest):
         shutil.move(manifest, dst + '.sha256.json')
       moved.append(dst)
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1:  # every process sees the move before going on
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('adderjax_quarantine')
     if self._manager is not None:
       self._manager.reload()
     return moved
