@@ -52,6 +52,16 @@ def tiny_config(data_dir, kind='cnn', **updates):
   return c
 
 
+def _read(path):
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def _json_lines(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
 def _snapshot(directory):
   out = {}
   for root, _, files in os.walk(directory):
@@ -119,6 +129,7 @@ def test_busy_workdir_refused_and_stale_lock_recovered(mnist_dir, tmp_path,
   finally:
     child.send_signal(signal.SIGKILL)
     child.wait()
+    child.stdout.close()
   # SIGKILL leaves the lock file: stale (its pid is dead), so taken over.
   lock_path = os.path.join(workdir, workdir_lock.LOCK_FILE)
   with open(lock_path) as f:
@@ -184,7 +195,7 @@ def _flip_a_bit_of_step_6(finished_run, tmp_path):
   copy = _copy_run(finished_run, tmp_path)
   step_dir = os.path.join(copy, 'checkpoints', '6')
   target = _largest_file(step_dir)
-  content = bytearray(open(target, 'rb').read())
+  content = bytearray(_read(target))
   content[len(content) // 2] ^= 0x10
   with open(target, 'wb') as f:
     f.write(content)
@@ -218,8 +229,8 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(finished_run, tmp_path,
   assert _params_digest(copy, 6) == _params_digest(workdir, 6)
   moved = os.listdir(os.path.join(copy, 'corrupt_checkpoints'))
   assert any(m.startswith('6-') for m in moved)
-  steps = [json.loads(l)['step'] for l in open(os.path.join(
-      copy, 'metrics.jsonl')) if 'eval/top1' in l]
+  steps = [r['step'] for r in _json_lines(os.path.join(copy, 'metrics.jsonl'))
+           if 'eval/top1' in r]
   assert steps == [3, 6]  # no duplicate rows
 
 
@@ -311,8 +322,7 @@ def test_known_dataset_is_verified_through_a_stamp(tmp_path, monkeypatch):
   d = testing.write_synthetic_mnist(str(tmp_path / 'd'), n_train=32,
                                     n_test=20)
   # Pretend these files are MNIST: their digests (hashlib) are the known ones.
-  digests = {name: hashlib.sha256(open(os.path.join(d, name), 'rb').read()
-                                  ).hexdigest()
+  digests = {name: hashlib.sha256(_read(os.path.join(d, name))).hexdigest()
              for name in integrity.MNIST_SHA256}
   monkeypatch.setattr(integrity, 'MNIST_SHA256', digests)
   c = tiny_config(d)
@@ -332,7 +342,7 @@ def test_known_dataset_is_verified_through_a_stamp(tmp_path, monkeypatch):
   assert build().verified and not calls
   # One flipped label: refused, naming the file.
   labels = os.path.join(d, 't10k-labels-idx1-ubyte')
-  content = bytearray(open(labels, 'rb').read())
+  content = bytearray(_read(labels))
   content[-1] = (content[-1] + 1) % 10
   with open(labels, 'wb') as f:
     f.write(content)
@@ -403,7 +413,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   assert len(err) == 1 and err[0].startswith(
       'error: training diverged: the mean training loss of steps ')
   step = int(err[0].split(' at step ')[1].split(';')[0])
-  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  rows = _json_lines(os.path.join(workdir, 'metrics.jsonl'))
   assert rows[-1]['step'] == step and rows[-1]['train/loss'] in ('nan', 'inf')
   ckpt = checkpointing.Checkpointer(workdir, primary=False)
   last = ckpt.latest_step()
