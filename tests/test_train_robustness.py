@@ -355,6 +355,26 @@ def test_known_dataset_is_verified_through_a_stamp(tmp_path, monkeypatch):
     build()
 
 
+REAL_MNIST = os.path.join(REPO, 'data', 'mnist')
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL_MNIST),
+                    reason='no MNIST in data/mnist (make run fetches it)')
+def test_real_mnist_is_verified_and_its_statistics_are_torchvisions(
+    tmp_path):
+  d = str(tmp_path / 'mnist')
+  os.makedirs(d)
+  for name in integrity.MNIST_SHA256:
+    for suffix in ('', '.gz'):
+      if os.path.exists(os.path.join(REAL_MNIST, name + suffix)):
+        shutil.copy(os.path.join(REAL_MNIST, name + suffix), d)
+  assert data.verify_mnist_files(d, ['train', 'test'])
+  # The training set's own statistics are torchvision's MNIST constants.
+  mean, std = data.pixel_mean_std(data.load_mnist_split(d, 'train').images)
+  np.testing.assert_allclose(mean, data.MNIST_MEAN, atol=1e-4)
+  np.testing.assert_allclose(std, data.MNIST_STD, atol=1e-4)
+
+
 def test_image_larger_than_image_size_is_refused_before_writing(mnist_dir,
                                                                  tmp_path):
   workdir = tmp_path / 'run'
