@@ -32,7 +32,7 @@ from experiments import testing
 from experiments import workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS_PER_EPOCH = 100
+STEPS_PER_EPOCH = 60
 STEPS = 2 * STEPS_PER_EPOCH
 LOG_EVERY = 7  # not a divisor of the checkpoint steps: partial windows
 

@@ -202,7 +202,7 @@ def _flip_a_bit_of_step_6(finished_run, tmp_path):
   return copy, os.path.relpath(target, step_dir)
 
 
-def test_flipped_bit_is_refused_and_evaluation_falls_back(finished_run,
+def test_flipped_bit_is_refused_naming_step_and_file(finished_run,
                                                           tmp_path):
   copy, rel = _flip_a_bit_of_step_6(finished_run, tmp_path)
   ckpt = checkpointing.Checkpointer(copy, primary=False)
@@ -210,11 +210,19 @@ def test_flipped_bit_is_refused_and_evaluation_falls_back(finished_run,
                      match=rf'checkpoint 6: file {rel} has sha256 .*corrupt'):
     ckpt.restore_saved(6)
   ckpt.close()
-  # Evaluation of the newest checkpoint falls back to the newest intact one.
-  assert train.evaluate_checkpoint(train.load_config(copy), copy)['step'] == 4
   with pytest.raises(checkpointing.CheckpointCorruptError,
-                     match='checkpoint 6'):
+                     match='checkpoint 6'):  # before compiling anything
     train.evaluate_checkpoint(train.load_config(copy), copy, step=6)
+  ckpt = checkpointing.Checkpointer(copy, primary=False)
+  assert ckpt.newest_verified_step() == 4
+  ckpt.close()
+
+
+@pytest.mark.slow
+def test_evaluation_falls_back_to_the_newest_intact_checkpoint(finished_run,
+                                                               tmp_path):
+  copy, _ = _flip_a_bit_of_step_6(finished_run, tmp_path)
+  assert train.evaluate_checkpoint(train.load_config(copy), copy)['step'] == 4
 
 
 @pytest.mark.slow
