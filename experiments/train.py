@@ -14,8 +14,8 @@ updates running averages ``running = m * running + (1 - m) * batch`` with
 the official code's ``model.eval()``. Early in AdderNet training the scale of
 the adder outputs moves fast, so the running averages lag the current
 weights and the first epochs' test accuracy can be far below the training
-accuracy (the official code on MNIST: 45.9 % vs 90.7 % after epoch 1). It is a
-property of the running averages, not of the weights: it fades as the
+accuracy (the official code on MNIST: 45.9 % vs 90.7 % after epoch 1). It is
+a property of the running averages, not of the weights: it fades as the
 learning rate decays. Two knobs address it: a smaller ``bn_momentum`` (the
 averages follow faster), and ``config.bn_recalibration_batches > 0``, which
 before every evaluation recomputes the statistics as the exact mean over
