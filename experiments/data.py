@@ -35,9 +35,12 @@ import queue
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
+from absl import logging
 import numpy as np
 
+from experiments import errors
 from experiments import idx as idx_lib
+from experiments import integrity
 
 # Per-channel normalisation constants (on [0, 1] pixel values).
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)  # torchvision's (not fixed by
@@ -53,7 +56,7 @@ MNIST_FILES = {
 }
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """A dataset is missing, corrupt or inconsistent with the config."""
 
 
@@ -133,6 +136,42 @@ def _find_idx_file(data_dir: str, name: str) -> str:
       't10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, raw or .gz).')
 
 
+def mnist_split_paths(data_dir: str, split: str) -> dict[str, str]:
+  """``{canonical MNIST file name: path found}`` of one split's two files.
+
+  Raises:
+    DataError: unknown split or a missing file.
+  """
+  if split not in MNIST_FILES:
+    raise DataError(f'MNIST split {split!r} unknown; use one of '
+                    f'{sorted(MNIST_FILES)}.')
+  return {n: _find_idx_file(data_dir, n) for n in MNIST_FILES[split]}
+
+
+def verify_mnist_files(data_dir: str, splits: Sequence[str]) -> bool:
+  """Whether the files of ``splits`` in ``data_dir`` are MNIST's own.
+
+  Uses the verified stamp of :mod:`experiments.integrity` (no hashing when
+  the files are unchanged since they were verified).
+
+  Returns:
+    True for the MNIST files; False for another dataset in MNIST's format
+    (no file is MNIST's and none was ever verified as MNIST).
+
+  Raises:
+    DataError: a file verified as MNIST before has changed since, or some
+      files are MNIST's and others differ (a corrupt copy).
+  """
+  paths = {}
+  for split in splits:
+    paths.update(mnist_split_paths(data_dir, split))
+  try:
+    return integrity.verify_known_files(data_dir, paths,
+                                        integrity.MNIST_SHA256, 'mnist')
+  except integrity.ChecksumMismatchError as e:
+    raise DataError(str(e)) from e
+
+
 def load_mnist_split(data_dir: str, split: str) -> ArraySource:
   """Loads one split of an MNIST-format directory of IDX files.
 
@@ -161,11 +200,7 @@ def load_mnist_split(data_dir: str, split: str) -> ArraySource:
     >>> load_mnist_split(d, 'test').images.shape
     (5, 28, 28, 1)
   """
-  if split not in MNIST_FILES:
-    raise DataError(f'MNIST split {split!r} unknown; use one of '
-                    f'{sorted(MNIST_FILES)}.')
-  image_path, label_path = (_find_idx_file(data_dir, n)
-                            for n in MNIST_FILES[split])
+  image_path, label_path = mnist_split_paths(data_dir, split).values()
   images = idx_lib.read_idx(image_path)
   labels = idx_lib.read_idx(label_path)
   if images.ndim != 3 or images.dtype != np.uint8:
@@ -595,6 +630,59 @@ class Datasets:
   image_shape: tuple[int, int, int]
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  name: str = ''  # what the data is: 'mnist' (verified), 'idx', 'cifar10', ..
+  verified: bool = False  # the files' checksums are the known dataset's
+
+
+def pixel_mean_std(images: np.ndarray, chunk: int = 8192
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and standard deviation of ``uint8`` images in [0, 1].
+
+  Computed exactly (integer sums), chunk by chunk.
+
+  Examples:
+    >>> import numpy as np
+    >>> x = np.array([0, 255], np.uint8).reshape(2, 1, 1, 1)
+    >>> pixel_mean_std(x)
+    ((0.5,), (0.5,))
+  """
+  images = np.asarray(images)
+  channels = images.shape[-1]
+  total = np.zeros(channels, np.int64)
+  total_sq = np.zeros(channels, np.int64)
+  for start in range(0, len(images), chunk):
+    x = images[start:start + chunk].reshape(-1, channels).astype(np.int64)
+    total += x.sum(0)
+    total_sq += (x * x).sum(0)
+  n = images.size // channels
+  mean = total / n
+  var = total_sq / n - mean * mean
+  return (tuple(float(m / 255.0) for m in mean),
+          tuple(float(np.sqrt(max(v, 0.0)) / 255.0) for v in var))
+
+
+def _normalization(c, default, train_src, channels: int, what: str):
+  """``(mean, std)``: the config's, the dataset's, or the training set's."""
+  mean, std = c.get('mean', None), c.get('std', None)
+  if (mean is None) != (std is None):
+    raise DataError('set both dataset.mean and dataset.std or neither; got '
+                    f'mean={mean!r}, std={std!r}.')
+  if mean is None:
+    if default is not None:
+      return tuple(default[0]), tuple(default[1])
+    if not isinstance(train_src, ArraySource):
+      raise DataError(f'{what}: set dataset.mean and dataset.std (not '
+                      'computed for datasets read from disk per batch).')
+    return pixel_mean_std(train_src.images)
+  mean = tuple(float(m) for m in np.atleast_1d(mean))
+  std = tuple(float(v) for v in np.atleast_1d(std))
+  for key, value in (('mean', mean), ('std', std)):
+    if len(value) != channels or not all(np.isfinite(value)):
+      raise DataError(f'dataset.{key}={value!r}: need {channels} finite '
+                      f'value(s), one per channel of {what}.')
+  if min(std) <= 0:
+    raise DataError(f'dataset.std={std!r}: every value must be > 0.')
+  return mean, std
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, what: str):
@@ -629,14 +717,31 @@ def build_datasets(dataset_config, *, seed: int, global_batch_size: int,
   c = dataset_config
   name = c.name
   workers = int(c.get('num_workers', 8))
-  if name == 'mnist':
+  verified = False
+  if name in ('mnist', 'idx'):
+    if name == 'mnist':
+      verified = verify_mnist_files(c.data_dir,
+                                    sorted({c.train_split, c.eval_split}))
+      if not verified:
+        logging.warning(
+            'The files in %s are not the MNIST files (their sha256 differ): '
+            'treated as another dataset in MNIST\'s IDX format (recorded as '
+            "dataset.name='idx'), normalised with the training set's mean "
+            'and std unless dataset.mean/std are set.', c.data_dir)
     train_src = load_mnist_split(c.data_dir, c.train_split)
     eval_src = load_mnist_split(c.data_dir, c.eval_split)
     size = c.image_size
+    for what, src in (('train', train_src), ('eval', eval_src)):
+      h, w = src.images.shape[1:3]
+      if h > size or w > size:
+        raise DataError(f'the {what} images in {c.data_dir} are {h}x{w}, '
+                        f'larger than dataset.image_size={size}; set '
+                        f'--config.dataset.image_size={max(h, w)} (or more).')
     pad = make_pad_transform(size)
     train_tf, eval_tf = pad, pad
-    mean, std = MNIST_MEAN, MNIST_STD
+    norm_default = (MNIST_MEAN, MNIST_STD) if verified else None
     channels = 1
+    resolved_name = 'mnist' if verified else 'idx'
   elif name in ('cifar10', 'cifar100'):
     train_src = load_tfds_split(name, c.train_split, c.tfds_data_dir,
                                 in_memory=True, num_workers=workers)
@@ -649,8 +754,9 @@ def build_datasets(dataset_config, *, seed: int, global_batch_size: int,
     train_tf = (make_crop_flip_transform(4) if c.augment
                 else identity_transform)
     eval_tf = identity_transform
-    mean, std = CIFAR_MEAN, CIFAR_STD
+    norm_default = (CIFAR_MEAN, CIFAR_STD)
     channels = 3
+    resolved_name = name
   elif name == 'imagenet2012':
     train_src = load_tfds_split(name, c.train_split, c.tfds_data_dir,
                                 in_memory=False, num_workers=workers)
@@ -661,22 +767,26 @@ def build_datasets(dataset_config, *, seed: int, global_batch_size: int,
                 if c.augment else
                 make_center_crop_transform(c.eval_resize, size, workers))
     eval_tf = make_center_crop_transform(c.eval_resize, size, workers)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    norm_default = (IMAGENET_MEAN, IMAGENET_STD)
     channels = 3
+    resolved_name = name
   else:
-    raise DataError(f'unknown dataset.name {name!r}; use mnist, cifar10, '
-                    'cifar100 or imagenet2012.')
+    raise DataError(f'unknown dataset.name {name!r}; use mnist, idx (any '
+                    'dataset in MNIST\'s IDX format), cifar10, cifar100 or '
+                    'imagenet2012.')
   train_src = _truncate(train_src, c.get('max_train_examples', -1))
   eval_src = _truncate(eval_src, c.get('max_eval_examples', -1))
   if isinstance(train_src, ArraySource):
     _check_labels(train_src.labels, c.num_classes, f'{name} train')
     _check_labels(eval_src.labels, c.num_classes, f'{name} eval')
+  mean, std = _normalization(c, norm_default, train_src, channels,
+                             f'{resolved_name} in {c.get("data_dir")}')
   train = TrainStream(train_src, global_batch_size, seed, train_tf, rows,
                       prefetch=int(c.get('prefetch', 2)))
   evaluation = EvalStream(eval_src, eval_batch_size, eval_tf, eval_rows)
   return Datasets(train=train, eval=evaluation, num_classes=c.num_classes,
                   image_shape=(size, size, channels), mean=tuple(mean),
-                  std=tuple(std))
+                  std=tuple(std), name=resolved_name, verified=verified)
 
 
 class _Subset:

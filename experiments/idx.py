@@ -22,6 +22,8 @@ import zlib
 
 import numpy as np
 
+from experiments import errors
+
 # Type code -> big-endian numpy dtype (the IDX specification's table).
 IDX_DTYPES = {
     0x08: np.dtype('u1'),
@@ -34,7 +36,7 @@ IDX_DTYPES = {
 _GZIP_MAGIC = b'\x1f\x8b'
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(errors.UserError, ValueError):
   """A file is not a valid IDX file (bad magic, type code, dims or length)."""
 
 

@@ -100,6 +100,22 @@ class MetricWriter:
         self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
                                  **kwargs)
 
+  def has_record(self, step: int, prefix: str) -> bool:
+    """Whether ``metrics.jsonl`` has a record of ``step`` with a key
+    starting with ``prefix`` (so a re-run does not write it twice)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return False
+    with open(self.path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if record.get('step') == step and any(
+            k.startswith(prefix) for k in record):
+          return True
+    return False
+
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
       return

@@ -14,8 +14,8 @@ updates running averages ``running = m * running + (1 - m) * batch`` with
 the official code's ``model.eval()``. Early in AdderNet training the scale of
 the adder outputs moves fast, so the running averages lag the current
 weights and the first epochs' test accuracy can be far below the training
-accuracy (PAPER.md section 8: 45.9 % vs 90.7 % after epoch 1). It is a
-property of the running averages, not of the weights: it fades as the
+accuracy (the official code on MNIST: 45.9 % vs 90.7 % after epoch 1). It is
+a property of the running averages, not of the weights: it fades as the
 learning rate decays. Two knobs address it: a smaller ``bn_momentum`` (the
 averages follow faster), and ``config.bn_recalibration_batches > 0``, which
 before every evaluation recomputes the statistics as the exact mean over
@@ -51,8 +51,11 @@ import optax
 
 from experiments import checkpointing
 from experiments import data as data_lib
+from experiments import errors
 from experiments import metrics as metrics_lib
 from experiments import parallel
+from experiments import preemption
+from experiments import workdir_lock
 
 PyTree = Any
 
@@ -100,29 +103,37 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   known = _flat_keys(default.get_config())
   unknown = sorted(_flat_keys(config) - known)
   if unknown:
-    raise ValueError(f'unknown config key(s) {unknown}; valid keys are in '
-                     'experiments/configs/default.py.')
+    raise errors.ConfigError(
+        f'unknown config key(s) {unknown}; valid keys are in '
+        'experiments/configs/default.py (python -m experiments.main --help '
+        'lists them).')
   missing = sorted(known - _flat_keys(config))
   if missing:
-    raise ValueError(f'config lacks key(s) {missing}; derive configs from '
-                     'experiments/configs/default.py.')
+    raise errors.ConfigError(f'config lacks key(s) {missing}; derive configs '
+                             'from experiments/configs/default.py.')
   if config.model.kind not in ('cnn', 'adder', 'bnn'):
-    raise ValueError(f"model.kind {config.model.kind!r}: use 'cnn', 'adder' "
-                     "or 'bnn'.")
+    raise errors.ConfigError(f"model.kind {config.model.kind!r}: use 'cnn', "
+                             "'adder' or 'bnn'.")
   if config.parallelism not in ('jit', 'pmap'):
-    raise ValueError(f"parallelism {config.parallelism!r}: use 'jit' or "
-                     "'pmap'.")
+    raise errors.ConfigError(f"parallelism {config.parallelism!r}: use 'jit' "
+                             "or 'pmap'.")
   if config.optimizer.schedule not in ('cosine_epoch', 'cosine_step'):
-    raise ValueError(f'optimizer.schedule {config.optimizer.schedule!r}: use '
-                     "'cosine_epoch' (official) or 'cosine_step'.")
+    raise errors.ConfigError(
+        f'optimizer.schedule {config.optimizer.schedule!r}: use '
+        "'cosine_epoch' (official) or 'cosine_step'.")
   for key in ('num_epochs', 'batch_size', 'eval_batch_size',
               'log_every_steps', 'eval_every_epochs', 'max_to_keep'):
     value = config[key]
-    if not isinstance(value, int) or value <= 0:
-      raise ValueError(f'{key} must be a positive int, got {value!r}.')
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise errors.ConfigError(f'{key} must be a positive int, got '
+                               f'{value!r}.')
   if config.bn_recalibration_batches < 0:
-    raise ValueError('bn_recalibration_batches must be >= 0, got '
-                     f'{config.bn_recalibration_batches}.')
+    raise errors.ConfigError('bn_recalibration_batches must be >= 0, got '
+                             f'{config.bn_recalibration_batches}.')
+  lr = config.optimizer.learning_rate
+  if not isinstance(lr, (int, float)) or not np.isfinite(lr) or lr <= 0:
+    raise errors.ConfigError('optimizer.learning_rate must be a finite '
+                             f'number > 0, got {lr!r}.')
 
 
 # ----------------------------------------------------------------------------
@@ -149,6 +160,11 @@ def create_model(model_config, num_classes: int) -> nn.Module:
 
   The factory is called as ``factory(name?, kind=, num_classes=, dtype=,
   bn_momentum=, **overrides)`` (zoo: :func:`adderjax.models.create_model`).
+  A config read from a workdir (:func:`load_config`) may only name the zoo
+  unless the user trusts it.
+
+  Raises:
+    experiments.errors.ConfigError: the model rejects the config's fields.
   """
   kwargs = dict(kind=model_config.kind, num_classes=num_classes,
                 dtype=jnp.dtype(model_config.dtype),
@@ -164,7 +180,12 @@ def create_model(model_config, num_classes: int) -> nn.Module:
     factory = getattr(importlib.import_module(module_name), attr)
     return factory(**kwargs)
   from adderjax import models  # pylint: disable=g-import-not-at-top
-  return models.create_model(name, **kwargs)
+  try:
+    return models.create_model(name, **kwargs)
+  except (TypeError, ValueError, KeyError) as e:
+    raise errors.ConfigError(
+        f'model {name!r} ({model_config.kind}): '
+        f'{" ".join(str(e).split())}') from e
 
 
 def create_optimizer(config, model: nn.Module, example: jax.Array,
@@ -374,9 +395,90 @@ def _print_summary(summary: dict) -> None:
         f"{int(ev['count'])} images)", flush=True)
 
 
+SUMMARY_FILE = 'summary.json'
+
+
+def _read_summary(workdir: str) -> dict | None:
+  path = os.path.join(workdir, SUMMARY_FILE)
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return summary if isinstance(summary, dict) else None
+
+
+def _segments(prior: dict | None) -> list[dict]:
+  """The segments of a stored summary (older summaries had just one)."""
+  if not prior:
+    return []
+  if isinstance(prior.get('segments'), list):
+    return list(prior['segments'])
+  start = prior.get('resumed_from') or 0
+  return [{'start_step': start, 'stop_step': prior.get('steps'),
+           'wall_seconds': prior.get('wall_seconds'),
+           'images_per_second': prior.get('images_per_second'),
+           'train_images': None, 'train_seconds': None,
+           'finished': True, 'stopped_by': None}]
+
+
+def _all_finite(tree) -> tuple[bool, str]:
+  """Whether every floating leaf is finite, and the first bad leaf's path."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    a = np.asarray(leaf)
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+      return False, jax.tree_util.keystr(path)
+  return True, ''
+
+
+def _resolve_config(config: ml_collections.ConfigDict,
+                    datasets: data_lib.Datasets) -> ml_collections.ConfigDict:
+  """The config as run: the dataset's name and normalisation filled in."""
+  resolved = config.copy_and_resolve_references()
+  with resolved.unlocked():
+    resolved.dataset.name = datasets.name or config.dataset.name
+    resolved.dataset.mean = tuple(datasets.mean)
+    resolved.dataset.std = tuple(datasets.std)
+  return resolved
+
+
+def _lock_workdir(workdir: str, primary: bool):
+  """Takes the workdir's lock on process 0; all processes agree on it."""
+  lock = workdir_lock.WorkdirLock(workdir) if primary else None
+  error = None
+  if lock is not None:
+    try:
+      lock.acquire()
+    except workdir_lock.WorkdirBusyError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    ok = int(np.min(multihost_utils.process_allgather(
+        np.int32(error is None))))
+    if not ok and error is None:
+      if lock is not None:
+        lock.release()
+      error = workdir_lock.WorkdirBusyError(
+          f'workdir {workdir} is in use by another run (process 0 could not '
+          'lock it).')
+  if error is not None:
+    raise error
+  return lock
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        init_from: str | None = None) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming it if it holds a checkpoint).
+
+  One run at a time per workdir (:mod:`experiments.workdir_lock`). The
+  config, the data and the model are checked before anything is compiled or
+  written; an error leaves the workdir as it was (a workdir created by the
+  failed run is removed). SIGTERM and SIGINT save a checkpoint at the next
+  step boundary and raise :class:`experiments.errors.Preempted`; running
+  again resumes bit-identically. A non-finite training loss or parameter
+  raises :class:`experiments.errors.TrainingDivergedError` without saving
+  (the last good checkpoint stays). A finished workdir is not trained or
+  evaluated again: its stored summary is printed and returned.
 
   Args:
     config: a config from ``experiments/configs``.
@@ -386,28 +488,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     The summary (also written to ``workdir/summary.json``): final evaluation
-    metrics, steps, epochs, wall time and training images per second.
+    metrics, steps, epochs, wall time and training images per second, and
+    one entry per segment (first run and resumptions) under ``segments``.
 
   Raises:
-    ValueError: unknown config keys or bad values, a batch size the devices
-      do not divide, a workdir holding another model
-      (:class:`experiments.checkpointing.WorkdirMismatchError`), missing or
-      corrupt data (:class:`experiments.data.DataError`).
+    experiments.errors.UserError: unknown config keys or bad values
+      (:class:`~experiments.errors.ConfigError`), a workdir in use
+      (:class:`~experiments.workdir_lock.WorkdirBusyError`) or holding
+      another model (:class:`~experiments.checkpointing.WorkdirMismatchError`),
+      missing or corrupt data (:class:`experiments.data.DataError`), no
+      intact checkpoint (:class:`~experiments.checkpointing.
+      CheckpointCorruptError`).
+    experiments.errors.Preempted: stopped by a signal, after saving.
+    experiments.errors.TrainingDivergedError: the loss became non-finite.
   """
   t_start = time.time()
   validate_config(config)
   primary = parallel.is_primary()
+  workdir = os.path.abspath(workdir)
+  existed = os.path.isdir(workdir)
+  lock = _lock_workdir(workdir, primary)
+  try:
+    with preemption.StopRequest() as stop:
+      return _train_locked(config, workdir, primary, t_start, stop,
+                           init_from)
+  finally:
+    if lock is not None:
+      lock.release()
+    if not existed and primary:
+      try:
+        os.rmdir(workdir)  # only if the failed run left it empty
+      except OSError:
+        pass
+
+
+def _train_locked(config, workdir, primary, t_start, stop, init_from=None):
+  """The body of :func:`train_and_evaluate`, with the workdir locked."""
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.max_to_keep,
                                     async_save=config.async_checkpointing,
                                     primary=primary)
-  ckpt.check_config(config)  # before anything is written
-
-  runner = make_runner(config)
-  rows = runner.local_rows(config.batch_size)
-  eval_rows = runner.local_rows(config.eval_batch_size)
+  # Everything read-only first: the stored config, the data, the model.
+  ckpt.stored_config()
+  try:
+    runner = make_runner(config)  # a mesh the devices do not fit
+    rows = runner.local_rows(config.batch_size)
+    eval_rows = runner.local_rows(config.eval_batch_size)
+  except ValueError as e:  # ... or do not divide a batch size
+    raise errors.ConfigError(str(e)) from e
   datasets = data_lib.build_datasets(
       config.dataset, seed=config.seed, global_batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, rows=rows, eval_rows=eval_rows)
+  config = _resolve_config(config, datasets)
+  ckpt.check_config(config)
   if config.steps_per_epoch > 0:
     datasets.train.steps_per_epoch = min(config.steps_per_epoch,
                                          datasets.train.steps_per_epoch)
@@ -424,10 +556,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   data_state = {'seed': config.seed, 'steps_per_epoch': steps_per_epoch,
                 'global_batch_size': config.batch_size,
                 'num_train_examples': len(datasets.train.source)}
-  latest = ckpt.latest_step()
+  latest, host_state, saved, corrupt = ckpt.restore_newest_intact(host_state)
   resumed = latest is not None
   if resumed:
-    host_state, saved = ckpt.restore(latest, host_state)
     for key, value in data_state.items():
       if saved.get(key) != value:
         raise checkpointing.WorkdirMismatchError(
@@ -439,8 +570,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     from experiments import convert_official  # pylint: disable=g-import-not-at-top
     host_state = convert_official.init_state_from_workdir(init_from,
                                                           host_state, tx)
-  ckpt.write_config(config)
   start_step = int(host_state.step)
+  prior = _read_summary(workdir) if resumed else None
+  if (resumed and start_step >= stop_step and not corrupt and prior and
+      prior.get('finished', True) and prior.get('steps') == stop_step and
+      prior.get('eval')):
+    # A finished run: nothing to train or evaluate, nothing to write.
+    ckpt.close()
+    logging.info('%s already holds the finished run (step %d).', workdir,
+                 stop_step)
+    if primary:
+      _print_summary(prior)
+    return prior
+  if corrupt:
+    moved = ckpt.quarantine([step for step, _ in corrupt])
+    for path in moved:
+      logging.warning('Moved a corrupt checkpoint to %s.', path)
+  ckpt.write_config(config)
 
   dtype = jnp.dtype(config.model.dtype)
   mean, std = datasets.mean, datasets.std
@@ -468,15 +614,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                       config.bn_recalibration_batches,
                                       config.model.bn_momentum)
     result = evaluate(ctx, state)
-    writer.write(step, {f'eval/{k}': v for k, v in result.items()
-                        if k != 'count'})
+    if not writer.has_record(step, 'eval/'):
+      writer.write(step, {f'eval/{k}': v for k, v in result.items()
+                          if k != 'count'})
     logging.info('step %d eval: %s', step, result)
     return state, result
 
-  def save(state, step, force=False):
+  # Metric sums since the last log line; carried through checkpoints so that
+  # a resumed run logs exactly what an uninterrupted one does.
+  window, window_steps = None, 0
+  if resumed and saved.get('window') is not None:
+    window = {k: np.float32(v) for k, v in saved['window'].items()}
+    window_steps = int(saved.get('window_steps', 0))
+  window_first = start_step - window_steps + 1
+
+  def diverged(what, step):
+    last = ckpt.latest_step()
+    where = (f'the last good checkpoint is step {last} in {ckpt.directory}'
+             if last is not None else 'no checkpoint was written')
+    return errors.TrainingDivergedError(
+        f'training diverged: {what} at step {step}; stopped without saving '
+        f'({where}). Lower --config.optimizer.learning_rate or check the '
+        'data.')
+
+  def save(state, step, window, window_steps, force=False):
     host = runner.get_state(state)
+    ok, leaf = _all_finite(host.params)
+    if not ok:
+      raise diverged(f'parameter {leaf} is not finite', step)
+    host_window = None
+    if window is not None:
+      host_window = {k: float(np.float32(v)) for k, v in
+                     runner.get_metrics(window).items()}
+      if not np.isfinite(host_window['loss']):
+        raise diverged(f'the training loss is {host_window["loss"]}', step)
     ckpt.save(step, host, dict(data_state, step=step,
-                               epoch=step / steps_per_epoch), force=force)
+                               epoch=step / steps_per_epoch,
+                               window=host_window,
+                               window_steps=window_steps), force=force)
 
   progress = None
   if primary and config.progress_bar and stop_step > start_step:
@@ -484,90 +659,164 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     progress = tqdm.tqdm(total=stop_step, initial=start_step, unit='step',
                          dynamic_ncols=True, desc='train')
 
-  window, window_steps, window_start = None, 0, time.time()
+  window_start = time.time()
   train_images, train_seconds, first_window = 0, 0.0, True
   last_eval, last_eval_step = None, None
-  for step, batch in zip(range(start_step, stop_step),
-                         datasets.train.iterate(start_step, stop_step)):
-    placed = runner.put_batch(batch, config.batch_size)
-    state, m = train_step(state, placed)
-    window = m if window is None else jax.tree.map(jnp.add, window, m)
-    window_steps += 1
-    done = step + 1
+  signum, done = 0, start_step
+  try:
+    for step, batch in zip(range(start_step, stop_step),
+                           datasets.train.iterate(start_step, stop_step)):
+      placed = runner.put_batch(batch, config.batch_size)
+      state, m = train_step(state, placed)
+      window = m if window is None else jax.tree.map(jnp.add, window, m)
+      window_steps += 1
+      done = step + 1
+      if progress is not None:
+        progress.update(1)
+      if done % config.log_every_steps == 0 or done == stop_step:
+        host = runner.get_metrics(window)
+        elapsed = time.time() - window_start
+        ips = window_steps * config.batch_size / max(elapsed, 1e-9)
+        if not first_window or done == stop_step:
+          # The first window holds compilation: left out of the throughput
+          # unless it is the only one.
+          train_images += window_steps * config.batch_size
+          train_seconds += elapsed
+        first_window = False
+        count = float(host['count'])
+        scalars = {'train/loss': float(host['loss']) / count,
+                   'train/top1': float(host['top1']) / count,
+                   'train/top5': float(host['top5']) / count,
+                   'train/learning_rate': float(schedule(step)),
+                   'train/images_per_second': ips,
+                   'train/epoch': done / steps_per_epoch}
+        writer.write(done, scalars)
+        if not np.isfinite(scalars['train/loss']):
+          raise diverged(f'the mean training loss of steps {window_first}-'
+                         f'{done} is {scalars["train/loss"]}', done)
+        if progress is not None:
+          progress.set_postfix(loss=f"{scalars['train/loss']:.4f}",
+                               top1=f"{scalars['train/top1']:.3f}",
+                               ips=f'{ips:.0f}')
+        window, window_steps, window_first = None, 0, done + 1
+        window_start = time.time()
+      if done % steps_per_epoch == 0 and (
+          (done // steps_per_epoch) % config.eval_every_epochs == 0):
+        state, last_eval = run_eval(state, done)
+        last_eval_step = done
+        if progress is not None:
+          progress.write(f'epoch {done // steps_per_epoch}: test top-1 '
+                         f'{100 * last_eval["top1"]:.2f}%, loss '
+                         f'{last_eval["loss"]:.4f}')
+        window_start = time.time()
+      signum = stop.poll() if done != stop_step else 0
+      if done != stop_step and (done % ckpt_every == 0 or signum):
+        save(state, done, window, window_steps, force=bool(signum))
+        window_start = time.time() if window is None else window_start
+      ckpt.poll()
+      if signum:
+        break
     if progress is not None:
-      progress.update(1)
-    if done % config.log_every_steps == 0 or done == stop_step:
-      host = runner.get_metrics(window)
-      elapsed = time.time() - window_start
-      ips = window_steps * config.batch_size / max(elapsed, 1e-9)
-      if not first_window or done == stop_step:
-        # The first window holds compilation: left out of the throughput
-        # unless it is the only one.
-        train_images += window_steps * config.batch_size
-        train_seconds += elapsed
-      first_window = False
-      count = float(host['count'])
-      scalars = {'train/loss': float(host['loss']) / count,
-                 'train/top1': float(host['top1']) / count,
-                 'train/top5': float(host['top5']) / count,
-                 'train/learning_rate': float(schedule(step)),
-                 'train/images_per_second': ips,
-                 'train/epoch': done / steps_per_epoch}
-      writer.write(done, scalars)
-      if progress is not None:
-        progress.set_postfix(loss=f"{scalars['train/loss']:.4f}",
-                             top1=f"{scalars['train/top1']:.3f}",
-                             ips=f'{ips:.0f}')
-      window, window_steps = None, 0
-      window_start = time.time()
-    if done % steps_per_epoch == 0 and (
-        (done // steps_per_epoch) % config.eval_every_epochs == 0):
-      state, last_eval = run_eval(state, done)
-      last_eval_step = done
-      if progress is not None:
-        progress.write(f'epoch {done // steps_per_epoch}: test top-1 '
-                       f'{100 * last_eval["top1"]:.2f}%, loss '
-                       f'{last_eval["loss"]:.4f}')
-      window_start = time.time()
-    if done % ckpt_every == 0 and done != stop_step:
-      save(state, done)
-      window_start = time.time() if window is None else window_start
-  if progress is not None:
-    progress.close()
+      progress.close()
+      progress = None
 
-  if last_eval_step != stop_step:
-    state, last_eval = run_eval(state, stop_step)
-  if ckpt.latest_step() != stop_step:
-    save(state, stop_step, force=True)
-  ckpt.close()
-  writer.close()
+    if not signum:
+      if last_eval_step != stop_step:
+        state, last_eval = run_eval(state, stop_step)
+      if ckpt.latest_step() != stop_step:
+        save(state, stop_step, None, 0, force=True)
+  finally:
+    if progress is not None:
+      progress.close()
+    ckpt.close()
+    writer.close()
 
+  wall = time.time() - t_start
+  segment = {'start_step': start_step, 'stop_step': done,
+             'wall_seconds': wall,
+             'images_per_second': (train_images / train_seconds
+                                   if train_seconds > 0 else None),
+             'train_images': train_images, 'train_seconds': train_seconds,
+             'finished': not signum,
+             'stopped_by': errors.signal_name(signum) if signum else None}
+  segments = _segments(prior) + [segment]
+  images = [g['train_images'] for g in segments]
+  seconds = [g['train_seconds'] for g in segments]
+  if all(v is not None for v in images + seconds) and sum(seconds) > 0:
+    ips = sum(images) / sum(seconds)
+  else:
+    ips = segment['images_per_second']
   summary = {
       'model': config.model.name, 'kind': config.model.kind,
-      'dataset': config.dataset.name, 'steps': stop_step,
-      'epochs': stop_step / steps_per_epoch,
-      'wall_seconds': time.time() - t_start,
-      'images_per_second': (train_images / train_seconds
-                            if train_seconds > 0 else None),
+      'dataset': config.dataset.name,
+      'dataset_verified': datasets.verified,
+      'data_dir': (config.dataset.data_dir
+                   if config.dataset.name in ('mnist', 'idx') else
+                   config.dataset.tfds_data_dir),
+      'normalization': {'mean': list(datasets.mean),
+                        'std': list(datasets.std)},
+      'steps': done, 'epochs': done / steps_per_epoch,
+      'finished': not signum,
+      'wall_seconds': sum(g['wall_seconds'] or 0.0 for g in segments),
+      'images_per_second': ips,
       'resumed_from': start_step if resumed else None,
+      'segments': segments,
       'devices': jax.device_count(), 'processes': jax.process_count(),
       'eval': last_eval,
   }
   if primary:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    tmp = os.path.join(workdir, SUMMARY_FILE + '.tmp')
+    with open(tmp, 'w') as f:
       json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, SUMMARY_FILE))
+  if signum:
+    raise errors.Preempted(
+        signum, done, f'{errors.signal_name(signum)}: saved checkpoint '
+        f'{done} in {ckpt.directory} and stopped; run the same command to '
+        'resume.')
+  if primary:
     _print_summary(summary)
   return summary
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run stored in ``workdir/config.json``."""
+class UntrustedCodeError(errors.UserError, PermissionError):
+  """A workdir's config names code to import, and it is not trusted."""
+
+
+def load_config(workdir: str,
+                trust_code: bool = False) -> ml_collections.ConfigDict:
+  """The config a run stored in ``workdir/config.json``.
+
+  Args:
+    workdir: the run directory.
+    trust_code: allow ``model.name='module:factory'``, which imports that
+      module and calls the factory when the model is built. A workdir may
+      come from someone else: by default only the model zoo is allowed.
+
+  Raises:
+    experiments.errors.UserError: no run in ``workdir``, an unreadable
+      config.json, or a ``module:factory`` model without ``trust_code``.
+  """
   path = os.path.join(workdir, checkpointing.CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: {workdir} holds no run.')
+    raise checkpointing.NoRunError(f'{path} not found: {workdir} holds no '
+                                   'run.')
   from experiments.configs import default  # pylint: disable=g-import-not-at-top
-  with open(path) as f:
-    stored = json.load(f)
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    if not isinstance(stored, dict):
+      raise ValueError('not a JSON object')
+  except ValueError as e:
+    raise checkpointing.WorkdirMismatchError(
+        f'{path} is not a valid config ({e}).') from e
+  name = stored.get('model', {}).get('name', '')
+  if isinstance(name, str) and ':' in name and not trust_code:
+    raise UntrustedCodeError(
+        f"{path} sets model.name={name!r}, which would import module "
+        f"{name.split(':')[0]!r} and run its code; a workdir's config may "
+        'only name a model of the zoo. Pass --trust_workdir_code if you '
+        'trust this workdir.')
   config = default.get_config()
   overrides = stored.get('model', {}).pop('overrides', {})
   flat = checkpointing.flatten(stored)
@@ -595,8 +844,21 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     ``{'step', 'loss', 'top1', 'top5', 'count'}``.
+
+  Raises:
+    experiments.checkpointing.CheckpointCorruptError: checkpoint ``step``
+      fails its checksums (with ``step=None``: every checkpoint does; a
+      corrupt newest one falls back to the newest intact one).
   """
   validate_config(config)
+  # The checkpoint's checksums first: a corrupt one fails before compiling.
+  ckpt = checkpointing.Checkpointer(workdir, primary=False)
+  if step is None:
+    step = ckpt.newest_verified_step()
+    if step is None:
+      raise checkpointing.NoRunError(f'no checkpoint in {ckpt.directory}.')
+  else:
+    ckpt.verify(step)
   runner = make_runner(config)
   datasets = data_lib.build_datasets(
       config.dataset, seed=config.seed, global_batch_size=config.batch_size,
@@ -611,10 +873,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   tx, _ = create_optimizer(config, model, example,
                            datasets.train.steps_per_epoch)
   target = init_host_state(model, tx, config.seed, datasets.image_shape)
-  ckpt = checkpointing.Checkpointer(workdir, primary=False)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {ckpt.directory}.')
   host_state, _ = ckpt.restore(step, target)
   ckpt.close()
   dtype = jnp.dtype(config.model.dtype)

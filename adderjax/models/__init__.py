@@ -1,7 +1,7 @@
 """The paper's model zoo: LeNet-5-BN, VGG-small, ResNet-20/32/18/50.
 
 Each model is built in three kinds with the layer class injected, never copied
-per kind (STYLE.md convention 9): ``kind='cnn'`` (``nn.Conv`` / ``nn.Dense``),
+per kind: ``kind='cnn'`` (``nn.Conv`` / ``nn.Dense``),
 ``'adder'`` (:class:`adderjax.linen.AdderConv` / ``AdderDense``) and ``'bnn'``
 (:class:`adderjax.bnn.BinaryConv` / ``BinaryDense``). As in the paper and its
 official code, the first convolution and the classifier stay full precision,

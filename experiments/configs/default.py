@@ -1,7 +1,11 @@
 """Every config key, with defaults; the experiment configs override it.
 
-Values marked ``[not fixed]`` are not set by the paper or its official code
-(see /work/shared/PAPER.md section 5); they are our choice.
+Values marked ``[not fixed]`` are not set by the paper (Chen et al., "AdderNet:
+Do We Really Need Multiplications in Deep Learning?", CVPR 2020) or its
+official code (github.com/huawei-noah/AdderNet); they are our choice.
+
+``python -m experiments.main --help`` lists every key with its default
+(:func:`describe_keys`).
 
 Config arguments (``--config experiments/configs/<name>.py:ARG``) are a
 comma-separated list of tokens, parsed by :func:`parse_arg`:
@@ -61,6 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.overrides = ml_collections.ConfigDict()  # other model fields
 
   c.dataset = ml_collections.ConfigDict()
+  # 'mnist' (IDX files, sha256-checked against MNIST's), 'idx' (any dataset
+  # in MNIST's IDX format), 'cifar10', 'cifar100', 'imagenet2012'.
   c.dataset.name = 'mnist'
   c.dataset.data_dir = 'data/mnist'          # MNIST-format IDX files
   c.dataset.tfds_data_dir = config_dict.placeholder(str)  # TFDS data_dir
@@ -74,6 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset.prefetch = 2                     # batches prepared ahead
   c.dataset.max_train_examples = -1          # >0: use the first N only
   c.dataset.max_eval_examples = -1
+  # Per-channel normalisation of [0, 1] pixels; None: the dataset's known
+  # values (MNIST, CIFAR, ImageNet), or computed from the training set (idx).
+  c.dataset.mean = config_dict.placeholder(tuple)
+  c.dataset.std = config_dict.placeholder(tuple)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 0.1
@@ -107,6 +117,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # >0: recompute BN statistics over N training batches before each eval.
   c.bn_recalibration_batches = 0
   return c
+
+
+def describe_keys(config: ml_collections.ConfigDict | None = None,
+                  prefix: str = '') -> list[str]:
+  """``key = default`` lines for every config key (for ``--help``).
+
+  Examples:
+    >>> 'optimizer.learning_rate = 0.1' in describe_keys()
+    True
+  """
+  config = get_config() if config is None else config
+  lines = []
+  for key in sorted(config.keys()):
+    value = config[key]
+    if (isinstance(value, ml_collections.ConfigDict) and
+        prefix + key != 'model.overrides'):
+      lines.extend(describe_keys(value, f'{prefix}{key}.'))
+    else:
+      if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+      lines.append(f'{prefix}{key} = {value!r}')
+  return lines
 
 
 def shrink_for_runlocal(c: ml_collections.ConfigDict) -> None:
@@ -150,7 +182,7 @@ def _set_model(c, name: str, runlocal: bool) -> None:
 
 
 def mnist_config(arg: str | None, quick_epochs: int) -> ml_collections.ConfigDict:
-  """LeNet-5-BN on MNIST (PAPER.md section 5: lr 0.1 cosine, batch 256).
+  """LeNet-5-BN on MNIST (the paper's recipe: lr 0.1 cosine, batch 256).
 
   The default runs ``quick_epochs`` (minutes on 2 CPU cores); the ``full``
   argument gives the paper's 50 epochs.
@@ -177,7 +209,7 @@ def mnist_config(arg: str | None, quick_epochs: int) -> ml_collections.ConfigDic
 
 def cifar_config(arg: str | None, model: str,
                  dataset: str) -> ml_collections.ConfigDict:
-  """A CIFAR-10/100 experiment with the official recipe (PAPER.md sec. 5)."""
+  """A CIFAR-10/100 experiment with the official code's recipe."""
   args = parse_arg(arg)
   c = get_config(arg)
   _set_model(c, model, args['runlocal'])
@@ -200,7 +232,7 @@ def cifar_config(arg: str | None, model: str,
 
 
 def imagenet_config(arg: str | None, model: str) -> ml_collections.ConfigDict:
-  """An ImageNet experiment (PAPER.md section 5: standard ResNet recipe)."""
+  """An ImageNet experiment (the standard ResNet recipe, as the paper)."""
   args = parse_arg(arg)
   c = get_config(arg)
   _set_model(c, model, args['runlocal'])

@@ -197,10 +197,14 @@ def test_features(config: ml_collections.ConfigDict, result: RunResult,
   model = train.create_model(config.model, config.dataset.num_classes)
   images, labels = _test_images(config)
   variables = {'params': result.params, 'batch_stats': result.batch_stats}
+  # The normalisation the run trained with (MNIST's, or the training set's
+  # own for other IDX data).
+  norm = data_lib.build_datasets(config.dataset, seed=0, global_batch_size=1,
+                                 eval_batch_size=1)
 
   @jax.jit
   def apply(variables, x):
-    x = train.normalize(x, data_lib.MNIST_MEAN, data_lib.MNIST_STD)
+    x = train.normalize(x, norm.mean, norm.std)
     logits, inter = model.apply(variables, x, train=False,
                                 mutable=['intermediates'])
     return logits, inter['intermediates']['features'][0]
