@@ -230,7 +230,8 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def run(nets: Sequence[str], batches: dict[str, int], kinds: Sequence[str],
-        repeats: int, dtype, backward: bool, out=None) -> list[dict]:
+        repeats: int, dtype, backward: bool, out=None,
+        names: Sequence[str] | None = None) -> list[dict]:
   """Times every layer of ``nets`` and reads XLA's memory analysis.
 
   Each (layer, kind) function is compiled once (``jit(f).lower().compile()``);
@@ -246,6 +247,8 @@ def run(nets: Sequence[str], batches: dict[str, int], kinds: Sequence[str],
     dtype: input dtype.
     backward: time ``value_and_grad`` of the sum instead of the forward.
     out: where to print the markdown table (default stdout).
+    names: only the layers of :data:`LAYERS` with these names (default:
+      all).
 
   Returns:
     One dict per layer: ``net, layer, batch, m, k, t`` and, per kind,
@@ -265,7 +268,7 @@ def run(nets: Sequence[str], batches: dict[str, int], kinds: Sequence[str],
             [f'{k}/conv temp' for k in others])
   cells = []
   for layer in LAYERS:
-    if layer.net not in nets:
+    if layer.net not in nets or (names and layer.name not in names):
       continue
     batch = batches[layer.net]
     x_shape, k_shape = layer.shapes(batch)
@@ -381,7 +384,8 @@ def time_train_step(config, repeats: int, devices=None) -> dict[str, float]:
 
 
 def run_steps(nets: Sequence[str], batches: dict[str, int], repeats: int,
-              accel: bool, out=None) -> list[dict]:
+              accel: bool, config_arg: str | None = None,
+              out=None) -> list[dict]:
   """Times the experiments' train step, cnn vs adder, per net.
 
   Args:
@@ -390,25 +394,27 @@ def run_steps(nets: Sequence[str], batches: dict[str, int], repeats: int,
     repeats: timed steps per variant (median).
     accel: whether the default backend is a GPU/TPU (adds the Pallas
       variant, ``model.implementation=None``).
+    config_arg: the configs' argument (``'runlocal'``: the shrunken models
+      of ``experiments/configs/default.py``, for a smoke run).
     out: where to print the markdown table (default stdout).
 
   Returns:
     One dict per (net, variant): ``net, kind, implementation, variant,
-    batch`` and the figures of :func:`time_train_step`.
+    config_arg, batch`` and the figures of :func:`time_train_step`.
   """
   out = out or sys.stdout
   rows = []
   for net in nets:
     module_name, _ = STEP_CONFIGS[net]
     for kind, implementation in step_variants(accel):
-      config = importlib.import_module(module_name).get_config()
+      config = importlib.import_module(module_name).get_config(config_arg)
       config.model.kind = kind
       config.model.implementation = implementation
       config.batch_size = batches[net]
       stats = time_train_step(config, repeats)
       rows.append(dict(net=net, kind=kind, implementation=implementation,
                        variant=_variant_name(kind, implementation),
-                       batch=batches[net], **stats))
+                       config_arg=config_arg, batch=batches[net], **stats))
   header = ['net', 'model', 'batch', 'step ms', 'images/s', 'temp MB',
             'args MB', 'GB accessed', 'GFLOP', 'time/cnn', 'temp/cnn',
             'bytes/cnn']
@@ -424,9 +430,10 @@ def run_steps(nets: Sequence[str], batches: dict[str, int], repeats: int,
         _ratio(row['step_ms'], cnn['step_ms']),
         _ratio(row['temp_mb'], cnn['temp_mb']),
         _ratio(row['bytes_accessed_gb'], cnn['bytes_accessed_gb'])])
-  print(f'\n### Train steps ({jax.device_count()} device(s), global batch; '
-        f'median of {repeats} steps after 2 warm-up steps; memory and bytes '
-        'per device from XLA\'s memory / cost analysis; ratios vs cnn)\n',
+  arch = f', config argument {config_arg!r}' if config_arg else ''
+  print(f'\n### Train steps ({jax.device_count()} device(s){arch}, global '
+        f'batch; median of {repeats} steps after 2 warm-up steps; memory and '
+        'bytes per device from XLA\'s memory / cost analysis; ratios vs cnn)\n',
         file=out)
   print(_markdown(header, cells), file=out)
   return rows
@@ -463,10 +470,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='comma-separated: layers (per conv layer), steps '
                       '(per train step)')
   parser.add_argument('--quick', action='store_true',
-                      help='ResNet-20 only, tiny batches, few repeats (a '
-                      'CPU smoke run; overrides the batch and repeat flags)')
+                      help='ResNet-20 only, tiny batches, one repeat, and '
+                      'for the steps the config\'s runlocal model (3 blocks, '
+                      'width 8): a CPU smoke run; overrides the batch and '
+                      'repeat flags')
   parser.add_argument('--nets', default='resnet20,resnet50',
                       help='comma-separated: resnet20, resnet50')
+  parser.add_argument('--layers', default=None,
+                      help='comma-separated layer names to time (e.g. '
+                      '"stage1 3x3,conv5 3x3"; default: every layer)')
   parser.add_argument('--batch-cifar', type=int, default=128 if accel else 8,
                       help='ResNet-20 layer batch (default 128; 8 on CPU)')
   parser.add_argument('--batch-imagenet', type=int, default=64 if accel else 1,
@@ -500,13 +512,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   if unknown:
     parser.error(f'unknown --nets {sorted(unknown)}; choose resnet20, '
                  'resnet50')
-  parts = [p.strip() for p in args.parts.split(',') if p.strip()]
-  if not parts or set(parts) - {'layers', 'steps'}:
-    parser.error(f'--parts {args.parts!r}: choose layers and/or steps')
   if args.quick:
     nets = ['resnet20']
     args.batch_cifar, args.repeats, args.step_repeats = 1, 1, 1
     args.step_batch_cifar = 2 * n_dev
+  names = None
+  if args.layers:
+    names = [n.strip() for n in args.layers.split(',') if n.strip()]
+    known = [layer.name for layer in LAYERS if layer.net in nets]
+    bad = [n for n in names if n not in known]
+    if bad:
+      parser.error(f'unknown --layers {bad} for {nets}; choose from {known}')
+  parts = [p.strip() for p in args.parts.split(',') if p.strip()]
+  if not parts or set(parts) - {'layers', 'steps'}:
+    parser.error(f'--parts {args.parts!r}: choose layers and/or steps')
   for flag in ('batch_cifar', 'batch_imagenet', 'repeats', 'step_repeats'):
     if getattr(args, flag) < 1:
       parser.error(f'--{flag.replace("_", "-")} must be >= 1, got '
@@ -537,15 +556,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   if 'layers' in parts:
     dtype = jnp.dtype(args.dtype)
     results['layers_forward'] = run(nets, batches, kinds, args.repeats, dtype,
-                                    backward=False)
+                                    backward=False, names=names)
     if not args.no_backward:
       results['layers_forward_backward'] = run(
-          nets, batches, kinds, args.repeats, dtype, backward=True)
+          nets, batches, kinds, args.repeats, dtype, backward=True,
+          names=names)
   if 'steps' in parts:
     step_batches = {'resnet20': args.step_batch_cifar,
                     'resnet50': args.step_batch_imagenet}
     results['steps'] = run_steps(nets, step_batches, args.step_repeats,
-                                 accel)
+                                 accel, 'runlocal' if args.quick else None)
   if args.interpret:
     results['interpret_max_abs_diff'] = interpret_check()
   if args.json:
