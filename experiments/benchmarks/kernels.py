@@ -1,7 +1,9 @@
-"""Adder kernels vs a multiplication convolution on ResNet layer shapes.
+"""Adder kernels vs a multiplication convolution: per layer and per train step.
 
-``python -m experiments.benchmarks.kernels`` times, for every distinct conv
-layer of ResNet-20 (CIFAR-10, 32x32) and ResNet-50 (ImageNet, 224x224):
+``python -m experiments.benchmarks.kernels`` runs two parts (``--parts``):
+
+**layers**: for every distinct conv layer of ResNet-20 (CIFAR-10, 32x32) and
+ResNet-50 (ImageNet, 224x224), compare
 
 * ``conv``: ``lax.conv_general_dilated`` (the multiplication baseline; tensor
   cores / MXU / oneDNN),
@@ -9,16 +11,33 @@ layer of ResNet-20 (CIFAR-10, 32x32) and ResNet-50 (ImageNet, 224x224):
 * ``pallas``: ``adderjax.adder_conv(..., implementation='pallas')`` (GPU/TPU
   only),
 
-forward only and forward + backward (``jax.value_and_grad`` of a sum), as the
-median of ``--repeats`` timed calls after a compile + warm-up call, all in one
-process. On CPU the Pallas column is skipped (Pallas needs an accelerator);
+forward only and forward + backward (``jax.value_and_grad`` of a sum): the
+median of ``--repeats`` timed calls of the compiled executable after a
+warm-up call, and XLA's memory analysis of that executable (temp buffers,
+argument and output bytes), with ratios vs conv.
+
+**steps**: the experiments' own train step (:func:`experiments.aot.
+train_step_spec`: model, optimizer and step of ``experiments/configs/
+resnet20_cifar10.py`` / ``resnet50_imagenet.py``, placed and compiled by the
+config's runner) for ``model.kind`` ``cnn`` and ``adder`` with
+``model.implementation`` ``None`` (the default: Pallas on GPU/TPU) and
+``'xla'``, on real inputs (the initial state, random ``uint8`` images): median
+step time, images/s, XLA's temp memory and cost-analysis bytes accessed and
+FLOPs per device, with ratios adder / cnn.
+
+On CPU the Pallas columns are skipped (Pallas needs an accelerator; the
+default implementation is XLA there); ``--quick`` is a CPU smoke run (ResNet-20
+only, batch 1 layers, the ``runlocal`` model at batch 2 for the steps);
 ``--interpret`` adds a correctness-only interpret-mode run on one tiny shape.
-The expected times are in ``docs/roofline.md``.
+Output: markdown tables on stdout; ``--json PATH`` saves every number. The
+expected layer times are in ``docs/roofline.md``.
 
 Examples:
-  python -m experiments.benchmarks.kernels                  # defaults
-  python -m experiments.benchmarks.kernels --nets resnet20 --batch-cifar 32
-  python -m experiments.benchmarks.kernels --interpret      # on CPU
+  python -m experiments.benchmarks.kernels                  # on a device
+  python -m experiments.benchmarks.kernels --parts steps --nets resnet50 \
+      --step-batch-imagenet 64 --json steps.json
+  python -m experiments.benchmarks.kernels --quick          # on CPU
+  python -m experiments.benchmarks.kernels --roofline       # the model
 """
 
 from __future__ import annotations
