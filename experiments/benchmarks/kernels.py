@@ -229,6 +229,11 @@ def memory_mb(compiled) -> dict[str, float]:
   Returns:
     ``temp_mb`` (scratch buffers XLA allocates for the computation),
     ``argument_mb`` and ``output_mb`` (its inputs and results).
+
+  Examples:
+    >>> f = jax.jit(lambda x: x * 2).lower(jnp.zeros((256, 1024))).compile()
+    >>> memory_mb(f)['argument_mb']
+    1.0
   """
   mem = compiled.memory_analysis()
   return {'temp_mb': mem.temp_size_in_bytes * _MB,
@@ -273,6 +278,9 @@ def run(nets: Sequence[str], batches: dict[str, int], kinds: Sequence[str],
     One dict per layer: ``net, layer, batch, m, k, t`` and, per kind,
     ``{kind}_ms``, ``{kind}_temp_mb``, ``{kind}_argument_mb``,
     ``{kind}_output_mb``.
+
+  Raises:
+    ValueError: ``kinds`` lacks ``'conv'``.
   """
   out = out or sys.stdout
   if 'conv' not in kinds:
@@ -332,6 +340,10 @@ def step_variants(accel: bool) -> list[tuple[str, str | None]]:
 
   ``('adder', None)`` is the library's default (Pallas on GPU/TPU, XLA on
   CPU); on CPU it is the same program as ``('adder', 'xla')`` and is left out.
+
+  Examples:
+    >>> step_variants(accel=False)
+    [('cnn', None), ('adder', 'xla')]
   """
   variants = [('cnn', None)]
   if accel:
