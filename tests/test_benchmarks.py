@@ -11,6 +11,12 @@ table are produced.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import os
+import tempfile
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -18,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks import floor
+from experiments.benchmarks import kernels
 from experiments.benchmarks import layers
 from experiments.benchmarks import run
 from experiments.benchmarks import unfold
@@ -152,6 +159,71 @@ class EndToEndTest(absltest.TestCase):
     self.assertIn('worst ResNet-20 layer f+b adder/conv (resnet20/b2, '
                   'stage1 3x3)', table)
     self.assertIn('min unfold/adder f+b time, 3x3 layers', data)
+
+
+class KernelsBenchmarkTest(absltest.TestCase):
+  """``python -m experiments.benchmarks.kernels --quick`` on CPU."""
+
+  def test_quick_run_reports_time_and_memory_per_layer_and_step(self):
+    if jax.default_backend() != 'cpu':
+      self.skipTest('the CPU path (no Pallas column)')
+    out = io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, 'kernels.json')
+      with contextlib.redirect_stdout(out):
+        rc = kernels.main(['--quick', '--layers', 'stage2 3x3/2', '--json',
+                           path])
+      with open(path) as f:
+        data = json.load(f)
+    self.assertEqual(rc, 0)
+    text = out.getvalue()
+    self.assertIn('Pallas columns are skipped on cpu', text)
+    for title in ('### Layers, forward (', '### Layers, forward + backward',
+                  '### Train steps'):
+      self.assertIn(title, text)
+    self.assertIn('| layer | M | K | T | conv ms | xla ms | conv temp MB | '
+                  'xla temp MB | args+out MB | xla/conv | xla/conv temp |',
+                  text)
+    self.assertIn('| net | model | batch | step ms | images/s | temp MB | '
+                  'args MB | GB accessed | GFLOP | time/cnn | temp/cnn | '
+                  'bytes/cnn |', text)
+    self.assertIn('| resnet20 | adder (xla) | 2 |', text)
+    mib = 2**20
+    # ResNet-20 stage 2 3x3/2 at batch 1: x 1x32x32x16, kernel 3x3x16x32,
+    # output 1x16x16x32, all f32.
+    x_bytes, k_bytes, y_bytes = 32 * 32 * 16 * 4, 9 * 16 * 32 * 4, 256 * 32 * 4
+    (fwd,), (fwd_bwd,) = data['layers_forward'], data[
+        'layers_forward_backward']
+    self.assertEqual((fwd['m'], fwd['k'], fwd['t']), (256, 144, 32))
+    for row in (fwd, fwd_bwd):
+      for kind in ('conv', 'xla'):
+        self.assertGreater(row[f'{kind}_ms'], 0.0)
+        self.assertEqual(row[f'{kind}_argument_mb'] * mib, x_bytes + k_bytes)
+      # The XLA adder materialises the patches (K M floats) at least.
+      self.assertGreater(row['xla_temp_mb'], 0.0)
+    for kind in ('conv', 'xla'):
+      self.assertEqual(fwd[f'{kind}_output_mb'] * mib, y_bytes)
+      # value_and_grad: the scalar sum, dx and dk.
+      self.assertGreaterEqual(fwd_bwd[f'{kind}_output_mb'] * mib,
+                              4 + x_bytes + k_bytes)
+    steps = data['steps']
+    self.assertEqual([(r['kind'], r['implementation']) for r in steps],
+                     [('cnn', None), ('adder', 'xla')])
+    for row in steps:
+      self.assertEqual(row['batch'], 2)
+      self.assertAlmostEqual(row['images_per_s'], 2e3 / row['step_ms'],
+                             places=6)
+      for key in ('temp_mb', 'argument_mb', 'bytes_accessed_gb', 'gflops'):
+        self.assertGreater(row[key], 0.0, key)
+
+  def test_bad_flags_name_the_bad_value(self):
+    for argv, bad in ((['--layers', 'stage9 3x3'], 'stage9 3x3'),
+                      (['--parts', 'layers,kernels'], 'kernels'),
+                      (['--step-batch-cifar', '0'], '0')):
+      err = io.StringIO()
+      with contextlib.redirect_stderr(err), self.assertRaises(SystemExit):
+        kernels.main(argv)
+      self.assertIn(bad, err.getvalue())
 
 
 if __name__ == '__main__':

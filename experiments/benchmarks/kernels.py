@@ -1,7 +1,9 @@
-"""Adder kernels vs a multiplication convolution on ResNet layer shapes.
+"""Adder kernels vs a multiplication convolution: per layer and per train step.
 
-``python -m experiments.benchmarks.kernels`` times, for every distinct conv
-layer of ResNet-20 (CIFAR-10, 32x32) and ResNet-50 (ImageNet, 224x224):
+``python -m experiments.benchmarks.kernels`` runs two parts (``--parts``):
+
+**layers**: for every distinct conv layer of ResNet-20 (CIFAR-10, 32x32) and
+ResNet-50 (ImageNet, 224x224), compare
 
 * ``conv``: ``lax.conv_general_dilated`` (the multiplication baseline; tensor
   cores / MXU / oneDNN),
@@ -9,22 +11,41 @@ layer of ResNet-20 (CIFAR-10, 32x32) and ResNet-50 (ImageNet, 224x224):
 * ``pallas``: ``adderjax.adder_conv(..., implementation='pallas')`` (GPU/TPU
   only),
 
-forward only and forward + backward (``jax.value_and_grad`` of a sum), as the
-median of ``--repeats`` timed calls after a compile + warm-up call, all in one
-process. On CPU the Pallas column is skipped (Pallas needs an accelerator);
+forward only and forward + backward (``jax.value_and_grad`` of a sum): the
+median of ``--repeats`` timed calls of the compiled executable after a
+warm-up call, and XLA's memory analysis of that executable (temp buffers,
+argument and output bytes), with ratios vs conv.
+
+**steps**: the experiments' own train step (:func:`experiments.aot.
+train_step_spec`: model, optimizer and step of ``experiments/configs/
+resnet20_cifar10.py`` / ``resnet50_imagenet.py``, placed and compiled by the
+config's runner) for ``model.kind`` ``cnn`` and ``adder`` with
+``model.implementation`` ``None`` (the default: Pallas on GPU/TPU) and
+``'xla'``, on real inputs (the initial state, random ``uint8`` images): median
+step time, images/s, XLA's temp memory and cost-analysis bytes accessed and
+FLOPs per device, with ratios adder / cnn.
+
+On CPU the Pallas columns are skipped (Pallas needs an accelerator; the
+default implementation is XLA there); ``--quick`` is a CPU smoke run (ResNet-20
+only, batch 1 layers, the ``runlocal`` model at batch 2 for the steps);
 ``--interpret`` adds a correctness-only interpret-mode run on one tiny shape.
-The expected times are in ``docs/roofline.md``.
+Output: markdown tables on stdout; ``--json PATH`` saves every number. The
+expected layer times are in ``docs/roofline.md``.
 
 Examples:
-  python -m experiments.benchmarks.kernels                  # defaults
-  python -m experiments.benchmarks.kernels --nets resnet20 --batch-cifar 32
-  python -m experiments.benchmarks.kernels --interpret      # on CPU
+  python -m experiments.benchmarks.kernels                  # on a device
+  python -m experiments.benchmarks.kernels --parts steps --nets resnet50 \
+      --step-batch-imagenet 64 --json steps.json
+  python -m experiments.benchmarks.kernels --quick          # on CPU
+  python -m experiments.benchmarks.kernels --roofline       # the model
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import json
 import statistics
 import sys
 import time
@@ -199,37 +220,253 @@ def median_time(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
+_MB = 1 / 2**20
+
+
+def memory_mb(compiled) -> dict[str, float]:
+  """XLA's memory analysis of a compiled executable, in MiB (per device).
+
+  Returns:
+    ``temp_mb`` (scratch buffers XLA allocates for the computation),
+    ``argument_mb`` and ``output_mb`` (its inputs and results).
+
+  Examples:
+    >>> f = jax.jit(lambda x: x * 2).lower(jnp.zeros((256, 1024))).compile()
+    >>> memory_mb(f)['argument_mb']
+    1.0
+  """
+  mem = compiled.memory_analysis()
+  return {'temp_mb': mem.temp_size_in_bytes * _MB,
+          'argument_mb': mem.argument_size_in_bytes * _MB,
+          'output_mb': mem.output_size_in_bytes * _MB}
+
+
+def _ratio(a: float, b: float) -> str:
+  """``a / b`` for a table cell; ``-`` when ``b`` is 0."""
+  return f'{a / b:.2f}' if b > 0 else '-'
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
 def run(nets: Sequence[str], batches: dict[str, int], kinds: Sequence[str],
-        repeats: int, dtype, backward: bool, out=None) -> list[dict]:
-  """Times every layer of ``nets``; prints a table and returns its rows."""
+        repeats: int, dtype, backward: bool, out=None,
+        names: Sequence[str] | None = None) -> list[dict]:
+  """Times every layer of ``nets`` and reads XLA's memory analysis.
+
+  Each (layer, kind) function is compiled once (``jit(f).lower().compile()``);
+  the compiled executable is what is timed and what the memory figures
+  describe.
+
+  Args:
+    nets: ``'resnet20'`` and/or ``'resnet50'``.
+    batches: batch size per net.
+    kinds: ``'conv'`` (required: the ratios' baseline), ``'xla'``,
+      ``'pallas'``.
+    repeats: timed calls per measurement (median).
+    dtype: input dtype.
+    backward: time ``value_and_grad`` of the sum instead of the forward.
+    out: where to print the markdown table (default stdout).
+    names: only the layers of :data:`LAYERS` with these names (default:
+      all).
+
+  Returns:
+    One dict per layer: ``net, layer, batch, m, k, t`` and, per kind,
+    ``{kind}_ms``, ``{kind}_temp_mb``, ``{kind}_argument_mb``,
+    ``{kind}_output_mb``.
+
+  Raises:
+    ValueError: ``kinds`` lacks ``'conv'``.
+  """
   out = out or sys.stdout
+  if 'conv' not in kinds:
+    raise ValueError(f"kinds {list(kinds)} must include 'conv' (the "
+                     'baseline of the ratios).')
   rows = []
   rng = np.random.default_rng(0)
-  header = (f"{'layer':28s} {'M':>8s} {'K':>5s} {'T':>5s} " +
-            ' '.join(f'{k + " ms":>11s}' for k in kinds) +
-            ' ' + ' '.join(f'{k + "/conv":>12s}' for k in kinds
-                           if k != 'conv'))
-  print(f"{'forward + backward' if backward else 'forward'} "
-        f'({jnp.dtype(dtype).name}, median of {repeats}):', file=out)
-  print(header, file=out)
+  others = [k for k in kinds if k != 'conv']
+  header = (['layer', 'M', 'K', 'T'] + [f'{k} ms' for k in kinds] +
+            [f'{k} temp MB' for k in kinds] + ['args+out MB'] +
+            [f'{k}/conv' for k in others] +
+            [f'{k}/conv temp' for k in others])
+  cells = []
   for layer in LAYERS:
-    if layer.net not in nets:
+    if layer.net not in nets or (names and layer.name not in names):
       continue
     batch = batches[layer.net]
     x_shape, k_shape = layer.shapes(batch)
     x = jnp.asarray(rng.normal(size=x_shape), dtype)
     k = jnp.asarray(rng.normal(size=k_shape), dtype)
-    times = {kind: median_time(_fn(kind, layer.stride, backward), x, k,
-                               repeats=repeats) for kind in kinds}
     m, kk, t = layer.mkt(batch)
-    row = dict(net=layer.net, layer=layer.name, batch=batch, m=m, k=kk, t=t,
-               **{f'{kind}_ms': 1e3 * v for kind, v in times.items()})
+    row = dict(net=layer.net, layer=layer.name, batch=batch, m=m, k=kk, t=t)
+    for kind in kinds:
+      compiled = _fn(kind, layer.stride, backward).lower(x, k).compile()
+      row[f'{kind}_ms'] = 1e3 * median_time(compiled, x, k, repeats=repeats)
+      for name, value in memory_mb(compiled).items():
+        row[f'{kind}_{name}'] = value
     rows.append(row)
-    ratios = ' '.join(f'{times[kind] / times["conv"]:12.2f}'
-                      for kind in kinds if kind != 'conv')
-    print(f'{layer.net + " " + layer.name:28s} {m:8d} {kk:5d} {t:5d} ' +
-          ' '.join(f'{1e3 * times[kind]:11.3f}' for kind in kinds) +
-          ' ' + ratios, file=out)
+    cells.append(
+        [f'{layer.net} {layer.name}', str(m), str(kk), str(t)] +
+        [f'{row[f"{k}_ms"]:.3f}' for k in kinds] +
+        [f'{row[f"{k}_temp_mb"]:.2f}' for k in kinds] +
+        [f'{row["conv_argument_mb"] + row["conv_output_mb"]:.2f}'] +
+        [_ratio(row[f'{k}_ms'], row['conv_ms']) for k in others] +
+        [_ratio(row[f'{k}_temp_mb'], row['conv_temp_mb']) for k in others])
+  print(f"\n### Layers, {'forward + backward' if backward else 'forward'} "
+        f'({jnp.dtype(dtype).name}, median of {repeats}; temp = XLA compiled '
+        'temp memory, args+out = argument + output bytes, the same for every '
+        'kind)\n', file=out)
+  print(_markdown(header, cells), file=out)
+  return rows
+
+
+# ----------------------------------------------------------------------------
+# Whole train steps.
+
+#: Nets of the train-step benchmark: their experiment config module and the
+#: default batch per device.
+STEP_CONFIGS = {
+    'resnet20': ('experiments.configs.resnet20_cifar10', 128),
+    'resnet50': ('experiments.configs.resnet50_imagenet', 32),
+}
+
+
+def step_variants(accel: bool) -> list[tuple[str, str | None]]:
+  """``(model.kind, model.implementation)`` pairs timed per net.
+
+  ``('adder', None)`` is the library's default (Pallas on GPU/TPU, XLA on
+  CPU); on CPU it is the same program as ``('adder', 'xla')`` and is left out.
+
+  Examples:
+    >>> step_variants(accel=False)
+    [('cnn', None), ('adder', 'xla')]
+  """
+  variants = [('cnn', None)]
+  if accel:
+    variants.append(('adder', None))
+  variants.append(('adder', 'xla'))
+  return variants
+
+
+def _variant_name(kind: str, implementation: str | None) -> str:
+  if kind != 'adder':
+    return kind
+  return f'adder ({implementation or "default"})'
+
+
+def time_train_step(config, repeats: int, devices=None) -> dict[str, float]:
+  """Compiles the config's train step as its runner does and times it.
+
+  The step, runner and input shapes come from
+  :func:`experiments.aot.train_step_spec`; the state is the model's real
+  initial state (``train.init_host_state`` placed by ``runner.put_state``),
+  the batch random ``uint8`` images and labels placed by
+  ``runner.put_batch``.
+
+  Args:
+    config: an experiments config (``batch_size`` is the global batch).
+    repeats: timed steps (median), after a compile and two warm-up steps.
+    devices: the devices (default: all).
+
+  Returns:
+    ``step_ms`` (median), ``images_per_s``, and :func:`experiments.aot.analyse`
+    of the compiled step (``temp_mb``, ``argument_mb``, ``output_mb``,
+    ``gflops``, ``bytes_accessed_gb``, ...; per device).
+  """
+  # Imported here: the layer benchmark does not need the experiments stack.
+  from experiments import aot  # pylint: disable=g-import-not-at-top
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  spec = aot.train_step_spec(config, devices)
+  runner = spec.runner
+  ds = config.dataset
+  image_shape = tuple(spec.batch['image'].shape[-3:])
+  model = train.create_model(config.model, ds.num_classes)
+  tx, _ = train.create_optimizer(config, model,
+                                 jnp.zeros((1,) + image_shape),
+                                 steps_per_epoch=100)
+  state = runner.put_state(
+      train.init_host_state(model, tx, config.seed, image_shape))
+  global_batch = config.batch_size
+  local = global_batch // jax.process_count()
+  rng = np.random.default_rng(config.seed)
+  batch = runner.put_batch(
+      {'image': rng.integers(0, 256, (local,) + image_shape, dtype=np.uint8),
+       'label': rng.integers(0, ds.num_classes, (local,), dtype=np.int32)},
+      global_batch)
+  compiled = spec.step.lower(spec.state, spec.batch).compile()
+  stats = aot.analyse(compiled)
+  # The state is donated: each step consumes the previous one's output.
+  for _ in range(2):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  return dict(step_ms=1e3 * step_s, images_per_s=global_batch / step_s,
+              **stats)
+
+
+def run_steps(nets: Sequence[str], batches: dict[str, int], repeats: int,
+              accel: bool, config_arg: str | None = None,
+              out=None) -> list[dict]:
+  """Times the experiments' train step, cnn vs adder, per net.
+
+  Args:
+    nets: keys of :data:`STEP_CONFIGS`.
+    batches: global batch per net.
+    repeats: timed steps per variant (median).
+    accel: whether the default backend is a GPU/TPU (adds the Pallas
+      variant, ``model.implementation=None``).
+    config_arg: the configs' argument (``'runlocal'``: the shrunken models
+      of ``experiments/configs/default.py``, for a smoke run).
+    out: where to print the markdown table (default stdout).
+
+  Returns:
+    One dict per (net, variant): ``net, kind, implementation, variant,
+    config_arg, batch`` and the figures of :func:`time_train_step`.
+  """
+  out = out or sys.stdout
+  rows = []
+  for net in nets:
+    module_name, _ = STEP_CONFIGS[net]
+    for kind, implementation in step_variants(accel):
+      config = importlib.import_module(module_name).get_config(config_arg)
+      config.model.kind = kind
+      config.model.implementation = implementation
+      config.batch_size = batches[net]
+      stats = time_train_step(config, repeats)
+      rows.append(dict(net=net, kind=kind, implementation=implementation,
+                       variant=_variant_name(kind, implementation),
+                       config_arg=config_arg, batch=batches[net], **stats))
+  header = ['net', 'model', 'batch', 'step ms', 'images/s', 'temp MB',
+            'args MB', 'GB accessed', 'GFLOP', 'time/cnn', 'temp/cnn',
+            'bytes/cnn']
+  cells = []
+  for row in rows:
+    cnn = next(r for r in rows if r['net'] == row['net'] and
+               r['kind'] == 'cnn')
+    cells.append([
+        row['net'], row['variant'], str(row['batch']),
+        f'{row["step_ms"]:.2f}', f'{row["images_per_s"]:.1f}',
+        f'{row["temp_mb"]:.1f}', f'{row["argument_mb"]:.1f}',
+        f'{row["bytes_accessed_gb"]:.3f}', f'{row["gflops"]:.2f}',
+        _ratio(row['step_ms'], cnn['step_ms']),
+        _ratio(row['temp_mb'], cnn['temp_mb']),
+        _ratio(row['bytes_accessed_gb'], cnn['bytes_accessed_gb'])])
+  arch = f', config argument {config_arg!r}' if config_arg else ''
+  print(f'\n### Train steps ({jax.device_count()} device(s){arch}, global '
+        f'batch; median of {repeats} steps after 2 warm-up steps; memory and '
+        'bytes per device from XLA\'s memory / cost analysis; ratios vs cnn)\n',
+        file=out)
+  print(_markdown(header, cells), file=out)
   return rows
 
 
@@ -259,17 +496,41 @@ def main(argv: Sequence[str] | None = None) -> int:
       description=__doc__.split('\n\n')[0])
   platform = jax.default_backend()
   accel = platform in ('gpu', 'tpu')
+  n_dev = jax.device_count()
+  parser.add_argument('--parts', default='layers,steps',
+                      help='comma-separated: layers (per conv layer), steps '
+                      '(per train step)')
+  parser.add_argument('--quick', action='store_true',
+                      help='ResNet-20 only, tiny batches, one repeat, and '
+                      'for the steps the config\'s runlocal model (3 blocks, '
+                      'width 8): a CPU smoke run; overrides the batch and '
+                      'repeat flags')
   parser.add_argument('--nets', default='resnet20,resnet50',
                       help='comma-separated: resnet20, resnet50')
+  parser.add_argument('--layers', default=None,
+                      help='comma-separated layer names to time (e.g. '
+                      '"stage1 3x3,conv5 3x3"; default: every layer)')
   parser.add_argument('--batch-cifar', type=int, default=128 if accel else 8,
-                      help='ResNet-20 batch (default 128; 8 on CPU)')
+                      help='ResNet-20 layer batch (default 128; 8 on CPU)')
   parser.add_argument('--batch-imagenet', type=int, default=64 if accel else 1,
-                      help='ResNet-50 batch (default 64; 1 on CPU)')
-  parser.add_argument('--repeats', type=int, default=20 if accel else 3)
+                      help='ResNet-50 layer batch (default 64; 1 on CPU)')
+  parser.add_argument('--step-batch-cifar', type=int, default=128 * n_dev,
+                      help='ResNet-20 train step global batch (default 128 '
+                      'per device)')
+  parser.add_argument('--step-batch-imagenet', type=int, default=32 * n_dev,
+                      help='ResNet-50 train step global batch (default 32 '
+                      'per device)')
+  parser.add_argument('--repeats', type=int, default=20 if accel else 3,
+                      help='timed calls per layer measurement (median)')
+  parser.add_argument('--step-repeats', type=int, default=10 if accel else 2,
+                      help='timed train steps per variant (median)')
   parser.add_argument('--dtype', default='float32',
-                      choices=('float32', 'bfloat16'))
+                      choices=('float32', 'bfloat16'),
+                      help='layer inputs dtype (steps use the config\'s)')
   parser.add_argument('--no-backward', action='store_true',
-                      help='time the forward pass only')
+                      help='layers: time the forward pass only')
+  parser.add_argument('--json', metavar='PATH', default=None,
+                      help='also write every measured number to PATH (JSON)')
   parser.add_argument('--roofline', action='store_true',
                       help='print the roofline model of docs/roofline.md '
                       '(H100, TPU v5e) for the chosen batches and exit')
@@ -282,24 +543,66 @@ def main(argv: Sequence[str] | None = None) -> int:
   if unknown:
     parser.error(f'unknown --nets {sorted(unknown)}; choose resnet20, '
                  'resnet50')
+  if args.quick:
+    nets = ['resnet20']
+    args.batch_cifar, args.repeats, args.step_repeats = 1, 1, 1
+    args.step_batch_cifar = 2 * n_dev
+  names = None
+  if args.layers:
+    names = [n.strip() for n in args.layers.split(',') if n.strip()]
+    known = [layer.name for layer in LAYERS if layer.net in nets]
+    bad = [n for n in names if n not in known]
+    if bad:
+      parser.error(f'unknown --layers {bad} for {nets}; choose from {known}')
+  parts = [p.strip() for p in args.parts.split(',') if p.strip()]
+  if not parts or set(parts) - {'layers', 'steps'}:
+    parser.error(f'--parts {args.parts!r}: choose layers and/or steps')
+  for flag in ('batch_cifar', 'batch_imagenet', 'repeats', 'step_repeats'):
+    if getattr(args, flag) < 1:
+      parser.error(f'--{flag.replace("_", "-")} must be >= 1, got '
+                   f'{getattr(args, flag)}')
+  for flag in ('step_batch_cifar', 'step_batch_imagenet'):
+    value = getattr(args, flag)
+    if value < 1 or value % n_dev:
+      parser.error(f'--{flag.replace("_", "-")} {value}: must be a positive '
+                   f'multiple of the device count {n_dev}')
   batches = {'resnet20': args.batch_cifar, 'resnet50': args.batch_imagenet}
   if args.roofline:
     print_roofline(nets, batches)
     return 0
-  print(f'platform: {platform} ({jax.devices()[0].device_kind}), '
+  print(f'platform: {platform} ({jax.devices()[0].device_kind} x {n_dev}), '
         f'jax {jax.__version__}')
   kinds = ['conv', 'xla']
   if accel:
     kinds.append('pallas')
   else:
-    print('Pallas needs a GPU or TPU: timing conv vs xla only '
-          '(--interpret runs the kernels in interpret mode on a tiny shape).')
-  dtype = jnp.dtype(args.dtype)
-  run(nets, batches, kinds, args.repeats, dtype, backward=False)
-  if not args.no_backward:
-    run(nets, batches, kinds, args.repeats, dtype, backward=True)
+    print('Pallas needs a GPU or TPU: the Pallas columns are skipped on '
+          f'{platform} (layers: conv vs xla; steps: cnn vs adder (xla), the '
+          "library default implementation being XLA here); --interpret runs "
+          'the kernels in interpret mode on a tiny shape.')
+  results = dict(platform=platform, device_kind=jax.devices()[0].device_kind,
+                 device_count=n_dev, jax_version=jax.__version__,
+                 args=vars(args), layers_forward=[], layers_forward_backward=[],
+                 steps=[])
+  if 'layers' in parts:
+    dtype = jnp.dtype(args.dtype)
+    results['layers_forward'] = run(nets, batches, kinds, args.repeats, dtype,
+                                    backward=False, names=names)
+    if not args.no_backward:
+      results['layers_forward_backward'] = run(
+          nets, batches, kinds, args.repeats, dtype, backward=True,
+          names=names)
+  if 'steps' in parts:
+    step_batches = {'resnet20': args.step_batch_cifar,
+                    'resnet50': args.step_batch_imagenet}
+    results['steps'] = run_steps(nets, step_batches, args.step_repeats,
+                                 accel, 'runlocal' if args.quick else None)
   if args.interpret:
-    interpret_check()
+    results['interpret_max_abs_diff'] = interpret_check()
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=1)
+    print(f'\nraw numbers: {args.json}')
   return 0
 
 
