@@ -113,6 +113,8 @@ def train_step_spec(config: ml_collections.ConfigDict, devices=None
     raise ValueError(f'dataset.name {ds.name!r}: use one of {sorted(_STATS)}.')
   image_shape = (ds.image_size, ds.image_size, _CHANNELS.get(ds.name, 3))
   mean, std = _STATS[ds.name]
+  if ds.get('mean') is not None and ds.get('std') is not None:
+    mean, std = tuple(ds.mean), tuple(ds.std)  # the config's own statistics
   model = train.create_model(config.model, ds.num_classes)
   example = jnp.zeros((1,) + image_shape)
   tx, _ = train.create_optimizer(config, model, example, steps_per_epoch=100)

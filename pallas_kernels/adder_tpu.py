@@ -17,9 +17,9 @@ TPU specifics:
   multiples of 128), so the reduction axis is the lane axis of that block and
   is padded to a multiple of 128 or kept whole (see
   :mod:`pallas_kernels.adder_tpu_config`).
-* The forward pass uses ``|a - b| = 2 max(a, b) - a - b``: the inner step is
-  ``max`` + ``add`` (2 VPU ops per element instead of 3), and the two plain
-  sums are taken once per chunk.
+* The forward pass sums ``|p - w|`` directly (3 VPU ops per term: sub,
+  abs, add). The identity ``|a - b| = 2 max(a, b) - a - b`` would save one,
+  but it cancels for inputs far from zero (see ``adderjax.ops.xla_backend``).
 """
 
 from __future__ import annotations
