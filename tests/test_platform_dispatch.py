@@ -71,8 +71,27 @@ def test_lowering_keeps_only_the_platforms_branches(platforms, constants):
 def test_bad_branches_are_named():
   with pytest.raises(ValueError, match="unknown platform.*'gpu'"):
     platform_dispatch(jnp.ones(2), gpu=lambda a: a, default=lambda a: a)
-  with pytest.raises(TypeError, match='different shapes/dtypes'):
-    platform_dispatch(jnp.ones(2), cpu=lambda a: a[:1], default=lambda a: a)
+  bad = lambda a: platform_dispatch(a, cpu=lambda b: b[:1],
+                                    default=lambda b: b)
+  for run in (bad, jax.jit(bad)):  # eagerly, and when lowered
+    with pytest.raises(TypeError, match=r'a branch returns \[\(\(1,\)'):
+      run(jnp.ones(2))
+
+
+def test_other_platforms_branches_are_not_traced_for_cpu():
+  traced = []
+
+  def tpu_branch(a):
+    traced.append(a)
+    return a
+
+  f = jax.jit(lambda a: platform_dispatch(a, tpu=tpu_branch,
+                                          default=lambda b: b + 1.0))
+  np.testing.assert_array_equal(f(jnp.zeros(3)), 1.0)
+  assert not traced  # lowered for the CPU only
+  jax.export.export(f, platforms=['tpu'])(jax.ShapeDtypeStruct((3,),
+                                                               jnp.float32))
+  assert traced
 
 
 _PARTITIONED_CHECK = r'''

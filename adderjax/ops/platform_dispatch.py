@@ -19,11 +19,14 @@ manual axes (plain ``jit`` over sharded inputs, outside ``shard_map``). The
 Mosaic kernels need that: XLA cannot partition a TPU custom call, and the
 sharding of the inputs is not known when tracing, only when lowering.
 
-All branches are traced (they must return the same shapes and dtypes); the
-primitive has a batching rule (``vmap`` re-traces every branch under
-``vmap``) and is meant for the inside of a ``custom_vjp`` (it has no
-differentiation rules of its own). Called eagerly it runs the branch of the
-default backend.
+The default branch is traced when the primitive is bound (it gives the
+output types); every other branch only when it is lowered, inside the mesh
+context of the call, and checked against those types then. A network traced
+on a CPU host so pays nothing for its accelerator kernels unless it is
+compiled or exported for an accelerator. The primitive has a batching rule
+(``vmap`` wraps every branch in ``vmap``) and is meant for the inside of a
+``custom_vjp`` (it has no differentiation rules of its own). Called eagerly
+it runs the branch of the default backend.
 
 Examples:
   >>> import jax, jax.numpy as jnp
@@ -69,19 +72,19 @@ def _branch_index(platform: str, platforms: tuple[tuple[str, ...], ...]
   return len(platforms)  # the default branch comes last
 
 
-def _trace(fn: Callable, args) -> jex_core.ClosedJaxpr:
-  return jax.jit(fn).trace(*args).jaxpr
-
-
 def _bind(flat_fns, args, platforms, fallbacks):
-  branches = tuple(_trace(fn, args) for fn in flat_fns)
-  out_avals = [tuple((a.shape, a.dtype) for a in b.out_avals)
-               for b in branches]
-  if any(o != out_avals[0] for o in out_avals[1:]):
-    raise TypeError(f'platform_dispatch: the branches return different '
-                    f'shapes/dtypes {out_avals}.')
-  return _dispatch_p.bind(*args, branches=branches, platforms=platforms,
-                          fallbacks=fallbacks)
+  """Traces the default branch (for the output types) and binds.
+
+  The other branches are traced only when lowered for their platform (most
+  lowerings are for one platform: tracing every accelerator kernel of a
+  network on a CPU host would cost more than its XLA code). The mesh
+  context of the call is kept and re-entered then.
+  """
+  default = len(platforms)
+  jaxpr = jax.jit(flat_fns[default]).trace(*args).jaxpr
+  return _dispatch_p.bind(
+      *args, fns=tuple(flat_fns), default_jaxpr=jaxpr, platforms=platforms,
+      fallbacks=fallbacks, mesh=jax.sharding.get_abstract_mesh())
 
 
 def platform_dispatch(*args: Any, default: Callable,
@@ -103,7 +106,8 @@ def platform_dispatch(*args: Any, default: Callable,
 
   Raises:
     ValueError: an unknown platform name.
-    TypeError: branches that return different shapes or dtypes.
+    TypeError: a branch that returns other shapes or dtypes than the
+      default (when it is lowered).
   """
   partitioned = dict(partitioned or {})
   unknown = sorted((set(per_platform) | set(partitioned)) - set(PLATFORMS))
@@ -141,15 +145,19 @@ def platform_dispatch(*args: Any, default: Callable,
   return jax.tree.unflatten(out_trees[0], outs)
 
 
-def _impl(*args, branches, platforms, fallbacks):
-  del fallbacks  # Eager: one device.
+def _impl(*args, fns, default_jaxpr, platforms, fallbacks, mesh):
+  del fallbacks, mesh  # Eager: one device.
   index = _branch_index(jax.default_backend(), platforms)
-  return jex_core.jaxpr_as_fun(branches[index])(*args)
+  if index == len(platforms):
+    return jex_core.jaxpr_as_fun(default_jaxpr)(*args)
+  _check_outputs(fns[index], [jax.typeof(a) for a in args], default_jaxpr,
+                 jax.sharding.get_abstract_mesh())
+  return fns[index](*args)
 
 
-def _abstract_eval(*avals, branches, platforms, fallbacks):
-  del avals, platforms, fallbacks
-  return branches[0].out_avals
+def _abstract_eval(*avals, fns, default_jaxpr, platforms, fallbacks, mesh):
+  del avals, fns, platforms, fallbacks, mesh
+  return default_jaxpr.out_avals
 
 
 def auto_partitioned(ctx) -> bool:
@@ -170,25 +178,44 @@ def auto_partitioned(ctx) -> bool:
 
 
 def _lowering_rule(platform: str):
-  def rule(ctx, *args, branches, platforms, fallbacks):
+  def rule(ctx, *args, fns, default_jaxpr, platforms, fallbacks, mesh):
     index = _branch_index(platform, platforms)
     fallback = dict(fallbacks).get(platform)
     if fallback is not None and auto_partitioned(ctx):
       index = fallback
       warnings.warn(FALLBACK_WARNING.format(platform=platform), stacklevel=2)
-    branch = branches[index]
-    return mlir.lower_fun(jex_core.jaxpr_as_fun(branch),
-                          multiple_results=True)(ctx, *args)
+    if index == len(platforms):
+      fn = jex_core.jaxpr_as_fun(default_jaxpr)
+    else:
+      fn = fns[index]
+      _check_outputs(fn, ctx.avals_in, default_jaxpr, mesh)
+    with jax.sharding.use_abstract_mesh(mesh):
+      return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
   return rule
 
 
-def _batching_rule(args, dims, *, branches, platforms, fallbacks):
+def _check_outputs(fn, avals_in, default_jaxpr, mesh):
+  with jax.sharding.use_abstract_mesh(mesh):
+    out = jax.eval_shape(fn, *[jax.ShapeDtypeStruct(a.shape, a.dtype)
+                               for a in avals_in])
+  got = [(o.shape, o.dtype) for o in out]
+  want = [(a.shape, a.dtype) for a in default_jaxpr.out_avals]
+  if got != want:
+    raise TypeError(f'platform_dispatch: a branch returns {got}, the default '
+                    f'branch {want}.')
+
+
+def _batching_rule(args, dims, *, fns, default_jaxpr, platforms, fallbacks,
+                   mesh):
+  del mesh  # The call re-reads the context.
   # An unbatched operand has dimension None.
   moved = [a if d is None else jnp.moveaxis(a, d, 0)
            for a, d in zip(args, dims)]
   axes = [None if d is None else 0 for d in dims]
-  fns = [jax.vmap(jex_core.jaxpr_as_fun(b), in_axes=axes) for b in branches]
-  outs = _bind(fns, moved, platforms, fallbacks)
+  batched = list(fns)
+  batched[len(platforms)] = jex_core.jaxpr_as_fun(default_jaxpr)
+  batched = [jax.vmap(fn, in_axes=axes) for fn in batched]
+  outs = _bind(batched, moved, platforms, fallbacks)
   return outs, [0] * len(outs)
 
 
