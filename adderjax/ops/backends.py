@@ -135,8 +135,9 @@ class DispatchBackend(protocol.Backend):
 
   Every reduction is a :func:`adderjax.ops.platform_dispatch.platform_dispatch`
   whose branches are the compiled Pallas backend of each accelerator platform
-  and the XLA backend for the rest (the CPU). All branches are traced; each
-  is lowered only for its own platform. Traced without a mesh context and
+  and the XLA backend for the rest (the CPU). The XLA branch is traced when
+  the layer is called, the others when (and if) the computation is lowered
+  for their platform; each is lowered only for its own platform. Traced without a mesh context and
   lowered for several devices that XLA partitions automatically (a plain
   ``jit`` over sharded inputs), the XLA branch replaces the kernels, with a
   warning: XLA cannot partition a Pallas call (under ``jax.set_mesh`` the
