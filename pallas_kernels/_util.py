@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 
 GRAD_MODES = ('full_precision', 'sign', 'unclipped')
 
@@ -75,3 +77,24 @@ def hardtanh_like(mode: str, d: jax.Array) -> jax.Array:
     one = jnp.ones_like(d)
     return jnp.where(d > 0, one, jnp.where(d < 0, -one, d * 0))
   return d
+
+
+def lane_chunks(n: int, lanes: int, chunk_fn, acc):
+  """Applies ``chunk_fn(offset, size, acc)`` over ``n`` lanes in chunks.
+
+  Full ``lanes``-wide chunks run in a ``fori_loop`` whose offsets are
+  provably multiples of ``lanes`` (Mosaic needs dynamic lane offsets aligned
+  to 128); a shorter tail chunk (when ``n`` is the whole, unpadded axis) is
+  static.
+  """
+  n_full, tail = divmod(n, lanes)
+  if n_full == 1:
+    acc = chunk_fn(0, lanes, acc)
+  elif n_full > 1:
+    acc = lax.fori_loop(
+        0, n_full,
+        lambda c, a: chunk_fn(pl.multiple_of(c * lanes, lanes), lanes, a),
+        acc)
+  if tail:
+    acc = chunk_fn(n_full * lanes, tail, acc)
+  return acc

@@ -42,26 +42,6 @@ _F32 = jnp.float32
 _SEMANTICS = ('parallel', 'parallel', 'parallel', 'arbitrary')
 
 
-def _lane_chunks(n: int, chunk_fn, acc):
-  """Applies ``chunk_fn(offset, size, acc)`` over ``n`` lanes in 128-chunks.
-
-  Full chunks run in a ``fori_loop`` whose offsets are provably multiples of
-  128; a shorter tail chunk (when ``n`` is the whole, unpadded axis) is
-  static.
-  """
-  n_full, tail = divmod(n, LANES)
-  if n_full == 1:
-    acc = chunk_fn(0, LANES, acc)
-  elif n_full > 1:
-    acc = lax.fori_loop(
-        0, n_full,
-        lambda c, a: chunk_fn(pl.multiple_of(c * LANES, LANES), LANES, a),
-        acc)
-  if tail:
-    acc = chunk_fn(n_full * LANES, tail, acc)
-  return acc
-
-
 def _forward_kernel(p_ref, wt_ref, o_ref):
   """One ``(g, t-block, m-block, k-block)`` step.
 
@@ -88,7 +68,7 @@ def _forward_kernel(p_ref, wt_ref, o_ref):
         acc = acc + jnp.abs(wt[:, j:j + 1] - rows[r:r + 1, :])
     return acc
 
-  acc = _lane_chunks(wt_ref.shape[1], chunk, o_ref[...])
+  acc = _util.lane_chunks(wt_ref.shape[1], LANES, chunk, o_ref[...])
   is_last = k_step == pl.num_programs(3) - 1
   o_ref[...] = jnp.where(is_last, -acc, acc)
 
@@ -119,7 +99,7 @@ def _input_grad_kernel(p_ref, w_ref, g_ref, o_ref, *, mode: str):
       acc = acc + _input_grad_term(mode, w[:, j:j + 1] - p, g_row)
     return acc
 
-  o_ref[...] = _lane_chunks(w_ref.shape[1], chunk, o_ref[...])
+  o_ref[...] = _util.lane_chunks(w_ref.shape[1], LANES, chunk, o_ref[...])
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'interpret'))

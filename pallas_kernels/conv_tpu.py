@@ -82,23 +82,9 @@ from pallas_kernels.conv_tpu_config import LANES
 from pallas_kernels.conv_tpu_config import SUBLANES
 from pallas_kernels.conv_tpu_config import padded_batch
 from pallas_kernels.conv_tpu_config import padded_lane_axis
+from pallas_kernels.conv_tpu_config import row_block
 
 _F32 = jnp.float32
-
-
-def _lane_chunks(n: int, chunk_fn, acc):
-  """``chunk_fn(offset, size, acc)`` over ``n`` lanes in 128-lane chunks."""
-  n_full, tail = divmod(n, LANES)
-  if n_full == 1:
-    acc = chunk_fn(0, LANES, acc)
-  elif n_full > 1:
-    acc = lax.fori_loop(
-        0, n_full,
-        lambda c, a: chunk_fn(pl.multiple_of(c * LANES, LANES), LANES, a),
-        acc)
-  if tail:
-    acc = chunk_fn(n_full * LANES, tail, acc)
-  return acc
 
 
 def _to_hwgcn(x, groups, c_pad, pads=((0, 0), (0, 0))):
@@ -160,50 +146,96 @@ def _sub_blocks(size: int, block: int, fn, carry):
       0, count, lambda k, c: fn(pl.multiple_of(k * block, block), c), carry)
 
 
-def _forward_kernel(*refs, kh, kw, sw, dw, ow_count, sub_t):
-  """One ``(g, n-block, t-block, oh, c-block)`` step.
+def _block(ref, axis, index, size):
+  """Block ``index`` of ``size`` along a tiled ``axis`` of an HBM ref: the
+  whole axis when it is one block (then possibly not 128-aligned), else an
+  aligned dynamic slice (the blocks are then multiples of 128)."""
+  if ref.shape[axis] == size:
+    return slice(None)
+  return pl.ds(pl.multiple_of(index * size, size), size)
 
-  Refs: ``kh`` activation rows ``(Wp, bc, bn)`` (row ``oh*sh + i*dh``), the
-  transposed kernel ``(KH*KW, bt, bc)`` float32 and the output row
-  ``(OW, bt, bn)`` float32, which holds ``sum |x - w|`` until the last
-  channel step turns it into ``0 - sum``. The ``bt`` channels of a step are
-  walked in register-sized sub-blocks of ``sub_t``, so the activation rows
-  are fetched from HBM once for all of them.
+
+def _tap_weight_l1(wt_ref, tap_index, t0, sub_t):
+  """``sum_c |w[tap, t, c]|`` of a step's channels, as ``(sub_t, 1)``: what a
+  tap over the zero padding adds (``|0 - w|``)."""
+  wt = wt_ref[tap_index, pl.ds(t0, sub_t), :]
+  return jnp.sum(jnp.abs(wt), axis=1, keepdims=True)
+
+
+def _forward_kernel(x_hbm, wt_ref, o_ref, window, sem, *, kh, kw, sh, sw, dh,
+                    dw, ph, pw, h, w, rows_out, ow_count, sub_t):
+  """One ``(g, n-block, t-block, row-block, c-block)`` step.
+
+  ``x_hbm`` is the whole (unpadded) activation ``(H, W, G, C, L)`` in HBM;
+  the step copies the ``window.shape[0]`` rows its ``rows_out`` output rows
+  read (clamped into the image) into VMEM once. ``wt_ref`` is the transposed
+  kernel ``(KH*KW, bt, bc)`` float32 and ``o_ref`` the output rows
+  ``(rows_out, OW, bt, bn)`` float32, which hold ``sum |x - w|`` until the
+  last channel step turns them into ``0 - sum``. A tap that falls on the
+  zero padding adds ``sum_c |w|`` instead of reading the window. The ``bt``
+  channels of a step are walked in register-sized sub-blocks of ``sub_t``.
   """
-  x_refs, wt_ref, o_ref = refs[:kh], refs[kh], refs[kh + 1]
-  c_step = pl.program_id(4)
-  bc = wt_ref.shape[2]
+  g, nb, rb, cb = (pl.program_id(0), pl.program_id(1), pl.program_id(3),
+                   pl.program_id(4))
+  rows_in, _, bc, bn = window.shape
+  first = rb * (rows_out * sh) - ph
+  start = jnp.minimum(jnp.maximum(first, 0), h - rows_in)
+  copy = pltpu.make_async_copy(
+      x_hbm.at[pl.ds(start, rows_in), :, g, _block(x_hbm, 3, cb, bc),
+               _block(x_hbm, 4, nb, bn)],
+      window, sem)
+  copy.start()
 
-  @pl.when(c_step == 0)
+  @pl.when(pl.program_id(4) == 0)
   def _init():
     o_ref[...] = jnp.zeros(o_ref.shape, _F32)
 
-  def column(ow, carry):
-    def t_block(t0, carry):
-      acc = o_ref[ow, pl.ds(t0, sub_t), :]                   # (sub_t, bn)
-      for i in range(kh):
-        def tap(j, acc, i=i):
-          col = ow * sw + j * dw
-          tap_index = i * kw + j
+  copy.wait()
 
-          def chunk(off, size, acc):
-            wt = wt_ref[tap_index, pl.ds(t0, sub_t), pl.ds(off, size)]
-            for r0 in range(0, size, SUBLANES):
-              rows = x_refs[i][col, pl.ds(off + r0, SUBLANES), :].astype(
-                  _F32)
-              for r in range(SUBLANES):
-                acc = acc + jnp.abs(wt[:, r0 + r:r0 + r + 1] -
-                                    rows[r:r + 1, :])
-            return acc
-          return _lane_chunks(bc, chunk, acc)
-        acc = tap(0, acc) if kw == 1 else lax.fori_loop(0, kw, tap, acc)
-      o_ref[ow, pl.ds(t0, sub_t), :] = acc
-      return carry
-    return _sub_blocks(o_ref.shape[1], sub_t, t_block, carry)
+  def out_row(r, carry):
+    oh = rb * rows_out + r
+    rows = [oh * sh + i * dh - ph for i in range(kh)]
+    row_ok = [(row >= 0) & (row < h) for row in rows]
+    local = [jnp.minimum(jnp.maximum(row - start, 0), rows_in - 1)
+             for row in rows]
 
-  lax.fori_loop(0, ow_count, column, 0)
+    def column(ow, carry):
+      def t_block(t0, carry):
+        acc = o_ref[r, ow, pl.ds(t0, sub_t), :]               # (sub_t, bn)
+        for i in range(kh):
+          def tap(j, acc, i=i):
+            col = ow * sw + j * dw - pw
+            tap_index = i * kw + j
 
-  @pl.when(c_step == pl.num_programs(4) - 1)
+            def read(acc):
+              src = jnp.minimum(jnp.maximum(col, 0), w - 1)
+
+              def chunk(off, size, acc):
+                wt = wt_ref[tap_index, pl.ds(t0, sub_t), pl.ds(off, size)]
+                for r0 in range(0, size, SUBLANES):
+                  xs = window[local[i], src, pl.ds(off + r0, SUBLANES),
+                              :].astype(_F32)
+                  for q in range(SUBLANES):
+                    acc = acc + jnp.abs(wt[:, r0 + q:r0 + q + 1] -
+                                        xs[q:q + 1, :])
+                return acc
+              return _util.lane_chunks(bc, LANES, chunk, acc)
+
+            def padded(acc):
+              return acc + _tap_weight_l1(wt_ref, tap_index, t0, sub_t)
+
+            ok = row_ok[i] & (col >= 0) & (col < w)
+            return lax.cond(ok, read, padded, acc)
+          acc = tap(0, acc) if kw == 1 else lax.fori_loop(0, kw, tap, acc)
+        o_ref[r, ow, pl.ds(t0, sub_t), :] = acc
+        return carry
+      return _sub_blocks(o_ref.shape[2], sub_t, t_block, carry)
+
+    return lax.fori_loop(0, ow_count, column, carry)
+
+  lax.fori_loop(0, rows_out, out_row, 0)
+
+  @pl.when(pl.program_id(4) == pl.num_programs(4) - 1)
   def _finish():
     o_ref[...] = 0.0 - o_ref[...]
 
@@ -252,65 +284,80 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
   s = geo.spec
   (ph0, ph1), (pw0, pw1) = s.padding
   hp, wp = geo.h + ph0 + ph1, geo.w + pw0 + pw1
+  sh, sw = s.strides
+  dh, dw = s.dilation
   cfg = config or ForwardConfig.get_default(
       n=geo.n, h=hp, w=wp, c=geo.c, t=geo.t, kh=geo.kh, kw=geo.kw, oh=geo.oh,
-      ow=geo.ow, itemsize=x.dtype.itemsize, generation=generation)
+      ow=geo.ow, itemsize=x.dtype.itemsize, generation=generation, sh=sh,
+      dh=dh)
   c_pad, bc = padded_lane_axis(geo.c, SUBLANES, cfg.block_c)
   bt = min(cfg.block_t, _util.round_up(geo.t, 8))
   t_pad = _util.round_up(geo.t, bt)
   taps = geo.kh * geo.kw
-  sh, sw = s.strides
-  dh, dw = s.dilation
 
-  # A batch below one lane block: fold P output-row strips into the lanes.
   strips = _strip_count(geo.n, geo.oh, cfg.block_n)
-  oh_k = -(-geo.oh // strips)                    # output rows per strip
-  strips = -(-geo.oh // oh_k)
-  rows_in = (oh_k - 1) * sh + (geo.kh - 1) * dh + 1
-  xt = _to_hwgcn(x, geo.groups, c_pad, s.padding)          # (Hp, Wp, G, C, N)
-  xt = _to_strips(xt, strips, oh_k * sh, rows_in)          # (rows, Wp, G, C, L)
+  if strips > 1:
+    # A batch below one lane block: fold output-row strips into the lanes
+    # (a copy with halo rows, zero-padded, so the kernel sees no padding).
+    oh_k = -(-geo.oh // strips)                  # output rows per strip
+    strips = -(-geo.oh // oh_k)
+    rows_in = (oh_k - 1) * sh + (geo.kh - 1) * dh + 1
+    xt = _to_hwgcn(x, geo.groups, c_pad, s.padding)        # (Hp, Wp, G, C, N)
+    xt = _to_strips(xt, strips, oh_k * sh, rows_in)        # (rows, Wp, G, C, L)
+    pad_h, pad_w = 0, 0
+  else:
+    # The activation as it is, unpadded: (H, W, G, C, N) is NHWC in XLA's
+    # batch-minor TPU layout, so this transpose is free when C is aligned.
+    oh_k = geo.oh
+    xt = _to_hwgcn(x, geo.groups, c_pad)                   # (H, W, G, C, N)
+    pad_h, pad_w = ph0, pw0
   n_pad, bn = padded_batch(strips * geo.n, cfg.block_n)
   xt = _pad_lanes(xt, n_pad)
+  h_in, w_in = xt.shape[:2]
+  rows_out = row_block(oh_k, cfg.block_r)
+  window_rows = min((rows_out - 1) * sh + (geo.kh - 1) * dh + 1, h_in)
   wt = w.astype(_F32).reshape(taps, geo.c, geo.groups, geo.t)
   wt = jnp.transpose(wt, (2, 0, 3, 1))                      # (G, taps, T, C)
   wt = jnp.pad(wt, ((0, 0), (0, 0), (0, t_pad - geo.t), (0, c_pad - geo.c)))
 
-  grid = (geo.groups, n_pad // bn, t_pad // bt, oh_k, c_pad // bc)
-
-  def x_map(i):
-    return lambda g, nb, tb, oh, cb: (oh * sh + i * dh, 0, g, cb, nb)
-
-  in_specs = [pl.BlockSpec((None, wp, None, bc, bn), x_map(i))
-              for i in range(geo.kh)]
-  in_specs.append(pl.BlockSpec((None, taps, bt, bc),
-                               lambda g, nb, tb, oh, cb: (g, 0, tb, cb)))
-  kernel = functools.partial(_forward_kernel, kh=geo.kh, kw=geo.kw, sw=sw,
-                             dw=dw, ow_count=geo.ow,
-                             sub_t=_sub_block(bt, cfg.sub_t, 8))
+  grid = (geo.groups, n_pad // bn, t_pad // bt, oh_k // rows_out,
+          c_pad // bc)
+  kernel = functools.partial(
+      _forward_kernel, kh=geo.kh, kw=geo.kw, sh=sh, sw=sw, dh=dh, dw=dw,
+      ph=pad_h, pw=pad_w, h=h_in, w=w_in, rows_out=rows_out, ow_count=geo.ow,
+      sub_t=_sub_block(bt, cfg.sub_t, 8))
+  steps = grid[0] * grid[1] * grid[2] * grid[3] * grid[4]
   terms = geo.groups * n_pad * t_pad * oh_k * geo.ow * taps * c_pad
   y = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct(
           (oh_k, geo.ow, geo.groups, t_pad, n_pad), _F32),
       grid=grid,
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, geo.ow, None, bt, bn),
-                             lambda g, nb, tb, oh, cb: (oh, 0, g, tb, nb)),
+      in_specs=[
+          pl.BlockSpec(memory_space=pl.ANY),
+          pl.BlockSpec((None, taps, bt, bc),
+                       lambda g, nb, tb, rb, cb: (g, 0, tb, cb)),
+      ],
+      out_specs=pl.BlockSpec((rows_out, geo.ow, None, bt, bn),
+                             lambda g, nb, tb, rb, cb: (rb, 0, g, tb, nb)),
+      scratch_shapes=[pltpu.VMEM((window_rows, w_in, bc, bn), xt.dtype),
+                      pltpu.SemaphoreType.DMA(())],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel',
                                'parallel', 'arbitrary'),
           vmem_limit_bytes=cfg.vmem_limit_bytes),
       cost_estimate=pl.CostEstimate(
           flops=3 * terms, transcendentals=0,
-          # The kernel block is fetched again only when its index changes
-          # between consecutive steps (several T or C blocks).
-          bytes_accessed=(xt.size * xt.dtype.itemsize * geo.kh * grid[2] +
-                          wt.size * 4 * (grid[1] * oh_k
+          # One window copy per step; the kernel block is fetched again only
+          # when its index changes between consecutive steps.
+          bytes_accessed=(steps * window_rows * w_in * bc * bn *
+                          xt.dtype.itemsize +
+                          wt.size * 4 * (grid[1] * grid[3]
                                          if grid[2] * grid[4] > 1 else 1) +
                           4 * oh_k * geo.ow * geo.groups * t_pad * n_pad)),
       interpret=interpret,
       name='adder_conv_forward_mosaic',
-  )(*([xt] * geo.kh), wt)
+  )(xt, wt)
   y = _from_strips(y, strips, geo.n, geo.oh, geo.t)
   return y[:, 0] if was_1d else y
 
@@ -331,63 +378,88 @@ def _valid_index(num, stride, count):
 
 
 def _input_grad_kernel(*refs, kh, kw, sh, sw, dh, dw, ph, pw, oh_count,
-                       ow_count, w_count, mode, sub_c):
-  """One ``(g, n-block, c-block, h, t-block)`` step.
+                       ow_count, w_count, rows_in, mode, sub_c, masked):
+  """One ``(g, n-block, c-block, row-block, t-block)`` step.
 
-  Refs: ``kh`` cotangent rows ``(OW, bt, bn)`` float32 (row
-  ``(h + ph - i*dh) / sh``, clamped), ``kh`` lane masks ``(1, bn)`` of those
-  rows (1 where the row is a real output of that lane's strip), the
-  activation row ``(W, bc, bn)``, the kernel ``(KH*KW, bc, bt)`` float32 and
-  the output row ``(W, bc, bn)`` float32, accumulated over the ``T`` steps.
-  The ``bc`` channels of a step are walked in sub-blocks of ``sub_c``, so the
-  cotangent rows are fetched from HBM once for all of them.
+  Refs: the whole cotangent ``(OH, OW, G, T, L)`` float32 in HBM, of which
+  the step copies the ``window.shape[0]`` rows its ``rows_in`` input rows
+  are read by (clamped into the cotangent) into VMEM once; with row strips,
+  the lane mask ``(OH, 1, bn)`` (1 where a cotangent row is a real output of
+  that lane's strip); the activation rows ``(rows_in, W, bc, bn)``, the
+  kernel ``(KH*KW, bc, bt)`` float32 and the output rows
+  ``(rows_in, W, bc, bn)`` float32, accumulated over the ``T`` steps. The
+  ``bc`` channels of a step are walked in sub-blocks of ``sub_c``.
   """
-  g_refs, m_refs = refs[:kh], refs[kh:2 * kh]
-  x_ref, w_ref, o_ref = refs[2 * kh:]
-  h = pl.program_id(3)
-  bt = w_ref.shape[2]
+  if masked:
+    g_hbm, m_ref, x_ref, w_ref, o_ref, window, sem = refs
+  else:
+    (g_hbm, x_ref, w_ref, o_ref, window, sem), m_ref = refs, None
+  gi, nb, rb, tb = (pl.program_id(0), pl.program_id(1), pl.program_id(3),
+                    pl.program_id(4))
+  g_rows, _, bt, bn = window.shape
+  h0 = rb * rows_in
+  # The first cotangent row read by input rows [h0, h0 + rows_in).
+  first = lax.div(jnp.maximum(h0 + ph - (kh - 1) * dh, 0) + sh - 1, sh)
+  start = jnp.minimum(first, oh_count - g_rows)
+  copy = pltpu.make_async_copy(
+      g_hbm.at[pl.ds(start, g_rows), :, gi, _block(g_hbm, 3, tb, bt),
+               _block(g_hbm, 4, nb, bn)],
+      window, sem)
+  copy.start()
 
-  @pl.when(pl.program_id(4) == 0)
+  @pl.when(tb == 0)
   def _init():
     o_ref[...] = jnp.zeros(o_ref.shape, _F32)
 
-  row_ok = [_valid_index(h + ph - i * dh, sh, oh_count)[0] for i in range(kh)]
+  copy.wait()
 
-  def column(wi, carry):
+  def in_row(r, carry):
+    h = h0 + r
+    taps_ok, local, keeps = [], [], []
     for i in range(kh):
-      def tap(j, carry, i=i):
-        col_ok, ow = _valid_index(wi + pw - j * dw, sw, ow_count)
-        tap_index = i * kw + j
+      ok, oh = _valid_index(h + ph - i * dh, sh, oh_count)
+      taps_ok.append(ok)
+      local.append(jnp.minimum(jnp.maximum(oh - start, 0), g_rows - 1))
+      keeps.append(oh)
 
-        @pl.when(row_ok[i] & col_ok)
-        def _add():
-          keep = m_refs[i][...] > 0                          # (1, bn)
+    def column(wi, carry):
+      for i in range(kh):
+        def tap(j, carry, i=i):
+          col_ok, ow = _valid_index(wi + pw - j * dw, sw, ow_count)
+          tap_index = i * kw + j
 
-          def c_block(c0, carry):
-            x = x_ref[wi, pl.ds(c0, sub_c), :].astype(_F32)  # (sub_c, bn)
+          @pl.when(taps_ok[i] & col_ok)
+          def _add():
+            def c_block(c0, carry):
+              x = x_ref[r, wi, pl.ds(c0, sub_c), :].astype(_F32)  # (sub_c, bn)
 
-            def chunk(off, size, acc):
-              wc = w_ref[tap_index, pl.ds(c0, sub_c), pl.ds(off, size)]
-              for r0 in range(0, size, 8):
-                g_rows = g_refs[i][ow, pl.ds(off + r0, 8), :]  # (8, bn)
-                for r in range(8):
-                  acc = acc + _conv_util.grad_term(
-                      mode, wc[:, r0 + r:r0 + r + 1] - x, g_rows[r:r + 1, :])
-              return acc
-            part = _lane_chunks(bt, chunk, jnp.zeros(x.shape, _F32))
-            # A select, not a product: a NaN part of a masked lane is dropped.
-            o_ref[wi, pl.ds(c0, sub_c), :] = (
-                o_ref[wi, pl.ds(c0, sub_c), :] + jnp.where(keep, part, 0.0))
-            return carry
-          _sub_blocks(o_ref.shape[1], sub_c, c_block, 0)
-        return carry
-      if kw == 1:
-        tap(0, 0)
-      else:
-        lax.fori_loop(0, kw, tap, 0)
-    return carry
+              def chunk(off, size, acc):
+                wc = w_ref[tap_index, pl.ds(c0, sub_c), pl.ds(off, size)]
+                for r0 in range(0, size, 8):
+                  g_rows8 = window[local[i], ow, pl.ds(off + r0, 8), :]
+                  for q in range(8):
+                    acc = acc + _conv_util.grad_term(
+                        mode, wc[:, q + r0:q + r0 + 1] - x, g_rows8[q:q + 1, :])
+                return acc
+              part = _util.lane_chunks(bt, LANES, chunk,
+                                       jnp.zeros(x.shape, _F32))
+              if masked:
+                # A select, not a product: a NaN of a masked lane is dropped.
+                part = jnp.where(m_ref[keeps[i]] > 0, part, 0.0)
+              o_ref[r, wi, pl.ds(c0, sub_c), :] = (
+                  o_ref[r, wi, pl.ds(c0, sub_c), :] + part)
+              return carry
+            _sub_blocks(o_ref.shape[2], sub_c, c_block, 0)
+          return carry
+        if kw == 1:
+          tap(0, 0)
+        else:
+          lax.fori_loop(0, kw, tap, 0)
+      return carry
 
-  lax.fori_loop(0, w_count, column, 0)
+    return lax.fori_loop(0, w_count, column, carry)
+
+  lax.fori_loop(0, rows_in, in_row, 0)
 
 
 @functools.partial(jax.jit, static_argnames=('spec', 'mode', 'interpret',
@@ -437,64 +509,74 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
   _conv_util.check_mode(mode)
   x, w, g, geo, was_1d = _conv_util.check_conv_args(x, w, spec, g)
   s = geo.spec
+  sh, sw = s.strides
+  dh, dw = s.dilation
+  ph, pw = s.padding[0][0], s.padding[1][0]
   cfg = config or InputGradConfig.get_default(
       n=geo.n, h=geo.h, w=geo.w, c=geo.c, t=geo.t, kh=geo.kh, kw=geo.kw,
-      oh=geo.oh, ow=geo.ow, itemsize=x.dtype.itemsize, generation=generation)
+      oh=geo.oh, ow=geo.ow, itemsize=x.dtype.itemsize, generation=generation,
+      sh=sh, dh=dh)
   bc = min(cfg.block_c, _util.round_up(geo.c, SUBLANES))
   c_pad = _util.round_up(geo.c, bc)
   t_pad, bt = padded_lane_axis(geo.t, 8, cfg.block_t)
   taps = geo.kh * geo.kw
-  sh, sw = s.strides
-  dh, dw = s.dilation
-  ph, pw = s.padding[0][0], s.padding[1][0]
 
-  # A batch below one lane block: fold P input-row strips into the lanes.
-  # Strip k holds input rows [k*rows, (k+1)*rows) (rows a multiple of sh)
-  # and cotangent rows [k*rows/sh - above, ...) with `above` rows of halo;
-  # a per-lane mask marks the cotangent rows that are real outputs.
   strips = _strip_count(geo.n, -(-geo.h // sh), cfg.block_n)
-  rows = sh * -(-geo.h // (sh * strips))
-  strips = -(-geo.h // rows)
-  above = max(0, -(-((geo.kh - 1) * dh - ph) // sh))
-  ph_k = ph + above * sh                     # padding as seen from a strip
-  oh_k = (rows - 1 + ph_k) // sh + 1         # cotangent rows per strip
-  xt = _to_hwgcn(x, geo.groups, c_pad)                      # (H, W, G, C, N)
-  xt = _to_strips(xt, strips, rows, rows)
-  gt = _to_hwgcn(g.astype(_F32), geo.groups, t_pad)         # (OH, OW, G, T, N)
-  gt = jnp.pad(gt, ((above, 0),) + ((0, 0),) * 4)
-  gt = _to_strips(gt, strips, rows // sh, oh_k)
-  real = jnp.arange(strips)[None, :] * (rows // sh) + jnp.arange(oh_k)[:, None]
-  real = (real >= above) & (real < above + geo.oh)          # (oh_k, strips)
-  mask = jnp.repeat(real.astype(_F32), geo.n, axis=1)[:, None, :]
+  if strips > 1:
+    # A batch below one lane block: fold input-row strips into the lanes.
+    # Strip k holds input rows [k*rows, (k+1)*rows) (rows a multiple of sh)
+    # and cotangent rows [k*rows/sh - above, ...) with `above` rows of halo;
+    # a per-lane mask marks the cotangent rows that are real outputs.
+    rows = sh * -(-geo.h // (sh * strips))
+    strips = -(-geo.h // rows)
+    above = max(0, -(-((geo.kh - 1) * dh - ph) // sh))
+    ph_k = ph + above * sh                   # padding as seen from a strip
+    oh_k = (rows - 1 + ph_k) // sh + 1       # cotangent rows per strip
+    xt = _to_hwgcn(x, geo.groups, c_pad)                    # (H, W, G, C, N)
+    xt = _to_strips(xt, strips, rows, rows)
+    gt = _to_hwgcn(g.astype(_F32), geo.groups, t_pad)       # (OH, OW, G, T, N)
+    gt = jnp.pad(gt, ((above, 0),) + ((0, 0),) * 4)
+    gt = _to_strips(gt, strips, rows // sh, oh_k)
+    real = (jnp.arange(strips)[None, :] * (rows // sh) +
+            jnp.arange(oh_k)[:, None])
+    real = (real >= above) & (real < above + geo.oh)        # (oh_k, strips)
+    mask = jnp.repeat(real.astype(_F32), geo.n, axis=1)[:, None, :]
+  else:
+    # The activation and cotangent as they are (batch-minor: free transposes
+    # when the channels are aligned); padding is handled by the index maths.
+    rows, ph_k, oh_k = geo.h, ph, geo.oh
+    xt = _to_hwgcn(x, geo.groups, c_pad)                    # (H, W, G, C, N)
+    gt = _to_hwgcn(g.astype(_F32), geo.groups, t_pad)       # (OH, OW, G, T, N)
+    mask = None
   n_pad, bn = padded_batch(strips * geo.n, cfg.block_n)
-  xt, gt, mask = (_pad_lanes(a, n_pad) for a in (xt, gt, mask))
+  xt, gt = _pad_lanes(xt, n_pad), _pad_lanes(gt, n_pad)
+  rows_in = row_block(rows, cfg.block_r)
+  g_rows = min((rows_in - 1 + (geo.kh - 1) * dh) // sh + 1, oh_k)
   wk = w.astype(_F32).reshape(taps, geo.c, geo.groups, geo.t)
   wk = jnp.transpose(wk, (2, 0, 1, 3))                       # (G, taps, C, T)
   wk = jnp.pad(wk, ((0, 0), (0, 0), (0, c_pad - geo.c), (0, t_pad - geo.t)))
 
-  grid = (geo.groups, n_pad // bn, c_pad // bc, rows, t_pad // bt)
-
-  def g_row(i):
-    return lambda h: _valid_index(h + ph_k - i * dh, sh, oh_k)[1]
-
-  in_specs = [pl.BlockSpec((None, geo.ow, None, bt, bn),
-                           lambda gi, nb, cb, h, tb, r=g_row(i): (
-                               r(h), 0, gi, tb, nb))
-              for i in range(geo.kh)]
-  in_specs += [pl.BlockSpec((None, 1, bn),
-                            lambda gi, nb, cb, h, tb, r=g_row(i): (
-                                r(h), 0, nb))
-               for i in range(geo.kh)]
-  row_map = lambda gi, nb, cb, h, tb: (h, 0, gi, cb, nb)
+  grid = (geo.groups, n_pad // bn, c_pad // bc, rows // rows_in, t_pad // bt)
+  row_map = lambda gi, nb, cb, rb, tb: (rb, 0, gi, cb, nb)
+  in_specs = [pl.BlockSpec(memory_space=pl.ANY)]
+  operands = [gt]
+  if mask is not None:
+    mask = _pad_lanes(mask, n_pad)
+    in_specs.append(pl.BlockSpec((oh_k, 1, bn),
+                                 lambda gi, nb, cb, rb, tb: (0, 0, nb)))
+    operands.append(mask)
   in_specs += [
-      pl.BlockSpec((None, geo.w, None, bc, bn), row_map),
+      pl.BlockSpec((rows_in, geo.w, None, bc, bn), row_map),
       pl.BlockSpec((None, taps, bc, bt),
-                   lambda gi, nb, cb, h, tb: (gi, 0, cb, tb)),
+                   lambda gi, nb, cb, rb, tb: (gi, 0, cb, tb)),
   ]
+  operands += [xt, wk]
   kernel = functools.partial(
       _input_grad_kernel, kh=geo.kh, kw=geo.kw, sh=sh, sw=sw, dh=dh, dw=dw,
       ph=ph_k, pw=pw, oh_count=oh_k, ow_count=geo.ow, w_count=geo.w,
-      mode=mode, sub_c=_sub_block(bc, cfg.sub_c, SUBLANES))
+      rows_in=rows_in, mode=mode, sub_c=_sub_block(bc, cfg.sub_c, SUBLANES),
+      masked=mask is not None)
+  steps = grid[0] * grid[1] * grid[2] * grid[3] * grid[4]
   terms = geo.groups * n_pad * t_pad * oh_k * geo.ow * taps * c_pad
   dx = pl.pallas_call(
       kernel,
@@ -502,22 +584,25 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
           (rows, geo.w, geo.groups, c_pad, n_pad), _F32),
       grid=grid,
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, geo.w, None, bc, bn), row_map),
+      out_specs=pl.BlockSpec((rows_in, geo.w, None, bc, bn), row_map),
+      scratch_shapes=[pltpu.VMEM((g_rows, geo.ow, bt, bn), _F32),
+                      pltpu.SemaphoreType.DMA(())],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'parallel',
                                'parallel', 'arbitrary'),
           vmem_limit_bytes=cfg.vmem_limit_bytes),
       cost_estimate=pl.CostEstimate(
           flops=5 * terms, transcendentals=0,
-          # The activation row stays put over the T steps; the kernel block
-          # is fetched again only if there are several C or T blocks.
-          bytes_accessed=(xt.size * xt.dtype.itemsize +
-                          gt.size * 4 * geo.kh * grid[2] +
-                          wk.size * 4 * (grid[1] * rows
+          # One cotangent window copy per step; the activation rows stay put
+          # over the T steps; the kernel block is fetched again only if
+          # there are several C or T blocks.
+          bytes_accessed=(steps * g_rows * geo.ow * bt * bn * 4 +
+                          xt.size * xt.dtype.itemsize +
+                          wk.size * 4 * (grid[1] * grid[3]
                                          if grid[2] * grid[4] > 1 else 1) +
                           4 * rows * geo.w * geo.groups * c_pad * n_pad)),
       interpret=interpret,
       name='adder_conv_input_grad_mosaic',
-  )(*([gt] * geo.kh), *([mask] * geo.kh), xt, wk)
+  )(*operands)
   dx = _from_strips(dx, strips, geo.n, geo.h, geo.c)
   return dx[:, 0] if was_1d else dx

@@ -105,6 +105,14 @@ def padded_lane_axis(size: int, multiple: int, block: int) -> tuple[int, int]:
   return _util.round_up(size, block), block
 
 
+def row_block(size: int, most: int) -> int:
+  """The largest divisor of ``size`` up to ``most`` (rows per grid step)."""
+  for r in range(min(most, size), 0, -1):
+    if size % r == 0:
+      return r
+  return 1
+
+
 def _lanes(n):
   return _util.round_up(n, LANES)
 
@@ -129,13 +137,17 @@ class ForwardConfig:
     sub_t: output channels per register accumulator inside a step (a
       multiple of 8; the largest divisor of ``block_t`` up to it is used):
       ``sub_t / 8`` vregs per 128 lanes.
+    block_r: output rows per grid step (the largest divisor of the output
+      height up to it is used). A step copies the ``(block_r - 1) * stride +
+      (KH - 1) * dilation + 1`` input rows it reads into VMEM once, so the
+      activation is read ``1 + (KH - stride) / block_r`` times, not ``KH``.
     vmem_limit_bytes: scoped VMEM limit for Mosaic (``None``: its default).
 
   Examples:
     >>> from pallas_kernels.conv_tpu_config import ForwardConfig
     >>> ForwardConfig.get_default(n=128, h=34, w=34, c=16, t=16, kh=3, kw=3,
     ...                           oh=32, ow=32)
-    ForwardConfig(block_n=128, block_t=16, block_c=512, sub_t=16, vmem_limit_bytes=16777216)
+    ForwardConfig(block_n=128, block_t=16, block_c=512, sub_t=16, block_r=8, vmem_limit_bytes=16777216)
     >>> ForwardConfig(block_c=100)
     Traceback (most recent call last):
     ...
@@ -145,6 +157,7 @@ class ForwardConfig:
   block_t: int = 256
   block_c: int = 512
   sub_t: int = 32
+  block_r: int = 8
   vmem_limit_bytes: int | None = None
 
   def __post_init__(self):
@@ -153,22 +166,30 @@ class ForwardConfig:
     _check_multiple(owner, 'block_t', self.block_t, 8)
     _check_multiple(owner, 'block_c', self.block_c, LANES)
     _check_multiple(owner, 'sub_t', self.sub_t, 8)
+    _check_multiple(owner, 'block_r', self.block_r, 1)
     _check_vmem(owner, self.vmem_limit_bytes)
 
-  def vmem_estimate(self, *, n, w, c, t, kh, kw, ow, itemsize=4) -> int:
-    """Double-buffered VMEM bytes of one grid step (lane/sublane padded)."""
+  def vmem_estimate(self, *, n, w, c, t, kh, kw, ow, itemsize=4, h=None,
+                    sh=1, dh=1) -> int:
+    """VMEM bytes of one grid step (lane/sublane padded): the input window
+    (single-buffered, copied by the kernel) and the double-buffered kernel
+    and output blocks. ``h`` caps the window's rows (``None``: no cap)."""
     _, bn = padded_batch(n, self.block_n)
     _, bc = padded_lane_axis(c, SUBLANES, self.block_c)
     bt = min(self.block_t, _util.round_up(t, 8))
-    x_blocks = kh * w * _util.round_up(bc, SUBLANES) * _lanes(bn) * itemsize
+    rows = (self.block_r - 1) * sh + (kh - 1) * dh + 1
+    rows = rows if h is None else min(rows, h)
+    window = rows * w * _util.round_up(bc, SUBLANES) * _lanes(bn) * itemsize
     w_block = kh * kw * bt * _lanes(bc) * 4
-    out = ow * bt * _lanes(bn) * 4
-    return 2 * (x_blocks + out + w_block)
+    out = self.block_r * ow * bt * _lanes(bn) * 4
+    return window + 2 * (out + w_block)
 
   @classmethod
   def get_default(cls, *, n, h, w, c, t, kh, kw, oh, ow, itemsize=4,
-                  generation: str | None = None) -> 'ForwardConfig':
-    """The widest ``T`` step, then ``C`` step, that fits the VMEM budget.
+                  generation: str | None = None, sh=1,
+                  dh=1) -> 'ForwardConfig':
+    """The most output rows, then the widest ``T`` step, then ``C`` step,
+    that fit the VMEM budget.
 
     Args:
       n: batch (lanes before the row strips).
@@ -177,22 +198,25 @@ class ForwardConfig:
       kh, kw, oh, ow: kernel and output spatial sizes.
       itemsize: bytes per activation element.
       generation: ``'v4'``, ``'v5e'`` (default) or ``'v6e'``.
+      sh, dh: vertical stride and dilation.
     """
-    del h, oh
     gen = get_generation(generation)
     t8 = _util.round_up(t, 8)
     sub_t = min(gen.block_t, t8)
     cfg = est = None
-    for block_t in sorted({t8, 512, 256, 128, 64, 32, 8}, reverse=True):
-      if block_t > t8:
-        continue
-      for block_c in (512, 256, 128):
-        cfg = cls(block_t=block_t, block_c=block_c, sub_t=sub_t)
-        est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
-                                itemsize=itemsize)
-        if est <= gen.vmem_budget_bytes:
-          return dataclasses.replace(
-              cfg, vmem_limit_bytes=_budget_limit(gen, est))
+    for block_r in (8, 4, 2, 1):
+      block_r = row_block(oh, block_r)
+      for block_t in sorted({t8, 512, 256, 128, 64, 32, 8}, reverse=True):
+        if block_t > t8:
+          continue
+        for block_c in (512, 256, 128):
+          cfg = cls(block_t=block_t, block_c=block_c, sub_t=sub_t,
+                    block_r=block_r)
+          est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
+                                  itemsize=itemsize, h=h, sh=sh, dh=dh)
+          if est <= gen.vmem_budget_bytes:
+            return dataclasses.replace(
+                cfg, vmem_limit_bytes=_budget_limit(gen, est))
     return dataclasses.replace(cfg, vmem_limit_bytes=_budget_limit(gen, est))
 
 
@@ -210,18 +234,22 @@ class InputGradConfig:
       a multiple of 128 (fewer channels are one whole block).
     sub_c: input channels per register accumulator inside a step (a multiple
       of 16; the largest divisor of ``block_c`` up to it is used).
+    block_r: input rows per grid step (the largest divisor of the input
+      height up to it is used); the step copies the cotangent rows they
+      read into VMEM once.
     vmem_limit_bytes: scoped VMEM limit for Mosaic (``None``: its default).
 
   Examples:
     >>> from pallas_kernels.conv_tpu_config import InputGradConfig
     >>> InputGradConfig.get_default(n=128, h=32, w=32, c=16, t=16, kh=3,
     ...                             kw=3, oh=32, ow=32)
-    InputGradConfig(block_n=128, block_c=16, block_t=128, sub_c=64, vmem_limit_bytes=16777216)
+    InputGradConfig(block_n=128, block_c=16, block_t=128, sub_c=64, block_r=8, vmem_limit_bytes=16777216)
   """
   block_n: int = 128
   block_c: int = 256
   block_t: int = 128
   sub_c: int = 64
+  block_r: int = 8
   vmem_limit_bytes: int | None = None
 
   def __post_init__(self):
@@ -230,36 +258,47 @@ class InputGradConfig:
     _check_multiple(owner, 'block_c', self.block_c, SUBLANES)
     _check_multiple(owner, 'block_t', self.block_t, LANES)
     _check_multiple(owner, 'sub_c', self.sub_c, SUBLANES)
+    _check_multiple(owner, 'block_r', self.block_r, 1)
     _check_vmem(owner, self.vmem_limit_bytes)
 
-  def vmem_estimate(self, *, n, w, c, t, kh, kw, ow, itemsize=4) -> int:
-    """Double-buffered VMEM bytes of one grid step (lane/sublane padded)."""
+  def vmem_estimate(self, *, n, w, c, t, kh, kw, ow, itemsize=4, oh=None,
+                    sh=1, dh=1) -> int:
+    """VMEM bytes of one grid step (lane/sublane padded): the cotangent
+    window (single-buffered, copied by the kernel; ``oh`` caps its rows) and
+    the double-buffered activation, kernel and output blocks."""
     _, bn = padded_batch(n, self.block_n)
     bc = min(self.block_c, _util.round_up(c, SUBLANES))
     _, bt = padded_lane_axis(t, 8, self.block_t)
-    x_block = w * bc * _lanes(bn) * itemsize
-    out = w * bc * _lanes(bn) * 4
-    g_blocks = kh * ow * bt * _lanes(bn) * 4
+    rows = (self.block_r - 1 + (kh - 1) * dh) // sh + 1
+    rows = rows if oh is None else min(rows, oh)
+    x_block = self.block_r * w * bc * _lanes(bn) * itemsize
+    out = self.block_r * w * bc * _lanes(bn) * 4
+    window = rows * ow * _util.round_up(bt, 8) * _lanes(bn) * 4
     w_block = kh * kw * bc * _lanes(bt) * 4
-    return 2 * (x_block + out + g_blocks + w_block)
+    # The strip path's lane mask, one (8-sublane padded) row per output row.
+    mask = (oh if oh is not None else rows) * 8 * _lanes(bn) * 4
+    return window + mask + 2 * (x_block + out + w_block)
 
   @classmethod
   def get_default(cls, *, n, h, w, c, t, kh, kw, oh, ow, itemsize=4,
-                  generation: str | None = None) -> 'InputGradConfig':
+                  generation: str | None = None, sh=1,
+                  dh=1) -> 'InputGradConfig':
     """The widest ``C`` step that fits the VMEM budget.
 
     Args: as :meth:`ForwardConfig.get_default` (``h``, ``w`` unpadded).
     """
-    del h, oh
     gen = get_generation(generation)
     c16 = _util.round_up(c, SUBLANES)
     cfg = est = None
-    for block_c in sorted({c16, 512, 256, 128, 64, 32, 16}, reverse=True):
-      if block_c > c16:
-        continue
-      cfg = cls(block_c=block_c, block_t=128)
-      est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
-                              itemsize=itemsize)
-      if est <= gen.vmem_budget_bytes:
-        break
+    for block_r in (8, 4, 2, 1):
+      block_r = row_block(h, block_r)
+      for block_c in sorted({c16, 512, 256, 128, 64, 32, 16}, reverse=True):
+        if block_c > c16:
+          continue
+        cfg = cls(block_c=block_c, block_t=128, block_r=block_r)
+        est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
+                                itemsize=itemsize, oh=oh, sh=sh, dh=dh)
+        if est <= gen.vmem_budget_bytes:
+          return dataclasses.replace(
+              cfg, vmem_limit_bytes=_budget_limit(gen, est))
     return dataclasses.replace(cfg, vmem_limit_bytes=_budget_limit(gen, est))

@@ -300,6 +300,15 @@ class _ConvTestBase(parameterized.TestCase):
 CASES['nan_s2'] = ((2, 6, 6, 3), (3, 3, 3, 4), dict(strides=2, padding=1))
 # 3 blocks along N (TPU: 2 lane blocks of 128), C, T and W.
 CASES['many_blocks'] = ((130, 3, 5, 136), (2, 2, 136, 20), dict(padding=1))
+# A full lane block of images: the TPU kernels read the unpadded activation
+# and cotangent, copying the rows a step reads into VMEM, with the padding
+# handled by index arithmetic (the small batches above go through row
+# strips). With 2 rows per step the copied windows are clamped at both edges.
+CASES['wide_pad_s1'] = ((128, 6, 5, 16), (3, 3, 16, 8), dict(padding=1))
+CASES['wide_asym_s2_dil_groups'] = (
+    (128, 9, 7, 4), (3, 2, 2, 6),
+    dict(strides=(2, 1), padding=((2, 1), (0, 2)), dilation=(2, 1),
+         groups=2))
 
 
 class TestGpuConvInterpret(_ConvTestBase):
@@ -320,6 +329,36 @@ class TestTpuConvInterpret(_ConvTestBase):
                                              block_c=128, sub_t=8)
   dx_config = conv_tpu_config.InputGradConfig(block_n=128, block_c=64,
                                               block_t=128, sub_c=32)
+
+  @parameterized.parameters('wide_pad_s1', 'wide_asym_s2_dil_groups')
+  def test_full_lane_batch_in_row_blocks(self, case):
+    self._check(
+        case, mode='sign' if 'dil' in case else 'full_precision', seed=8,
+        fwd_config=conv_tpu_config.ForwardConfig(block_t=8, sub_t=8,
+                                                 block_r=2),
+        dx_config=conv_tpu_config.InputGradConfig(block_c=16, sub_c=16,
+                                                  block_r=2))
+
+  def test_full_lane_batch_nan_locality(self):
+    # Unstripped path: a NaN at the image border reaches exactly the outputs
+    # that read it, and a tap over the padding never reads a clamped row.
+    x, w, spec = _data('wide_pad_s1', seed=9)
+    x = x.at[5, 0, 4, 3].set(jnp.nan)
+    cfg = conv_tpu_config.ForwardConfig(block_t=8, sub_t=8, block_r=2)
+    y = _run(lambda x, w: conv_tpu.l1_conv_forward(
+        x, w, spec, interpret=True, config=cfg), x, w)
+    nan = np.isnan(np.asarray(y)).any(-1)
+    want = np.zeros(nan.shape, bool)
+    want[5, 0:2, 3:5] = True          # outputs (oh, ow) with |oh - 0|, |ow - 4| <= 1
+    np.testing.assert_array_equal(nan, want)
+    g = jnp.ones(y.shape, jnp.float32).at[7, 5, 0, 1].set(jnp.nan)
+    dcfg = conv_tpu_config.InputGradConfig(block_c=16, sub_c=16, block_r=2)
+    dx = np.isnan(np.asarray(_run(lambda x, w, g: conv_tpu.l1_conv_input_grad(
+        x, w, g, spec, mode='sign', interpret=True, config=dcfg), x, w, g)))
+    want = np.zeros(x.shape, bool)
+    want[5, 0, 4, 3] = True
+    want[7, 4:6, 0:2, :] = True       # inputs read by output (5, 0)
+    np.testing.assert_array_equal(dx, want)
 
 
 # --- spec and configs ---------------------------------------------------------

@@ -33,8 +33,11 @@ TPU_COMPILE_ENV = {
 }
 
 # (x shape, w shape, strides, padding, dilation, groups): every geometry of
-# tests/test_pallas_conv.py, batch 8.
+# tests/test_pallas_conv.py, batch 8 (row strips folded into the lanes), and
+# two at batch 128 (the unpadded activation, windows copied by the kernel).
 VARIANTS = (
+    ((128, 6, 5, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    ((128, 9, 7, 4), (3, 2, 2, 6), (2, 1), ((2, 1), (0, 2)), (2, 1), 2),
     ((8, 7, 6, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
     ((8, 9, 7, 4), (3, 3, 2, 6), (2, 2), ((0, 0), (0, 0)), (1, 1), 2),
     ((8, 8, 7, 3), (2, 3, 3, 4), (2, 1), ((1, 1), (1, 1)), (1, 1), 1),
