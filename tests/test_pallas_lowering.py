@@ -123,32 +123,6 @@ def test_one_export_carries_every_platforms_kernels():
   assert 'platform_index' in text or 'case' in text
 
 
-def test_named_pallas_dispatches_by_platform():
-  # implementation='pallas' (an accelerator host) picks the flavour when
-  # lowering too; naming it needs an accelerator default backend, so this
-  # checks the adapter directly.
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax import export  # pylint: disable=g-import-not-at-top
-  from adderjax.ops import geometry  # pylint: disable=g-import-not-at-top
-  from adderjax.ops import pallas_backend  # pylint: disable=g-import-not-at-top
-
-  b = pallas_backend.PallasBackend('pallas', pallas_backend.KernelSet('auto'))
-  geo = geometry.make_geometry((2, 6, 6, 3), (3, 3, 3, 4), 1, 'SAME', 1, 1)
-  args = (jax.ShapeDtypeStruct((2, 6, 6, 3), jnp.float32),
-          jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32),
-          jax.ShapeDtypeStruct((2, 6, 6, 4), jnp.float32))
-  f = lambda x, w, g: (b.forward(x, w, geo),
-                       b.input_grad(x, w, g, geo, 'full_precision'))
-  checks = [export.DisabledSafetyCheck.custom_call(t)
-            for t in (TRITON, MOSAIC)]
-  for platform, target, other in (('cuda', TRITON, MOSAIC),
-                                  ('tpu', MOSAIC, TRITON)):
-    text = export.export(jax.jit(f), platforms=[platform],
-                         disabled_checks=checks)(*args).mlir_module()
-    assert text.count(target) == 2 and other not in text
-
-
 # --- TPU: deviceless compile through libtpu, in its own process ------------
 
 

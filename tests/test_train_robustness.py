@@ -29,27 +29,10 @@ from experiments import main as main_lib
 from experiments import testing
 from experiments import train
 from experiments import workdir_lock
-from experiments.configs import lenet5_mnist
+from test_train import tiny_mnist_config as tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS='cpu')
-
-
-def tiny_config(data_dir, kind='cnn', **updates):
-  c = lenet5_mnist.get_config(f'runlocal,{kind}')
-  c.dataset.data_dir = data_dir
-  c.batch_size = 16
-  c.eval_batch_size = 20
-  c.steps_per_epoch = 3
-  c.num_epochs = 2
-  c.log_every_steps = 2
-  c.progress_bar = False
-  c.dataset.prefetch = 1
-  c.dataset.max_eval_examples = -1
-  for key, value in updates.items():
-    section, _, leaf = key.rpartition('.')
-    (c[section] if section else c)[leaf] = value
-  return c
 
 
 def _read(path):

@@ -60,7 +60,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
@@ -92,64 +91,37 @@ class KernelSet:
   """Which kernels an op runs (hashable: it keys the op caches).
 
   Attributes:
-    flavour: ``'gpu'`` (Triton), ``'tpu'`` (Mosaic) or ``'auto'`` (chosen at
-      lowering time by the target platform).
+    flavour: ``'gpu'`` (Triton) or ``'tpu'`` (Mosaic). The choice between
+      them by target platform is made when lowering, one level up
+      (:mod:`adderjax.ops.platform_dispatch`).
     interpret: run in the Pallas interpreter (any platform).
   """
   flavour: str
   interpret: bool = False
 
   def __post_init__(self):
-    if self.flavour not in ('gpu', 'tpu', 'auto'):
-      raise ValueError(f"flavour must be 'gpu', 'tpu' or 'auto', got "
+    if self.flavour not in ('gpu', 'tpu'):
+      raise ValueError(f"flavour must be 'gpu' or 'tpu', got "
                        f'{self.flavour!r}.')
-    if self.flavour == 'auto' and self.interpret:
-      raise ValueError("interpret mode needs an explicit flavour ('gpu' or "
-                       "'tpu').")
 
   def forward(self, p, w):
-    gpu = functools.partial(adder_gpu.l1_forward, interpret=self.interpret)
-    tpu = functools.partial(adder_tpu.l1_forward, interpret=self.interpret)
-    if self.flavour == 'gpu':
-      return gpu(p, w)
-    if self.flavour == 'tpu':
-      return tpu(p, w)
-    return lax.platform_dependent(p, w, cuda=gpu, rocm=gpu, tpu=tpu)
+    mod = adder_gpu if self.flavour == 'gpu' else adder_tpu
+    return mod.l1_forward(p, w, interpret=self.interpret)
 
   def input_grad(self, p, w, gy, mode):
-    gpu = functools.partial(adder_gpu.l1_input_grad, mode=mode,
-                            interpret=self.interpret)
-    tpu = functools.partial(adder_tpu.l1_input_grad, mode=mode,
-                            interpret=self.interpret)
-    if self.flavour == 'gpu':
-      return gpu(p, w, gy)
-    if self.flavour == 'tpu':
-      return tpu(p, w, gy)
-    return lax.platform_dependent(p, w, gy, cuda=gpu, rocm=gpu, tpu=tpu)
+    mod = adder_gpu if self.flavour == 'gpu' else adder_tpu
+    return mod.l1_input_grad(p, w, gy, mode=mode, interpret=self.interpret)
 
   def conv_forward(self, x, w, spec: ConvSpec):
     """Patch-free forward on ``(N, *spatial, C)`` (1-D or 2-D)."""
-    gpu = functools.partial(conv_gpu.l1_conv_forward, spec=spec,
-                            interpret=self.interpret)
-    tpu = functools.partial(conv_tpu.l1_conv_forward, spec=spec,
-                            interpret=self.interpret)
-    if self.flavour == 'gpu':
-      return gpu(x, w)
-    if self.flavour == 'tpu':
-      return tpu(x, w)
-    return lax.platform_dependent(x, w, cuda=gpu, rocm=gpu, tpu=tpu)
+    mod = conv_gpu if self.flavour == 'gpu' else conv_tpu
+    return mod.l1_conv_forward(x, w, spec, interpret=self.interpret)
 
   def conv_input_grad(self, x, w, gy, spec: ConvSpec, mode: str):
     """Patch-free input gradient (HardTanh or sign) on the conv's arrays."""
-    gpu = functools.partial(conv_gpu.l1_conv_input_grad, spec=spec, mode=mode,
-                            interpret=self.interpret)
-    tpu = functools.partial(conv_tpu.l1_conv_input_grad, spec=spec, mode=mode,
-                            interpret=self.interpret)
-    if self.flavour == 'gpu':
-      return gpu(x, w, gy)
-    if self.flavour == 'tpu':
-      return tpu(x, w, gy)
-    return lax.platform_dependent(x, w, gy, cuda=gpu, rocm=gpu, tpu=tpu)
+    mod = conv_gpu if self.flavour == 'gpu' else conv_tpu
+    return mod.l1_conv_input_grad(x, w, gy, spec, mode=mode,
+                                  interpret=self.interpret)
 
 
 # --- sharding ---------------------------------------------------------------
@@ -385,11 +357,7 @@ class PallasBackend(protocol.Backend):
     self.explicit_only = kernels.interpret
 
   def supported_on(self, platform: str) -> bool:
-    if self.kernels.interpret:
-      return True
-    if self.kernels.flavour == 'auto':
-      return platform in ACCELERATOR_PLATFORMS
-    return platform == self.kernels.flavour
+    return self.kernels.interpret or platform == self.kernels.flavour
 
   def unsupported_reason(self, platform: str) -> str:
     return UNSUPPORTED_REASON.format(platform=platform)
