@@ -4,15 +4,19 @@ No patch matrix: each grid step reads image rows (with their halo) straight
 from the activation into VMEM and walks the kernel taps in-kernel (implicit
 im2col).
 
-Layout. Outside the kernel the activation is zero-padded once and transposed
-from NHWC to ``(H, W, G, C, L)`` (one copy of one activation), so a VMEM block
-of one image row is ``(W, C, L)``: **the lanes are images**, the channels are
-sublanes and the spatial position is an untiled leading dim. A tap ``(i, j)``
-of output ``(oh, ow)`` reads row ``oh*sh + i*dh`` and column ``ow*sw + j*dw``:
-a block index and a dynamic leading-dim index, with no lane or sublane shifts,
-so strides and dilations cost nothing (no phase split is needed). The halo
-along ``H`` is had by passing the activation once per kernel row ``i``, each
-with its own row index map; a block holds whole rows along ``W``.
+Layout. The activation is viewed as ``(H, W, G, C, L)``: **the lanes are
+images**, the channels are sublanes and the spatial position is an untiled
+leading dim. For an aligned batch (``N`` a multiple of 128, ``C`` of 16, one
+group) this is NHWC in XLA's batch-minor TPU layout, so the transpose is a
+bitcast and the kernel reads the activation in place. A grid step computes
+``block_r`` output rows: it copies the input rows they read (``(block_r - 1)
+* sh + (KH - 1) * dh + 1`` rows, the window clamped into the image) from HBM
+into VMEM with one DMA, so the activation is read about ``1 + (KH - sh) /
+block_r`` times. Zero padding is never materialised: a tap ``(i, j)`` of
+output ``(oh, ow)`` reads row ``oh*sh + i*dh - ph`` and column ``ow*sw +
+j*dw - pw`` of the window (a dynamic leading-dim index, no lane or sublane
+shift, so strides and dilations cost nothing), and a tap that falls on the
+padding adds ``sum_c |w[tap, c, t]|`` (what ``|0 - w|`` would add) instead.
 
 Small batches (space-to-batch). With ``N < 128`` images a lane block would be
 mostly empty (and Mosaic pads the lane dim of the HBM copy to 128: 4x the
@@ -20,25 +24,27 @@ activation at N = 32). So ``P = 128 // N`` horizontal strips of the image are
 folded into the lanes: lane ``s*N + n`` holds output rows
 ``[s*R, (s+1)*R)`` of image ``n``, and its input strip carries
 ``(KH-1)*dh - sh + 1`` halo rows (56x56 3x3 at N=32: 4 strips of 14 rows, 16
-input rows each, 1.1x the activation). The input gradient strips the input
-rows instead; the cotangent strip rows that are not real outputs of a lane's
-strip are dropped by a per-lane mask (a select, so NaN stays local).
+input rows each, 1.1x the activation). This is a zero-padded copy, so the
+kernel sees no padding. The input gradient strips the input rows instead;
+the cotangent strip rows that are not real outputs of a lane's strip are
+dropped by a per-lane mask (a select, so NaN stays local).
 
-Forward: grid ``(G, L-blocks, T-blocks, OH, C-blocks)``; the output row block
-``(OW, bt, bl)`` stays resident over the ``C`` steps. For each output column
-the ``(bt, bl)`` accumulator (``bt/8 * bl/128`` vregs: 4 at 32 x 128) takes
-``|w[tap, t, c] - x[col, c, l]|`` for every tap and channel: a sublane
-broadcast of an activation row and a lane broadcast of a kernel column, as in
-:mod:`pallas_kernels.adder_tpu`. 3 VPU ops per l1 term (vsub, vand for the
-absolute value, vadd). Roofline with docs/roofline.md's v5e figures (3.1e12
-vector ops/s, 0.82 TB/s): a ResNet-20 3x3 16->16 layer at batch 128 is 302 M
-terms, ~0.29 ms of VPU work, while its HBM traffic (the activation read ``KH``
-times, the output written once, ~40 MB) is ~0.05 ms: compute bound, as is
-every adder layer with ``T >= 16``.
+Forward: grid ``(G, L-blocks, T-blocks, row-blocks, C-blocks)``; the output
+rows ``(block_r, OW, bt, bl)`` stay resident over the ``C`` steps. For each
+output column the ``(bt, bl)`` accumulator (``bt/8 * bl/128`` vregs: 4 at 32
+x 128) takes ``|w[tap, t, c] - x[col, c, l]|`` for every tap and channel: a
+sublane broadcast of an activation row and a lane broadcast of a kernel
+column, as in :mod:`pallas_kernels.adder_tpu`. 3 VPU ops per l1 term (vsub,
+vand for the absolute value, vadd). Roofline with docs/roofline.md's v5e
+figures (3.1e12 vector ops/s, 0.82 TB/s): a ResNet-20 3x3 16->16 layer at
+batch 128 is 302 M terms, ~0.29 ms of VPU work, while its HBM traffic (the
+activation read ~1.25 times, the output written once, ~18 MB) is ~0.02 ms:
+compute bound, as is every adder layer with ``T >= 16``.
 
-Input gradient (gather form): grid ``(G, L-blocks, C-blocks, H, T-blocks)``;
-input row ``h`` pulls, for tap row ``i``, cotangent row
-``oh = (h + ph - i*dh) / sh`` (a block index map, clamped; the tap is skipped
+Input gradient (gather form): grid ``(G, L-blocks, C-blocks, row-blocks,
+T-blocks)``; a step copies the cotangent rows its ``block_r`` input rows are
+read by into VMEM (one DMA per ``T`` step). Input row ``h`` pulls, for tap
+row ``i``, cotangent row ``oh = (h + ph - i*dh) / sh`` (the tap is skipped
 under ``pl.when`` unless it is an integer inside ``[0, OH)``, so stride-2
 layers do a quarter of the taps per row). For each input column and tap,
 ``sum_t g[oh, ow, t, l] h(w[tap, c, t] - x[h, w, c, l])`` is added to the
@@ -46,17 +52,16 @@ resident output row: an input read by no output keeps exactly 0 and a NaN
 reaches exactly the positions that read it. 4-5 VPU ops per term (sub,
 clip or compare/select, multiply, add).
 
-VMEM: one step holds ``KH`` activation rows ``(W, bc, bl)``, the output row
-and (input gradient) ``KH`` cotangent rows, double-buffered; the configs
-(:mod:`pallas_kernels.conv_tpu_config`) size the channel blocks from that
-estimate to fit the generation and set ``vmem_limit_bytes``. HBM temporaries:
-the padded, transposed activation, the transposed cotangent and the
-transposed output (one activation each) -- against ``KH*KW`` activations (and
-a float32 ``dP``) for a patch matrix. Measured by deviceless compiles for v5e
-(``tests/test_pallas_conv_lowering.py --sweep``): forward + input-gradient
-temp memory 0 MiB for every ResNet-20 layer at batch 128, 42 MiB for a
-ResNet-50 56x56x64 3x3 layer at batch 32 (294 MiB without the strips); the
-same sweep prints the patch-matrix kernels' figures next to them.
+VMEM: one step holds the copied window (single-buffered), the output rows
+and the kernel block (double-buffered); the configs
+(:mod:`pallas_kernels.conv_tpu_config`) pick the most rows per step, then the
+widest channel blocks, that fit the generation, and set
+``vmem_limit_bytes``. HBM temporaries: none for an aligned full-lane batch
+(the kernels read the activation and cotangent in place and write their
+results in the layout XLA keeps); the row strips of a small batch are one
+copy of the activation (and of the cotangent). The sweep of
+``tests/test_pallas_conv_lowering.py`` prints per-layer temp memory and bytes
+of the v5e compile next to the patch kernels' and ``lax.conv``'s.
 
 Limits: depthwise layers pad their one channel per group to 16 sublanes
 (16x the work); the lanes are images x strips, so ``N * OH < 128`` leaves

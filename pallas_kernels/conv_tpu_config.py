@@ -243,7 +243,7 @@ class InputGradConfig:
     >>> from pallas_kernels.conv_tpu_config import InputGradConfig
     >>> InputGradConfig.get_default(n=128, h=32, w=32, c=16, t=16, kh=3,
     ...                             kw=3, oh=32, ow=32)
-    InputGradConfig(block_n=128, block_c=16, block_t=128, sub_c=64, block_r=8, vmem_limit_bytes=16777216)
+    InputGradConfig(block_n=128, block_c=16, block_t=128, sub_c=64, block_r=8, vmem_limit_bytes=23068672)
   """
   block_n: int = 128
   block_c: int = 256
