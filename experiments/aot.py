@@ -134,9 +134,18 @@ def train_step_spec(config: ml_collections.ConfigDict, devices=None
 
 
 def tpu_topology(name: str = 'v5e:2x4'):
-  """The devices of a TPU topology (``'v5e:2x4'``, ``'v4:2x2x1'``, ...)."""
+  """The devices of a TPU topology (``'v5e:2x4'``, ``'v4:2x2x1'``, ...).
+
+  Generations whose chips have two TensorCores (v4, v5p) are described in
+  megacore mode, one device per chip, as a real host runs them (and as
+  ``jax.make_mesh`` requires): ``v4:2x2x1`` is 4 devices, not 8 cores.
+  """
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  return topologies.get_topology_desc(name, 'tpu').devices
+  desc = topologies.get_topology_desc(name, 'tpu')
+  if any(getattr(d, 'core_on_chip', 0) for d in desc.devices):
+    desc = topologies.get_topology_desc(name, 'tpu',
+                                        chip_config_name='megacore')
+  return desc.devices
 
 
 def compile_for_tpu(config: ml_collections.ConfigDict,

@@ -18,12 +18,15 @@ positions untiled leading dims. Every constraint follows from Mosaic's
 
 ``vmem_limit_bytes`` is the scoped-VMEM limit handed to Mosaic; the defaults
 size the blocks from an estimate of the double-buffered working set so it fits
-the generation's VMEM (v4: 16 MiB per core usable of 32; v5e, v6e: 128 MiB).
+the generation's VMEM (v4: 16 MiB per TensorCore; v5e, v6e: 128 MiB), choosing
+among the configs that fit the one that reads the activation (forward) or the
+cotangent (input gradient) from HBM the fewest times.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from pallas_kernels import _util
 
@@ -50,7 +53,9 @@ class Generation:
 
 
 GENERATIONS = {
-    'v4': Generation('v4', 32 * _MIB, 12 * _MIB, 32),
+    # v4: 32 MiB of VMEM per chip, 16 MiB per TensorCore; a megacore
+    # program is compiled against the 16 MiB ("Used 18.44M of 16.00M vmem").
+    'v4': Generation('v4', 16 * _MIB, 10 * _MIB, 32),
     'v5e': Generation('v5e', 128 * _MIB, 48 * _MIB, 32),
     'v6e': Generation('v6e', 128 * _MIB, 48 * _MIB, 64),
 }
@@ -68,6 +73,35 @@ def get_generation(name: str | None) -> Generation:
     raise ValueError(f'unknown TPU generation {name!r}; known: '
                      f'{sorted(GENERATIONS)}.')
   return GENERATIONS[name]
+
+
+def generation_of(device_kinds) -> str | None:
+  """The generation whose defaults suit TPU ``device_kinds``.
+
+  ``'TPU v4'`` -> ``'v4'``, ``'TPU v5 lite'`` -> ``'v5e'``, ``'TPU v6 lite'``
+  -> ``'v6e'``; a TPU kind without defaults here (e.g. ``'TPU v5'``, v5p)
+  gets ``'v4'``'s, the smallest VMEM budget; several kinds the smallest of
+  theirs; no TPU kind ``None`` (the default generation).
+
+  Examples:
+    >>> from pallas_kernels.conv_tpu_config import generation_of
+    >>> generation_of(['TPU v4']), generation_of(['TPU v5 lite']), generation_of([])
+    ('v4', 'v5e', None)
+  """
+  found = set()
+  for kind in device_kinds:
+    k = kind.lower()
+    if not k.startswith('tpu'):
+      continue
+    if 'v5 lite' in k or 'v5e' in k:
+      found.add('v5e')
+    elif 'v6' in k:
+      found.add('v6e')
+    else:
+      found.add('v4')
+  if not found:
+    return None
+  return min(found, key=lambda g: GENERATIONS[g].vmem_budget_bytes)
 
 
 def _check_multiple(owner, name, value, multiple, allow_none=False):
@@ -113,6 +147,13 @@ def row_block(size: int, most: int) -> int:
   return 1
 
 
+def _read_bucket(reads: float) -> int:
+  """HBM reads of an operand, in steps of 15 %: configs within one step read
+  about as much, and the one with the smallest VMEM footprint is taken
+  (VMEM a kernel reserves is not available to XLA around it)."""
+  return round(math.log(reads) / math.log(1.15))
+
+
 def _lanes(n):
   return _util.round_up(n, LANES)
 
@@ -147,7 +188,7 @@ class ForwardConfig:
     >>> from pallas_kernels.conv_tpu_config import ForwardConfig
     >>> ForwardConfig.get_default(n=128, h=34, w=34, c=16, t=16, kh=3, kw=3,
     ...                           oh=32, ow=32)
-    ForwardConfig(block_n=128, block_t=16, block_c=512, sub_t=16, block_r=8, vmem_limit_bytes=16777216)
+    ForwardConfig(block_n=128, block_t=16, block_c=128, sub_t=16, block_r=8, vmem_limit_bytes=16777216)
     >>> ForwardConfig(block_c=100)
     Traceback (most recent call last):
     ...
@@ -188,8 +229,10 @@ class ForwardConfig:
   def get_default(cls, *, n, h, w, c, t, kh, kw, oh, ow, itemsize=4,
                   generation: str | None = None, sh=1,
                   dh=1) -> 'ForwardConfig':
-    """The most output rows, then the widest ``T`` step, then ``C`` step,
-    that fit the VMEM budget.
+    """Of the blocks that fit the VMEM budget, those that read the
+    activation from HBM the fewest times (within 15 %), and of these the
+    one with the smallest VMEM footprint; the smallest footprint if none
+    fits.
 
     Args:
       n: batch (lanes before the row strips).
@@ -203,20 +246,22 @@ class ForwardConfig:
     gen = get_generation(generation)
     t8 = _util.round_up(t, 8)
     sub_t = min(gen.block_t, t8)
-    cfg = est = None
-    for block_r in (8, 4, 2, 1):
-      block_r = row_block(oh, block_r)
-      for block_t in sorted({t8, 512, 256, 128, 64, 32, 8}, reverse=True):
+    candidates = []
+    for block_r in sorted({row_block(oh, r) for r in (8, 4, 2, 1)}):
+      for block_t in sorted({t8, 512, 256, 128, 64, 32, 8}):
         if block_t > t8:
           continue
-        for block_c in (512, 256, 128):
+        for block_c in (128, 256, 512):
           cfg = cls(block_t=block_t, block_c=block_c, sub_t=sub_t,
                     block_r=block_r)
           est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
                                   itemsize=itemsize, h=h, sh=sh, dh=dh)
-          if est <= gen.vmem_budget_bytes:
-            return dataclasses.replace(
-                cfg, vmem_limit_bytes=_budget_limit(gen, est))
+          rows = min((block_r - 1) * sh + (kh - 1) * dh + 1, h)
+          # Activation reads: one window per row block and T block.
+          reads = -(-t8 // block_t) * rows / block_r
+          candidates.append(((est > gen.vmem_budget_bytes,
+                              _read_bucket(reads), est), cfg, est))
+    _, cfg, est = min(candidates, key=lambda c: c[0])
     return dataclasses.replace(cfg, vmem_limit_bytes=_budget_limit(gen, est))
 
 
@@ -283,22 +328,26 @@ class InputGradConfig:
   def get_default(cls, *, n, h, w, c, t, kh, kw, oh, ow, itemsize=4,
                   generation: str | None = None, sh=1,
                   dh=1) -> 'InputGradConfig':
-    """The widest ``C`` step that fits the VMEM budget.
+    """Of the blocks that fit the VMEM budget, those that read the
+    cotangent from HBM the fewest times (within 15 %), and of these the one
+    with the smallest VMEM footprint; the smallest footprint if none fits.
 
     Args: as :meth:`ForwardConfig.get_default` (``h``, ``w`` unpadded).
     """
     gen = get_generation(generation)
     c16 = _util.round_up(c, SUBLANES)
-    cfg = est = None
-    for block_r in (8, 4, 2, 1):
-      block_r = row_block(h, block_r)
-      for block_c in sorted({c16, 512, 256, 128, 64, 32, 16}, reverse=True):
+    candidates = []
+    for block_r in sorted({row_block(h, r) for r in (8, 4, 2, 1)}):
+      for block_c in sorted({c16, 512, 256, 128, 64, 32, 16}):
         if block_c > c16:
           continue
         cfg = cls(block_c=block_c, block_t=128, block_r=block_r)
         est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
                                 itemsize=itemsize, oh=oh, sh=sh, dh=dh)
-        if est <= gen.vmem_budget_bytes:
-          return dataclasses.replace(
-              cfg, vmem_limit_bytes=_budget_limit(gen, est))
+        rows = min((block_r - 1 + (kh - 1) * dh) // sh + 1, oh)
+        # Cotangent reads: one window per row block and C block.
+        reads = -(-c16 // block_c) * rows / block_r
+        candidates.append(((est > gen.vmem_budget_bytes,
+                            _read_bucket(reads), est), cfg, est))
+    _, cfg, est = min(candidates, key=lambda c: c[0])
     return dataclasses.replace(cfg, vmem_limit_bytes=_budget_limit(gen, est))

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from adderjax.ops.platform_dispatch import platform_dispatch
+from adderjax.ops.platform_dispatch import target_device_kinds
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,11 +95,29 @@ def test_other_platforms_branches_are_not_traced_for_cpu():
   assert traced
 
 
+def test_a_branch_sees_the_device_kinds_it_is_lowered_for():
+  # What the TPU kernels size their blocks by (an AOT compile for a v4
+  # topology gets 'TPU v4'; tests/test_accelerator_compile.py, slow).
+  seen = []
+
+  def cpu_branch(a):
+    seen.append(target_device_kinds())
+    return a + 1.0
+
+  assert target_device_kinds() == ()
+  f = jax.jit(lambda a: platform_dispatch(a, cpu=cpu_branch,
+                                          default=lambda b: b + 2.0))
+  np.testing.assert_array_equal(f(jnp.zeros(3)), 1.0)
+  assert seen[-1] == tuple(sorted({d.device_kind for d in jax.devices()}))
+  assert target_device_kinds() == ()
+
+
 _PARTITIONED_CHECK = r'''
 import warnings
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from adderjax.ops.platform_dispatch import platform_dispatch
+from adderjax.ops.platform_dispatch import target_device_kinds
 assert jax.device_count() == 4
 f = lambda x: platform_dispatch(x, cpu=lambda a: a + 1.0,
                                 partitioned={'cpu': lambda a: a + 2.0},

@@ -65,6 +65,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from adderjax.ops import geometry
+from adderjax.ops import platform_dispatch
 from adderjax.ops import protocol
 from adderjax.ops import reference
 from adderjax.ops import xla_backend
@@ -72,6 +73,7 @@ from pallas_kernels import adder_gpu
 from pallas_kernels import adder_tpu
 from pallas_kernels import conv_gpu
 from pallas_kernels import conv_tpu
+from pallas_kernels import conv_tpu_config
 from pallas_kernels.conv_spec import ConvSpec
 
 #: ``jax.default_backend()`` names on which the compiled kernels run.
@@ -112,16 +114,25 @@ class KernelSet:
     mod = adder_gpu if self.flavour == 'gpu' else adder_tpu
     return mod.l1_input_grad(p, w, gy, mode=mode, interpret=self.interpret)
 
+  def _conv_kwargs(self) -> dict:
+    kwargs = {'interpret': self.interpret}
+    if self.flavour == 'tpu':
+      # Size the blocks for the TPU being compiled for (an AOT compile for a
+      # v4 topology gets v4's 16 MiB of VMEM, not v5e's 128).
+      kwargs['generation'] = conv_tpu_config.generation_of(
+          platform_dispatch.target_device_kinds())
+    return kwargs
+
   def conv_forward(self, x, w, spec: ConvSpec):
     """Patch-free forward on ``(N, *spatial, C)`` (1-D or 2-D)."""
     mod = conv_gpu if self.flavour == 'gpu' else conv_tpu
-    return mod.l1_conv_forward(x, w, spec, interpret=self.interpret)
+    return mod.l1_conv_forward(x, w, spec, **self._conv_kwargs())
 
   def conv_input_grad(self, x, w, gy, spec: ConvSpec, mode: str):
     """Patch-free input gradient (HardTanh or sign) on the conv's arrays."""
     mod = conv_gpu if self.flavour == 'gpu' else conv_tpu
     return mod.l1_conv_input_grad(x, w, gy, spec, mode=mode,
-                                  interpret=self.interpret)
+                                  **self._conv_kwargs())
 
 
 # --- sharding ---------------------------------------------------------------

@@ -39,6 +39,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextvars
 import warnings
 from typing import Any, Callable
 
@@ -177,21 +178,56 @@ def auto_partitioned(ctx) -> bool:
   return False
 
 
+_TARGET_KINDS = contextvars.ContextVar('adder_target_device_kinds',
+                                       default=())
+
+
+def target_device_kinds() -> tuple[str, ...]:
+  """Device kinds of the backend a branch is being lowered for.
+
+  Set while :func:`platform_dispatch` lowers a branch (e.g. ``('TPU v4',)``
+  for an AOT compile for a v4 topology from a CPU host), so that a branch can
+  size its kernels for the target; ``()`` elsewhere or when the lowering has
+  no backend with devices.
+  """
+  return _TARGET_KINDS.get()
+
+
+def _backend_kinds(ctx) -> tuple[str, ...]:
+  backend = getattr(ctx.module_context, 'backend', None)
+  if backend is None:
+    return ()
+  try:
+    return tuple(sorted({d.device_kind for d in backend.devices()}))
+  except Exception:  # pylint: disable=broad-except
+    return ()  # A client without devices: nothing is known.
+
+
 def _lowering_rule(platform: str):
   def rule(ctx, *args, fns, default_jaxpr, platforms, fallbacks, mesh):
-    index = _branch_index(platform, platforms)
-    fallback = dict(fallbacks).get(platform)
-    if fallback is not None and auto_partitioned(ctx):
-      index = fallback
-      warnings.warn(FALLBACK_WARNING.format(platform=platform), stacklevel=2)
-    if index == len(platforms):
-      fn = jex_core.jaxpr_as_fun(default_jaxpr)
-    else:
-      fn = fns[index]
-      _check_outputs(fn, ctx.avals_in, default_jaxpr, mesh)
-    with jax.sharding.use_abstract_mesh(mesh):
-      return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+    token = _TARGET_KINDS.set(_backend_kinds(ctx))
+    try:
+      return _lower_branch(platform, ctx, args, fns, default_jaxpr,
+                           platforms, fallbacks, mesh)
+    finally:
+      _TARGET_KINDS.reset(token)
   return rule
+
+
+def _lower_branch(platform, ctx, args, fns, default_jaxpr, platforms,
+                  fallbacks, mesh):
+  index = _branch_index(platform, platforms)
+  fallback = dict(fallbacks).get(platform)
+  if fallback is not None and auto_partitioned(ctx):
+    index = fallback
+    warnings.warn(FALLBACK_WARNING.format(platform=platform), stacklevel=3)
+  if index == len(platforms):
+    fn = jex_core.jaxpr_as_fun(default_jaxpr)
+  else:
+    fn = fns[index]
+    _check_outputs(fn, ctx.avals_in, default_jaxpr, mesh)
+  with jax.sharding.use_abstract_mesh(mesh):
+    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
 
 
 def _check_outputs(fn, avals_in, default_jaxpr, mesh):
