@@ -133,12 +133,16 @@ class NetworkGradientTest(parameterized.TestCase):
         eager = _net_grads(*args, impl='xla', dtype=jnp.float64, jit=False)
         _compare_trees(self, eager, want, 1e-9, 'xla vs oracle (eager)')
 
-  @parameterized.parameters('pallas_gpu_interpret', 'pallas_tpu_interpret')
-  def test_lenetpp_pallas_interpret_matches_xla_float32(self, backend):
-    args = (_lenetpp, 8, 28, 1)
+  # Batch 8 takes the TPU kernels' row-strip path; batch 128 (one full lane
+  # block) the in-place path with its copied row windows.
+  @parameterized.parameters(('pallas_gpu_interpret', 8),
+                            ('pallas_tpu_interpret', 8),
+                            ('pallas_tpu_interpret', 128))
+  def test_lenetpp_pallas_interpret_matches_xla_float32(self, backend, batch):
+    args = (_lenetpp, batch, 28, 1)
     want = _net_grads(*args, impl='xla', dtype=jnp.float32, jit=True)
     got = _net_grads(*args, impl=backend, dtype=jnp.float32, jit=True)
-    _compare_trees(self, got, want, 1e-4, f'{backend} vs xla')
+    _compare_trees(self, got, want, 1e-4, f'{backend} vs xla b{batch}')
 
 
 # (model, channels, [(batch, size), ...]) for the float64 oracle comparison.
