@@ -339,6 +339,15 @@ class TestTpuConvInterpret(_ConvTestBase):
         dx_config=conv_tpu_config.InputGradConfig(block_c=16, sub_c=16,
                                                   block_r=2))
 
+  def test_full_lane_batch_bf16(self):
+    # bf16 windows: rows are read as packed 16-sublane tiles.
+    self._check(
+        'wide_pad_s1', dtype=jnp.bfloat16, seed=10,
+        fwd_config=conv_tpu_config.ForwardConfig(block_t=8, sub_t=8,
+                                                 block_r=4),
+        dx_config=conv_tpu_config.InputGradConfig(block_c=16, sub_c=16,
+                                                  block_r=3))
+
   def test_full_lane_batch_nan_locality(self):
     # Unstripped path: a NaN at the image border reaches exactly the outputs
     # that read it, and a tap over the padding never reads a clamped row.
