@@ -259,8 +259,9 @@ class ForwardConfig:
           rows = min((block_r - 1) * sh + (kh - 1) * dh + 1, h)
           # Activation reads: one window per row block and T block.
           reads = -(-t8 // block_t) * rows / block_r
-          candidates.append(((est > gen.vmem_budget_bytes,
-                              _read_bucket(reads), est), cfg, est))
+          fits = est <= gen.vmem_budget_bytes
+          candidates.append(((not fits, _read_bucket(reads) if fits else 0,
+                              est), cfg, est))
     _, cfg, est = min(candidates, key=lambda c: c[0])
     return dataclasses.replace(cfg, vmem_limit_bytes=_budget_limit(gen, est))
 
@@ -347,7 +348,40 @@ class InputGradConfig:
         rows = min((block_r - 1 + (kh - 1) * dh) // sh + 1, oh)
         # Cotangent reads: one window per row block and C block.
         reads = -(-c16 // block_c) * rows / block_r
-        candidates.append(((est > gen.vmem_budget_bytes,
-                            _read_bucket(reads), est), cfg, est))
+        fits = est <= gen.vmem_budget_bytes
+        candidates.append(((not fits, _read_bucket(reads) if fits else 0,
+                            est), cfg, est))
     _, cfg, est = min(candidates, key=lambda c: c[0])
     return dataclasses.replace(cfg, vmem_limit_bytes=_budget_limit(gen, est))
+
+
+def fits_vmem(*, n, h, w, c, t, kh, kw, oh, ow, itemsize=4, sh=1, dh=1,
+              generation: str | None = None) -> bool:
+  """Whether the default forward and input-gradient blocks of a layer fit
+  the generation's VMEM budget (``h``, ``w`` unpadded).
+
+  A layer whose smallest step does not fit (e.g. a 56-wide, 128-channel
+  layer on v4, whose 3-row window alone is 11 MiB of its 16) cannot run the
+  patch-free kernels there.
+
+  Examples:
+    >>> from pallas_kernels.conv_tpu_config import fits_vmem
+    >>> layer = dict(n=8, h=56, w=56, c=128, t=128, kh=3, kw=3, oh=28, ow=28,
+    ...              sh=2)
+    >>> fits_vmem(**layer, generation='v5e'), fits_vmem(**layer, generation='v4')
+    (True, False)
+  """
+  gen = get_generation(generation)
+  ph = (kh - 1) * dh  # at most this much padding is read
+  fwd = ForwardConfig.get_default(
+      n=n, h=h + ph, w=w + (kw - 1), c=c, t=t, kh=kh, kw=kw, oh=oh, ow=ow,
+      itemsize=itemsize, generation=generation, sh=sh, dh=dh)
+  dx = InputGradConfig.get_default(
+      n=n, h=h, w=w, c=c, t=t, kh=kh, kw=kw, oh=oh, ow=ow, itemsize=itemsize,
+      generation=generation, sh=sh, dh=dh)
+  return (fwd.vmem_estimate(n=n, w=w + (kw - 1), c=c, t=t, kh=kh, kw=kw,
+                            ow=ow, itemsize=itemsize, h=h + ph, sh=sh,
+                            dh=dh) <= gen.vmem_budget_bytes and
+          dx.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
+                           itemsize=itemsize, oh=oh, sh=sh,
+                           dh=dh) <= gen.vmem_budget_bytes)

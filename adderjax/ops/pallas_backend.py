@@ -342,18 +342,35 @@ def conv_spec(geo: geometry.ConvGeometry) -> ConvSpec:
                   dilation=geo.dilation, groups=geo.groups)
 
 
-def _patch_free(geo: geometry.ConvGeometry) -> bool:
-  """Whether a layer runs the patch-free kernels: every 1-D and 2-D layer.
+def _patch_free(geo: geometry.ConvGeometry, kernels: KernelSet,
+                itemsize: int) -> bool:
+  """Whether a layer runs the patch-free kernels.
 
-  One-tap (1x1) layers included: in isolation the patch kernels' temporary
-  memory is smaller for them (v5e: ResNet-50's 1x1 stride-2 shortcut 25 vs
-  245 MiB), but the whole ResNet-50 train step (v5e 2x4, batch 32 per chip)
-  holds 2762 MB with the 1x1 layers on the patch-free kernels against
-  5138 MB on the patch kernels, whose transposed patch copies are kept for
-  the backward pass (bytes accessed 126.6 vs 132.6 GB). 3-D layers have no
-  patch-free kernel.
+  Every 1-D and 2-D layer does, one-tap (1x1) layers included: in isolation
+  the patch kernels' temporary memory is smaller for them (v5e: ResNet-50's
+  1x1 stride-2 shortcut 25 vs 245 MiB), but the whole ResNet-50 train step
+  (v5e 2x4, batch 32 per chip) holds 2762 MB with the 1x1 layers on the
+  patch-free kernels against 5138 MB on the patch kernels, whose transposed
+  patch copies are kept for the backward pass. 3-D layers have no
+  patch-free kernel, and on TPU a layer whose smallest patch-free step does
+  not fit the target generation's VMEM (wide, many-channel layers on v4's
+  16 MiB) runs the patch kernels, which tile the patch matrix instead.
   """
-  return len(geo.kernel_size) in (1, 2)
+  if len(geo.kernel_size) not in (1, 2):
+    return False
+  if kernels.flavour != 'tpu':
+    return True
+  sizes = lambda v: (1,) * (2 - len(v)) + tuple(v)
+  (h, w), (kh, kw) = sizes(geo.in_shape[1:-1]), sizes(geo.kernel_size)
+  (oh, ow), (sh, _) = sizes(geo.out_spatial), sizes(geo.strides)
+  dh = sizes(geo.dilation)[0]
+  g = geo.groups
+  return conv_tpu_config.fits_vmem(
+      n=geo.batch, h=h, w=w, c=geo.in_features // g,
+      t=geo.out_features // g, kh=kh, kw=kw, oh=oh, ow=ow,
+      itemsize=itemsize, sh=sh, dh=dh,
+      generation=conv_tpu_config.generation_of(
+          platform_dispatch.target_device_kinds()))
 
 
 class PallasBackend(protocol.Backend):
@@ -384,7 +401,7 @@ class PallasBackend(protocol.Backend):
   def forward(self, x, kernel, geo, *, precision=None):
     if self._xla_instead(x, kernel):
       return _XLA.forward(x, kernel, geo)
-    if _patch_free(geo):
+    if _patch_free(geo, self.kernels, x.dtype.itemsize):
       spec = conv_spec(geo)
       run = _per_batch_shard(
           lambda a, k: self.kernels.conv_forward(a, k, spec), 1)
@@ -398,7 +415,7 @@ class PallasBackend(protocol.Backend):
     if mode == 'unclipped' or self._xla_instead(x, kernel, gy):
       # 'unclipped' is a matmul identity: leave it to the matrix units.
       return _XLA.input_grad(x, kernel, gy, geo, mode, precision=precision)
-    if _patch_free(geo):
+    if _patch_free(geo, self.kernels, x.dtype.itemsize):
       spec = conv_spec(geo)
       run = _per_batch_shard(
           lambda a, g, k: self.kernels.conv_input_grad(a, k, g, spec, mode), 2)
