@@ -109,8 +109,9 @@ def _check_multiple(owner, name, value, multiple, allow_none=False):
     return
   if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (
       value % multiple):
-    raise ValueError(f'{owner}.{name} must be a positive multiple of '
-                     f'{multiple} (Mosaic tiling), got {value!r}.')
+    what = (f'a positive multiple of {multiple} (Mosaic tiling)'
+            if multiple > 1 else 'a positive int')
+    raise ValueError(f'{owner}.{name} must be {what}, got {value!r}.')
 
 
 def _check_vmem(owner, value):
@@ -356,9 +357,11 @@ class InputGradConfig:
 
 
 def fits_vmem(*, n, h, w, c, t, kh, kw, oh, ow, itemsize=4, sh=1, dh=1,
+              padding=((0, 0), (0, 0)),
               generation: str | None = None) -> bool:
   """Whether the default forward and input-gradient blocks of a layer fit
-  the generation's VMEM budget (``h``, ``w`` unpadded).
+  the generation's VMEM budget (``h``, ``w`` unpadded; ``padding`` the
+  forward's ``((lo, hi), (lo, hi))``).
 
   A layer whose smallest step does not fit (e.g. a 56-wide, 128-channel
   layer on v4, whose 3-row window alone is 11 MiB of its 16) cannot run the
@@ -367,21 +370,17 @@ def fits_vmem(*, n, h, w, c, t, kh, kw, oh, ow, itemsize=4, sh=1, dh=1,
   Examples:
     >>> from pallas_kernels.conv_tpu_config import fits_vmem
     >>> layer = dict(n=8, h=56, w=56, c=128, t=128, kh=3, kw=3, oh=28, ow=28,
-    ...              sh=2)
+    ...              sh=2, padding=((1, 1), (1, 1)))
     >>> fits_vmem(**layer, generation='v5e'), fits_vmem(**layer, generation='v4')
     (True, False)
   """
-  gen = get_generation(generation)
-  ph = (kh - 1) * dh  # at most this much padding is read
-  fwd = ForwardConfig.get_default(
-      n=n, h=h + ph, w=w + (kw - 1), c=c, t=t, kh=kh, kw=kw, oh=oh, ow=ow,
-      itemsize=itemsize, generation=generation, sh=sh, dh=dh)
-  dx = InputGradConfig.get_default(
-      n=n, h=h, w=w, c=c, t=t, kh=kh, kw=kw, oh=oh, ow=ow, itemsize=itemsize,
-      generation=generation, sh=sh, dh=dh)
-  return (fwd.vmem_estimate(n=n, w=w + (kw - 1), c=c, t=t, kh=kh, kw=kw,
-                            ow=ow, itemsize=itemsize, h=h + ph, sh=sh,
-                            dh=dh) <= gen.vmem_budget_bytes and
-          dx.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
-                           itemsize=itemsize, oh=oh, sh=sh,
-                           dh=dh) <= gen.vmem_budget_bytes)
+  budget = get_generation(generation).vmem_budget_bytes
+  hp, wp = h + sum(padding[0]), w + sum(padding[1])
+  common = dict(n=n, c=c, t=t, kh=kh, kw=kw, ow=ow, itemsize=itemsize, sh=sh,
+                dh=dh)
+  fwd = ForwardConfig.get_default(h=hp, w=wp, oh=oh, generation=generation,
+                                  **common)
+  dx = InputGradConfig.get_default(h=h, w=w, oh=oh, generation=generation,
+                                   **common)
+  return (fwd.vmem_estimate(w=wp, h=hp, **common) <= budget and
+          dx.vmem_estimate(w=w, oh=oh, **common) <= budget)

@@ -117,10 +117,7 @@ class KernelSet:
   def _conv_kwargs(self) -> dict:
     kwargs = {'interpret': self.interpret}
     if self.flavour == 'tpu':
-      # Size the blocks for the TPU being compiled for (an AOT compile for a
-      # v4 topology gets v4's 16 MiB of VMEM, not v5e's 128).
-      kwargs['generation'] = conv_tpu_config.generation_of(
-          platform_dispatch.target_device_kinds())
+      kwargs['generation'] = _target_tpu_generation()
     return kwargs
 
   def conv_forward(self, x, w, spec: ConvSpec):
@@ -364,13 +361,20 @@ def _patch_free(geo: geometry.ConvGeometry, kernels: KernelSet,
   (h, w), (kh, kw) = sizes(geo.in_shape[1:-1]), sizes(geo.kernel_size)
   (oh, ow), (sh, _) = sizes(geo.out_spatial), sizes(geo.strides)
   dh = sizes(geo.dilation)[0]
+  padding = ((0, 0),) * (2 - len(geo.padding)) + tuple(geo.padding)
   g = geo.groups
   return conv_tpu_config.fits_vmem(
       n=geo.batch, h=h, w=w, c=geo.in_features // g,
       t=geo.out_features // g, kh=kh, kw=kw, oh=oh, ow=ow,
-      itemsize=itemsize, sh=sh, dh=dh,
-      generation=conv_tpu_config.generation_of(
-          platform_dispatch.target_device_kinds()))
+      itemsize=itemsize, sh=sh, dh=dh, padding=padding,
+      generation=_target_tpu_generation())
+
+
+def _target_tpu_generation() -> str | None:
+  """The TPU generation being compiled for, to size the kernels' blocks (an
+  AOT compile for a v4 topology gets v4's 16 MiB of VMEM, not v5e's 128);
+  ``None`` (the default generation) when unknown."""
+  return conv_tpu_config.generation_of(platform_dispatch.target_device_kinds())
 
 
 class PallasBackend(protocol.Backend):
