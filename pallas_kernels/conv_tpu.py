@@ -245,6 +245,168 @@ def _forward_kernel(x_hbm, wt_ref, o_ref, window, sem, *, kh, kw, sh, sw, dh,
     o_ref[...] = 0.0 - o_ref[...]
 
 
+def _hwnc_forward_kernel(x_hbm, wt_ref, o_ref, raw, win, acc, sem, *,
+                        strips, oh_k, kh, kw, sh, sw, dh, dw, ph, pw, h, w,
+                        rows_out, ow_count, sub_t):
+  """One ``(t-block, row-block, c-block)`` step of the small-batch forward.
+
+  ``x_hbm`` is the unpadded activation ``(H, W, N, C)`` in HBM (channels on
+  the lanes, XLA's small-batch layout). For each of the ``strips`` row
+  strips the step copies the image rows its ``rows_out`` output rows read
+  (clamped into the image) into ``raw`` ``(S, rows, W, N, bc)``, then
+  transposes every window position in VMEM into ``win`` ``(rows, Wp, bc,
+  128)``, whose lanes are ``strip * N + image`` and whose out-of-image rows
+  and columns are exact zeros (the padding). The taps then run as in
+  :func:`_forward_kernel` on the accumulator ``acc`` ``(rows_out, OW, bt,
+  128)``; the last channel step transposes it back into ``o_ref``
+  ``(S, rows_out, OW, N, bt)`` (output channels on the lanes).
+  """
+  rb, cb = pl.program_id(1), pl.program_id(2)
+  raw_rows, n, bc = raw.shape[1], raw.shape[3], raw.shape[4]
+  win_rows, win_cols = win.shape[0], win.shape[1]
+  firsts = [(k * oh_k + rb * rows_out) * sh - ph for k in range(strips)]
+  starts = [jnp.minimum(jnp.maximum(f, 0), h - raw_rows) for f in firsts]
+  copies = [
+      pltpu.make_async_copy(
+          x_hbm.at[pl.ds(starts[k], raw_rows), :, :, _block(x_hbm, 3, cb, bc)],
+          raw.at[k], sem.at[k])
+      for k in range(strips)]
+  for copy in copies:
+    copy.start()
+
+  @pl.when(cb == 0)
+  def _init():
+    acc[...] = jnp.zeros(acc.shape, _F32)
+
+  for copy in copies:
+    copy.wait()
+
+  lanes = win.shape[3]
+  zeros = jnp.zeros((n, bc), _F32)
+
+  def win_row(r, carry):
+    rows = [f + r for f in firsts]
+    row_ok = [(row >= 0) & (row < h) for row in rows]
+    local = [jnp.minimum(jnp.maximum(row - st, 0), raw_rows - 1)
+             for row, st in zip(rows, starts)]
+
+    def win_col(col, carry):
+      src = col - pw
+      col_ok = (src >= 0) & (src < w)
+      src = jnp.minimum(jnp.maximum(src, 0), w - 1)
+      pieces = [jnp.where(row_ok[k] & col_ok,
+                          raw[k, local[k], src].astype(_F32), zeros)
+                for k in range(strips)]
+      if strips * n < lanes:
+        pieces.append(jnp.zeros((lanes - strips * n, bc), _F32))
+      win[r, col] = jnp.concatenate(pieces, axis=0).T
+      return carry
+    return lax.fori_loop(0, win_cols, win_col, carry)
+
+  lax.fori_loop(0, win_rows, win_row, 0)
+
+  def out_row(r, carry):
+    def column(ow, carry):
+      def t_block(t0, carry):
+        a = acc[r, ow, pl.ds(t0, sub_t), :]                   # (sub_t, 128)
+        for i in range(kh):
+          row = r * sh + i * dh
+
+          def tap(j, a, i=i, row=row):
+            col = ow * sw + j * dw
+            tap_index = i * kw + j
+
+            def chunk(off, size, a):
+              wt = wt_ref[tap_index, pl.ds(t0, sub_t), pl.ds(off, size)]
+              for r0 in range(0, size, SUBLANES):
+                xs = win[row, col, pl.ds(off + r0, SUBLANES), :]
+                for q in range(SUBLANES):
+                  a = a + jnp.abs(wt[:, r0 + q:r0 + q + 1] - xs[q:q + 1, :])
+              return a
+            return _util.lane_chunks(bc, LANES, chunk, a)
+          a = tap(0, a) if kw == 1 else lax.fori_loop(0, kw, tap, a)
+        acc[r, ow, pl.ds(t0, sub_t), :] = a
+        return carry
+      return _sub_blocks(acc.shape[2], sub_t, t_block, carry)
+    return lax.fori_loop(0, ow_count, column, carry)
+
+  lax.fori_loop(0, rows_out, out_row, 0)
+
+  @pl.when(cb == pl.num_programs(2) - 1)
+  def _finish():
+    def row(r, carry):
+      def column(ow, carry):
+        y = (0.0 - acc[r, ow]).T                              # (128, bt)
+        o_ref[:, r, ow] = y[:strips * n].reshape(o_ref.shape[0], n, -1)
+        return carry
+      return lax.fori_loop(0, ow_count, column, carry)
+    lax.fori_loop(0, rows_out, row, 0)
+
+
+def _hwnc_forward(x, w, geo, cfg, strips, *, interpret):
+  """The small-batch forward on ``(H, W, N, C)`` (see
+  :func:`_hwnc_forward_kernel`); ``geo.groups == 1``, ``N`` a multiple of 8
+  and ``strips * N <= 128``. Returns ``(N, OH, OW, T)`` float32."""
+  s = geo.spec
+  (ph0, _), (pw0, pw1) = s.padding
+  sh, sw = s.strides
+  dh, dw = s.dilation
+  c_pad, bc = padded_lane_axis(geo.c, SUBLANES, cfg.block_c)
+  t8 = _util.round_up(geo.t, 8)
+  # The output block's lanes are output channels: all of them, or a
+  # multiple of 128.
+  bt = min(t8, _util.round_up(cfg.block_t, LANES))
+  t_pad = _util.round_up(geo.t, bt)
+  taps = geo.kh * geo.kw
+  oh_k = -(-geo.oh // strips)                    # output rows per strip
+  strips = -(-geo.oh // oh_k)
+  rows_out = row_block(oh_k, cfg.block_r)
+  win_rows = (rows_out - 1) * sh + (geo.kh - 1) * dh + 1
+  raw_rows = min(win_rows, geo.h)
+  win_cols = geo.w + pw0 + pw1
+  xt = jnp.transpose(_util.pad_to(x, 3, c_pad), (1, 2, 0, 3))  # (H, W, N, C)
+  wt = w.astype(_F32).reshape(taps, geo.c, geo.t)
+  wt = jnp.transpose(wt, (0, 2, 1))                            # (taps, T, C)
+  wt = jnp.pad(wt, ((0, 0), (0, t_pad - geo.t), (0, c_pad - geo.c)))
+  grid = (t_pad // bt, oh_k // rows_out, c_pad // bc)
+  kernel = functools.partial(
+      _hwnc_forward_kernel, strips=strips, oh_k=oh_k, kh=geo.kh, kw=geo.kw,
+      sh=sh, sw=sw, dh=dh, dw=dw, ph=ph0, pw=pw0, h=geo.h, w=geo.w,
+      rows_out=rows_out, ow_count=geo.ow, sub_t=_sub_block(bt, cfg.sub_t, 8))
+  steps = grid[0] * grid[1] * grid[2]
+  terms = LANES * t_pad * oh_k * geo.ow * taps * c_pad
+  y = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(
+          (strips, oh_k, geo.ow, geo.n, t_pad), _F32),
+      grid=grid,
+      in_specs=[
+          pl.BlockSpec(memory_space=pl.ANY),
+          pl.BlockSpec((taps, bt, bc), lambda tb, rb, cb: (0, tb, cb)),
+      ],
+      out_specs=pl.BlockSpec((strips, rows_out, geo.ow, geo.n, bt),
+                             lambda tb, rb, cb: (0, rb, 0, 0, tb)),
+      scratch_shapes=[
+          pltpu.VMEM((strips, raw_rows, geo.w, geo.n, bc), xt.dtype),
+          pltpu.VMEM((win_rows, win_cols, bc, LANES), _F32),
+          pltpu.VMEM((rows_out, geo.ow, bt, LANES), _F32),
+          pltpu.SemaphoreType.DMA((strips,))],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'arbitrary'),
+          vmem_limit_bytes=cfg.vmem_limit_bytes),
+      cost_estimate=pl.CostEstimate(
+          flops=3 * terms, transcendentals=0,
+          bytes_accessed=(steps * strips * raw_rows * geo.w * geo.n * bc *
+                          xt.dtype.itemsize +
+                          wt.size * 4 * (grid[1] if steps > 1 else 1) +
+                          4 * strips * oh_k * geo.ow * geo.n * t_pad)),
+      interpret=interpret,
+      name='adder_conv_forward_mosaic',
+  )(xt, wt)
+  y = y.reshape((strips * oh_k,) + y.shape[2:])[:geo.oh, :, :, :geo.t]
+  return jnp.transpose(y, (2, 0, 1, 3))
+
+
 @functools.partial(jax.jit, static_argnames=('spec', 'interpret', 'config',
                                              'generation'))
 def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
@@ -301,6 +463,10 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
   taps = geo.kh * geo.kw
 
   strips = _strip_count(geo.n, geo.oh, cfg.block_n)
+  if (strips > 1 and geo.groups == 1 and geo.n % 8 == 0 and
+      cfg.channels_on_lanes):
+    y = _hwnc_forward(x, w, geo, cfg, strips, interpret=interpret)
+    return y[:, 0] if was_1d else y
   if strips > 1:
     # A batch below one lane block: fold output-row strips into the lanes
     # (a copy with halo rows, zero-padded, so the kernel sees no padding).

@@ -183,13 +183,19 @@ class ForwardConfig:
       height up to it is used). A step copies the ``(block_r - 1) * stride +
       (KH - 1) * dilation + 1`` input rows it reads into VMEM once, so the
       activation is read ``1 + (KH - stride) / block_r`` times, not ``KH``.
+    channels_on_lanes: for a small batch (fewer than 128 images, a multiple
+      of 8, one group): read the activation as ``(H, W, N, C)`` (channels on
+      the lanes, XLA's own small-batch layout) and transpose each step's
+      window in VMEM (``True``), or fold zero-padded row strips into the
+      lanes in HBM first, a copy of the activation (``False``; fewer VMEM
+      bytes). Ignored for full lane blocks.
     vmem_limit_bytes: scoped VMEM limit for Mosaic (``None``: its default).
 
   Examples:
     >>> from pallas_kernels.conv_tpu_config import ForwardConfig
     >>> ForwardConfig.get_default(n=128, h=34, w=34, c=16, t=16, kh=3, kw=3,
     ...                           oh=32, ow=32)
-    ForwardConfig(block_n=128, block_t=16, block_c=128, sub_t=16, block_r=8, vmem_limit_bytes=16777216)
+    ForwardConfig(block_n=128, block_t=16, block_c=128, sub_t=16, block_r=8, channels_on_lanes=True, vmem_limit_bytes=16777216)
     >>> ForwardConfig(block_c=100)
     Traceback (most recent call last):
     ...
@@ -200,6 +206,7 @@ class ForwardConfig:
   block_c: int = 512
   sub_t: int = 32
   block_r: int = 8
+  channels_on_lanes: bool = True
   vmem_limit_bytes: int | None = None
 
   def __post_init__(self):
@@ -207,6 +214,9 @@ class ForwardConfig:
     _check_multiple(owner, 'block_n', self.block_n, LANES)
     _check_multiple(owner, 'block_t', self.block_t, 8)
     _check_multiple(owner, 'block_c', self.block_c, LANES)
+    if not isinstance(self.channels_on_lanes, bool):
+      raise ValueError(f'{owner}.channels_on_lanes must be a bool, got '
+                       f'{self.channels_on_lanes!r}.')
     _check_multiple(owner, 'sub_t', self.sub_t, 8)
     _check_multiple(owner, 'block_r', self.block_r, 1)
     _check_vmem(owner, self.vmem_limit_bytes)
@@ -221,8 +231,18 @@ class ForwardConfig:
     bt = min(self.block_t, _util.round_up(t, 8))
     rows = (self.block_r - 1) * sh + (kh - 1) * dh + 1
     rows = rows if h is None else min(rows, h)
-    window = rows * w * _util.round_up(bc, SUBLANES) * _lanes(bn) * itemsize
     w_block = kh * kw * bt * _lanes(bc) * 4
+    if n < self.block_n and n % 8 == 0 and self.channels_on_lanes:
+      # Small batch (row strips in the lanes, channels-on-lanes operands):
+      # the copied rows (S*N <= 128 images x strips, channels on the
+      # lanes), their transposed f32 window, the f32 accumulator and the
+      # double-buffered output block (output channels on the lanes).
+      raw = rows * w * LANES * _lanes(bc) * itemsize
+      window = rows * w * _util.round_up(bc, SUBLANES) * LANES * 4
+      acc = self.block_r * ow * bt * LANES * 4
+      out = self.block_r * ow * LANES * _lanes(bt) * 4
+      return raw + window + acc + 2 * (out + w_block)
+    window = rows * w * _util.round_up(bc, SUBLANES) * _lanes(bn) * itemsize
     out = self.block_r * ow * bt * _lanes(bn) * 4
     return window + 2 * (out + w_block)
 
@@ -233,7 +253,8 @@ class ForwardConfig:
     """Of the blocks that fit the VMEM budget, those that read the
     activation from HBM the fewest times (within 15 %), and of these the
     one with the smallest VMEM footprint; the smallest footprint if none
-    fits.
+    fits. A small batch reads its activation in place
+    (``channels_on_lanes``) when some blocks fit that way.
 
     Args:
       n: batch (lanes before the row strips).
@@ -248,21 +269,26 @@ class ForwardConfig:
     t8 = _util.round_up(t, 8)
     sub_t = min(gen.block_t, t8)
     candidates = []
-    for block_r in sorted({row_block(oh, r) for r in (8, 4, 2, 1)}):
-      for block_t in sorted({t8, 512, 256, 128, 64, 32, 8}):
-        if block_t > t8:
-          continue
-        for block_c in (128, 256, 512):
-          cfg = cls(block_t=block_t, block_c=block_c, sub_t=sub_t,
-                    block_r=block_r)
-          est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
-                                  itemsize=itemsize, h=h, sh=sh, dh=dh)
-          rows = min((block_r - 1) * sh + (kh - 1) * dh + 1, h)
-          # Activation reads: one window per row block and T block.
-          reads = -(-t8 // block_t) * rows / block_r
-          fits = est <= gen.vmem_budget_bytes
-          candidates.append(((not fits, _read_bucket(reads) if fits else 0,
-                              est), cfg, est))
+    small = n < LANES and n % 8 == 0
+    for on_lanes in (True, False) if small else (True,):
+      for block_r in sorted({row_block(oh, r) for r in (8, 4, 2, 1)}):
+        for block_t in sorted({t8, 512, 256, 128, 64, 32, 8}):
+          if block_t > t8 or (small and on_lanes and block_t < t8 and
+                              block_t % LANES):
+            continue      # channels on lanes: the output's lanes are T
+          for block_c in (128, 256, 512):
+            cfg = cls(block_t=block_t, block_c=block_c, sub_t=sub_t,
+                      block_r=block_r, channels_on_lanes=on_lanes)
+            est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw,
+                                    ow=ow, itemsize=itemsize, h=h, sh=sh,
+                                    dh=dh)
+            rows = min((block_r - 1) * sh + (kh - 1) * dh + 1, h)
+            # Activation reads: one window per row block and T block.
+            reads = -(-t8 // block_t) * rows / block_r
+            fits = est <= gen.vmem_budget_bytes
+            candidates.append(((not fits, fits and small and not on_lanes,
+                                _read_bucket(reads) if fits else 0, est),
+                               cfg, est))
     _, cfg, est = min(candidates, key=lambda c: c[0])
     return dataclasses.replace(cfg, vmem_limit_bytes=_budget_limit(gen, est))
 

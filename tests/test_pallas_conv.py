@@ -310,6 +310,18 @@ CASES['wide_asym_s2_dil_groups'] = (
     dict(strides=(2, 1), padding=((2, 1), (0, 2)), dilation=(2, 1),
          groups=2))
 
+# Small batches of a multiple of 8 images, one group: the TPU forward reads
+# the activation as (H, W, N, C) (channels on the lanes), copies each row
+# strip's window and transposes it in VMEM so that the lanes are strips x
+# images; windows are clamped and zero-filled per strip.
+CASES['small_pad_s1'] = ((16, 9, 6, 5), (3, 3, 5, 12), dict(padding=1))
+CASES['small_asym_s2_dil'] = (
+    (8, 11, 7, 3), (3, 2, 3, 10),
+    dict(strides=(2, 1), padding=((2, 1), (0, 2)), dilation=(2, 1)))
+CASES['small_1x1_s2'] = ((32, 8, 8, 16), (1, 1, 16, 20), dict(strides=2))
+# 2 channel blocks of 128 and 2 output-channel blocks of 128.
+CASES['small_blocks'] = ((8, 4, 3, 136), (2, 2, 136, 136), dict(padding=1))
+
 
 class TestGpuConvInterpret(_ConvTestBase):
   __test__ = True
@@ -347,6 +359,43 @@ class TestTpuConvInterpret(_ConvTestBase):
                                                  block_r=4),
         dx_config=conv_tpu_config.InputGradConfig(block_c=16, sub_c=16,
                                                   block_r=3))
+
+  @parameterized.parameters(
+      ('small_pad_s1', 1), ('small_pad_s1', 2), ('small_asym_s2_dil', 1),
+      ('small_1x1_s2', 8))
+  def test_small_batch_channels_on_lanes(self, case, block_r):
+    # Several strips per image; with block_r rows per step the windows of
+    # the first and last strips are clamped and zero-filled.
+    self._check(
+        case, seed=11,
+        fwd_config=conv_tpu_config.ForwardConfig(block_t=8, sub_t=8,
+                                                 block_r=block_r))
+
+  def test_small_batch_channel_blocks(self):
+    self._check(
+        'small_blocks', mode='sign', seed=12,
+        fwd_config=conv_tpu_config.ForwardConfig(block_t=128, block_c=128,
+                                                 sub_t=32, block_r=1),
+        dx_config=conv_tpu_config.InputGradConfig(block_c=64, sub_c=32))
+
+  def test_small_batch_row_strips(self):
+    # channels_on_lanes=False: the zero-padded row strips copied in HBM.
+    self._check(
+        'small_asym_s2_dil', seed=15,
+        fwd_config=conv_tpu_config.ForwardConfig(block_t=8, sub_t=8,
+                                                 channels_on_lanes=False))
+
+  def test_small_batch_bf16_and_nan_locality(self):
+    self._check('small_pad_s1', dtype=jnp.bfloat16, seed=13)
+    x, w, spec = _data('small_pad_s1', seed=14)
+    x = x.at[3, 8, 0, 2].set(jnp.nan)        # last row, first column
+    cfg = conv_tpu_config.ForwardConfig(block_t=8, sub_t=8, block_r=1)
+    y = _run(lambda x, w: conv_tpu.l1_conv_forward(
+        x, w, spec, interpret=True, config=cfg), x, w)
+    nan = np.isnan(np.asarray(y)).any(-1)
+    want = np.zeros(nan.shape, bool)
+    want[3, 7:9, 0:2] = True
+    np.testing.assert_array_equal(nan, want)
 
   def test_full_lane_batch_nan_locality(self):
     # Unstripped path: a NaN at the image border reaches exactly the outputs
@@ -404,6 +453,8 @@ def test_conv_spec_canonical_and_hashable():
 @pytest.mark.parametrize('cls,kwargs,message', [
     (conv_tpu_config.ForwardConfig, dict(block_t=12), 'block_t.*8.*12'),
     (conv_tpu_config.ForwardConfig, dict(block_n=64), 'block_n.*128.*64'),
+    (conv_tpu_config.ForwardConfig, dict(channels_on_lanes='yes'),
+     "channels_on_lanes must be a bool, got 'yes'"),
     (conv_tpu_config.InputGradConfig, dict(block_c=24), 'block_c.*16.*24'),
     (conv_tpu_config.InputGradConfig, dict(vmem_limit_bytes=10),
      'vmem_limit_bytes.*10'),
