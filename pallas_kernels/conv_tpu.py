@@ -633,6 +633,229 @@ def _input_grad_kernel(*refs, kh, kw, sh, sw, dh, dw, ph, pw, oh_count,
   lax.fori_loop(0, rows_in, in_row, 0)
 
 
+def _hwnc_input_grad_kernel(g_hbm, x_hbm, w_ref, o_ref, raw_g, raw_x, gwin,
+                            xwin, acc, sem_g, sem_x, *, strips, rows, kh, kw,
+                            sh, sw, dh, dw, ph, pw, h, oh_count, ow_count,
+                            w_count, mode, sub_c):
+  """One ``(c-block, row-block, t-block)`` step of the small-batch input
+  gradient.
+
+  ``g_hbm`` ``(OH, OW, N, T)`` float32 and ``x_hbm`` ``(H, W, N, C)`` are
+  in HBM (channels on the lanes). Strip ``k`` is input rows ``[k*rows,
+  (k+1)*rows)``; the step handles ``rows_in`` of them per strip. At the
+  first ``T`` step it copies their activation rows into ``raw_x`` and
+  transposes them into ``xwin`` ``(rows_in, W, bc, 128)`` (lanes: strip x
+  image), kept over the ``T`` steps. Every step copies the cotangent rows
+  they are read by into ``raw_g`` and transposes them into ``gwin``
+  ``(g_rows, OW, bt, 128)``: since ``rows`` is a multiple of the stride,
+  one local row index serves every strip, and a lane range marks the strips
+  for which that cotangent row exists (a select, so a NaN elsewhere stays
+  out). The last ``T`` step transposes the accumulator back into ``o_ref``
+  ``(S, rows_in, W, N, bc)``.
+  """
+  rb, tb = pl.program_id(1), pl.program_id(2)
+  rows_in, x_rows = acc.shape[0], raw_x.shape[1]
+  g_rows, n, bt = raw_g.shape[1], raw_g.shape[3], raw_g.shape[4]
+  win_rows = gwin.shape[0]
+  bc = raw_x.shape[4]
+  lanes = acc.shape[3]
+  cb = pl.program_id(0)
+  step = rows // sh                      # cotangent rows between strips
+  h0 = rb * rows_in                      # first input row, strip 0
+  # First cotangent row read by these rows (strip 0), ceil((h0 + ph -
+  # (kh-1)*dh) / sh) computed on a non-negative numerator.
+  off = sh * (-(-((kh - 1) * dh) // sh))
+  base = lax.div(h0 + ph - (kh - 1) * dh + off + sh - 1, sh) - off // sh
+  g_starts = [jnp.minimum(jnp.maximum(base + k * step, 0), oh_count - g_rows)
+              for k in range(strips)]
+  g_copies = [
+      pltpu.make_async_copy(
+          g_hbm.at[pl.ds(g_starts[k], g_rows), :, :, _block(g_hbm, 3, tb, bt)],
+          raw_g.at[k], sem_g.at[k])
+      for k in range(strips)]
+  for copy in g_copies:
+    copy.start()
+
+  @pl.when(tb == 0)
+  def _load_x():
+    starts = [jnp.minimum(k * rows + h0, h - x_rows) for k in range(strips)]
+    copies = [
+        pltpu.make_async_copy(
+            x_hbm.at[pl.ds(starts[k], x_rows), :, :,
+                     _block(x_hbm, 3, cb, bc)],
+            raw_x.at[k], sem_x.at[k])
+        for k in range(strips)]
+    for copy in copies:
+      copy.start()
+    acc[...] = jnp.zeros(acc.shape, _F32)
+    for copy in copies:
+      copy.wait()
+    # Rows past the image (last strip) read a clamped row; their results
+    # are sliced off.
+    locals_ = [k * rows + h0 - st for k, st in enumerate(starts)]
+
+    def row(r, carry):
+      def column(wi, carry):
+        pieces = [raw_x[k, jnp.minimum(locals_[k] + r, x_rows - 1), wi]
+                  .astype(_F32) for k in range(strips)]
+        if strips * n < lanes:
+          pieces.append(jnp.zeros((lanes - strips * n, bc), _F32))
+        xwin[r, wi] = jnp.concatenate(pieces, axis=0).T
+        return carry
+      return lax.fori_loop(0, w_count, column, carry)
+    lax.fori_loop(0, rows_in, row, 0)
+
+  for copy in g_copies:
+    copy.wait()
+
+  def g_row(l, carry):
+    local = [jnp.minimum(jnp.maximum(base + k * step + l - st, 0), g_rows - 1)
+             for k, st in enumerate(g_starts)]
+
+    def column(ow, carry):
+      pieces = [raw_g[k, local[k], ow] for k in range(strips)]
+      if strips * n < lanes:
+        pieces.append(jnp.zeros((lanes - strips * n, bt), _F32))
+      gwin[l, ow] = jnp.concatenate(pieces, axis=0).T
+      return carry
+    return lax.fori_loop(0, ow_count, column, carry)
+
+  lax.fori_loop(0, win_rows, g_row, 0)
+  lane = lax.broadcasted_iota(jnp.int32, (1, lanes), 1)
+
+  def in_row(r, carry):
+    taps = []
+    for i in range(kh):
+      num = h0 + r + ph - i * dh + off
+      oh0 = lax.div(num, sh) - off // sh         # cotangent row, strip 0
+      ok = lax.rem(num, sh) == 0 if sh > 1 else num >= 0
+      # Strips k with 0 <= oh0 + k*step < OH: a contiguous range.
+      k_lo = lax.div(jnp.maximum(-oh0, 0) + step - 1, step)
+      k_hi = jnp.where(oh0 > oh_count - 1, 0,
+                       jnp.minimum(
+                           lax.div(jnp.maximum(oh_count - 1 - oh0, 0), step)
+                           + 1, strips))
+      keep = (lane >= k_lo * n) & (lane < k_hi * n)
+      taps.append((ok & (k_lo < k_hi), oh0 - base, keep))
+
+    def column(wi, carry):
+      for i in range(kh):
+        tap_ok, local, keep = taps[i]
+
+        def tap(j, carry, i=i, tap_ok=tap_ok, local=local, keep=keep):
+          col_ok, ow = _valid_index(wi + pw - j * dw, sw, ow_count)
+          tap_index = i * kw + j
+
+          @pl.when(tap_ok & col_ok)
+          def _add():
+            def c_block(c0, carry):
+              x = xwin[r, wi, pl.ds(c0, sub_c), :]           # (sub_c, 128)
+
+              def chunk(off_t, size, a):
+                wc = w_ref[tap_index, pl.ds(c0, sub_c), pl.ds(off_t, size)]
+                for r0 in range(0, size, 8):
+                  g8 = gwin[local, ow, pl.ds(off_t + r0, 8), :]
+                  for q in range(8):
+                    a = a + _conv_util.grad_term(
+                        mode, wc[:, q + r0:q + r0 + 1] - x, g8[q:q + 1, :])
+                return a
+              part = _util.lane_chunks(bt, LANES, chunk,
+                                       jnp.zeros(x.shape, _F32))
+              # A select, not a product: a NaN of a dropped lane stays out.
+              part = jnp.where(keep, part, 0.0)
+              acc[r, wi, pl.ds(c0, sub_c), :] = (
+                  acc[r, wi, pl.ds(c0, sub_c), :] + part)
+              return carry
+            _sub_blocks(bc, sub_c, c_block, 0)
+          return carry
+        if kw == 1:
+          tap(0, 0)
+        else:
+          lax.fori_loop(0, kw, tap, 0)
+      return carry
+    return lax.fori_loop(0, w_count, column, carry)
+
+  lax.fori_loop(0, rows_in, in_row, 0)
+
+  @pl.when(tb == pl.num_programs(2) - 1)
+  def _finish():
+    def row(r, carry):
+      def column(wi, carry):
+        y = acc[r, wi].T                                      # (128, bc)
+        o_ref[:, r, wi] = y[:strips * n].reshape(strips, n, bc)
+        return carry
+      return lax.fori_loop(0, w_count, column, carry)
+    lax.fori_loop(0, rows_in, row, 0)
+
+
+def _hwnc_input_grad(x, w, g, geo, cfg, strips, mode, *, interpret):
+  """The small-batch input gradient on ``(H, W, N, C)`` / ``(OH, OW, N, T)``
+  (see :func:`_hwnc_input_grad_kernel`); ``geo.groups == 1``, ``N`` a
+  multiple of 8 and ``strips * N <= 128``. Returns ``(N, H, W, C)``."""
+  s = geo.spec
+  sh, sw = s.strides
+  dh, dw = s.dilation
+  ph, pw = s.padding[0][0], s.padding[1][0]
+  c16 = _util.round_up(geo.c, SUBLANES)
+  # The output block's lanes are input channels: all, or a multiple of 128.
+  bc = min(c16, _util.round_up(cfg.block_c, LANES))
+  c_pad = _util.round_up(geo.c, bc)
+  t_pad, bt = padded_lane_axis(geo.t, 8, cfg.block_t)
+  taps = geo.kh * geo.kw
+  rows = sh * -(-geo.h // (sh * strips))         # input rows per strip
+  strips = -(-geo.h // rows)
+  rows_in = row_block(rows, cfg.block_r)
+  win_rows = (rows_in - 1 + (geo.kh - 1) * dh) // sh + 1
+  g_rows = min(win_rows, geo.oh)
+  x_rows = min(rows_in, geo.h)
+  xt = jnp.transpose(_util.pad_to(x, 3, c_pad), (1, 2, 0, 3))   # (H, W, N, C)
+  gt = jnp.transpose(_util.pad_to(g.astype(_F32), 3, t_pad), (1, 2, 0, 3))
+  wk = w.astype(_F32).reshape(taps, geo.c, geo.t)
+  wk = jnp.pad(wk, ((0, 0), (0, c_pad - geo.c), (0, t_pad - geo.t)))
+  grid = (c_pad // bc, rows // rows_in, t_pad // bt)
+  kernel = functools.partial(
+      _hwnc_input_grad_kernel, strips=strips, rows=rows, kh=geo.kh,
+      kw=geo.kw, sh=sh, sw=sw, dh=dh, dw=dw, ph=ph, pw=pw, h=geo.h,
+      oh_count=geo.oh, ow_count=geo.ow, w_count=geo.w, mode=mode,
+      sub_c=_sub_block(bc, cfg.sub_c, SUBLANES))
+  steps = grid[0] * grid[1] * grid[2]
+  terms = LANES * t_pad * strips * rows * geo.w * taps * c_pad // sh
+  dx = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((strips, rows, geo.w, geo.n, c_pad),
+                                     _F32),
+      grid=grid,
+      in_specs=[
+          pl.BlockSpec(memory_space=pl.ANY),
+          pl.BlockSpec(memory_space=pl.ANY),
+          pl.BlockSpec((taps, bc, bt), lambda cb, rb, tb: (0, cb, tb)),
+      ],
+      out_specs=pl.BlockSpec((strips, rows_in, geo.w, geo.n, bc),
+                             lambda cb, rb, tb: (0, rb, 0, 0, cb)),
+      scratch_shapes=[
+          pltpu.VMEM((strips, g_rows, geo.ow, geo.n, bt), _F32),
+          pltpu.VMEM((strips, x_rows, geo.w, geo.n, bc), xt.dtype),
+          pltpu.VMEM((win_rows, geo.ow, bt, LANES), _F32),
+          pltpu.VMEM((rows_in, geo.w, bc, LANES), _F32),
+          pltpu.VMEM((rows_in, geo.w, bc, LANES), _F32),
+          pltpu.SemaphoreType.DMA((strips,)),
+          pltpu.SemaphoreType.DMA((strips,))],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'arbitrary'),
+          vmem_limit_bytes=cfg.vmem_limit_bytes),
+      cost_estimate=pl.CostEstimate(
+          flops=5 * terms, transcendentals=0,
+          bytes_accessed=(steps * strips * g_rows * geo.ow * geo.n * bt * 4 +
+                          xt.size * xt.dtype.itemsize +
+                          wk.size * 4 * (grid[1] if steps > 1 else 1) +
+                          4 * strips * rows * geo.w * geo.n * c_pad)),
+      interpret=interpret,
+      name='adder_conv_input_grad_mosaic',
+  )(gt, xt, wk)
+  dx = dx.reshape((strips * rows,) + dx.shape[2:])[:geo.h, :, :, :geo.c]
+  return jnp.transpose(dx, (2, 0, 1, 3))
+
+
 @functools.partial(jax.jit, static_argnames=('spec', 'mode', 'interpret',
                                              'config', 'generation'))
 def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
@@ -693,6 +916,11 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
   taps = geo.kh * geo.kw
 
   strips = _strip_count(geo.n, -(-geo.h // sh), cfg.block_n)
+  if (strips > 1 and geo.groups == 1 and geo.n % 8 == 0 and
+      cfg.channels_on_lanes):
+    dx = _hwnc_input_grad(x, w, g, geo, cfg, strips, mode,
+                          interpret=interpret)
+    return dx[:, 0] if was_1d else dx
   if strips > 1:
     # A batch below one lane block: fold input-row strips into the lanes.
     # Strip k holds input rows [k*rows, (k+1)*rows) (rows a multiple of sh)

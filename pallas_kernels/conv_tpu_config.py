@@ -114,6 +114,11 @@ def _check_multiple(owner, name, value, multiple, allow_none=False):
     raise ValueError(f'{owner}.{name} must be {what}, got {value!r}.')
 
 
+def _check_bool(owner, name, value):
+  if not isinstance(value, bool):
+    raise ValueError(f'{owner}.{name} must be a bool, got {value!r}.')
+
+
 def _check_vmem(owner, value):
   if value is not None and (isinstance(value, bool) or
                             not isinstance(value, int) or value < _MIB):
@@ -214,9 +219,7 @@ class ForwardConfig:
     _check_multiple(owner, 'block_n', self.block_n, LANES)
     _check_multiple(owner, 'block_t', self.block_t, 8)
     _check_multiple(owner, 'block_c', self.block_c, LANES)
-    if not isinstance(self.channels_on_lanes, bool):
-      raise ValueError(f'{owner}.channels_on_lanes must be a bool, got '
-                       f'{self.channels_on_lanes!r}.')
+    _check_bool(owner, 'channels_on_lanes', self.channels_on_lanes)
     _check_multiple(owner, 'sub_t', self.sub_t, 8)
     _check_multiple(owner, 'block_r', self.block_r, 1)
     _check_vmem(owner, self.vmem_limit_bytes)
@@ -310,19 +313,25 @@ class InputGradConfig:
     block_r: input rows per grid step (the largest divisor of the input
       height up to it is used); the step copies the cotangent rows they
       read into VMEM once.
+    channels_on_lanes: for a small batch (fewer than 128 images, a multiple
+      of 8, one group): read the activation and cotangent as ``(H, W, N,
+      C)`` in place and transpose their windows in VMEM (``True``), or copy
+      them into row strips in HBM first (``False``); as
+      :attr:`ForwardConfig.channels_on_lanes`.
     vmem_limit_bytes: scoped VMEM limit for Mosaic (``None``: its default).
 
   Examples:
     >>> from pallas_kernels.conv_tpu_config import InputGradConfig
     >>> InputGradConfig.get_default(n=128, h=32, w=32, c=16, t=16, kh=3,
     ...                             kw=3, oh=32, ow=32)
-    InputGradConfig(block_n=128, block_c=16, block_t=128, sub_c=64, block_r=8, vmem_limit_bytes=23068672)
+    InputGradConfig(block_n=128, block_c=16, block_t=128, sub_c=64, block_r=8, channels_on_lanes=True, vmem_limit_bytes=23068672)
   """
   block_n: int = 128
   block_c: int = 256
   block_t: int = 128
   sub_c: int = 64
   block_r: int = 8
+  channels_on_lanes: bool = True
   vmem_limit_bytes: int | None = None
 
   def __post_init__(self):
@@ -332,6 +341,7 @@ class InputGradConfig:
     _check_multiple(owner, 'block_t', self.block_t, LANES)
     _check_multiple(owner, 'sub_c', self.sub_c, SUBLANES)
     _check_multiple(owner, 'block_r', self.block_r, 1)
+    _check_bool(owner, 'channels_on_lanes', self.channels_on_lanes)
     _check_vmem(owner, self.vmem_limit_bytes)
 
   def vmem_estimate(self, *, n, w, c, t, kh, kw, ow, itemsize=4, oh=None,
@@ -343,11 +353,24 @@ class InputGradConfig:
     bc = min(self.block_c, _util.round_up(c, SUBLANES))
     _, bt = padded_lane_axis(t, 8, self.block_t)
     rows = (self.block_r - 1 + (kh - 1) * dh) // sh + 1
+    w_block = kh * kw * bc * _lanes(bt) * 4
+    if n < self.block_n and n % 8 == 0 and self.channels_on_lanes:
+      # Small batch, channels on the lanes: the copied cotangent and
+      # activation rows (S*N <= 128 lanes' worth), their transposed f32
+      # windows, the f32 accumulator and the double-buffered output block.
+      bc = min(_util.round_up(c, SUBLANES), _util.round_up(bc, LANES))
+      w_block = kh * kw * bc * _lanes(bt) * 4
+      raw_g = (rows if oh is None else min(rows, oh)) * ow * LANES * _lanes(
+          bt) * 4
+      raw_x = self.block_r * w * LANES * _lanes(bc) * itemsize
+      g_win = rows * ow * _util.round_up(bt, 8) * LANES * 4
+      x_win = self.block_r * w * bc * LANES * 4
+      out = self.block_r * w * LANES * _lanes(bc) * 4
+      return raw_g + raw_x + g_win + 2 * x_win + 2 * (out + w_block)
     rows = rows if oh is None else min(rows, oh)
     x_block = self.block_r * w * bc * _lanes(bn) * itemsize
     out = self.block_r * w * bc * _lanes(bn) * 4
     window = rows * ow * _util.round_up(bt, 8) * _lanes(bn) * 4
-    w_block = kh * kw * bc * _lanes(bt) * 4
     # The strip path's lane mask, one (8-sublane padded) row per output row.
     mask = (oh if oh is not None else rows) * 8 * _lanes(bn) * 4
     return window + mask + 2 * (x_block + out + w_block)
@@ -365,19 +388,24 @@ class InputGradConfig:
     gen = get_generation(generation)
     c16 = _util.round_up(c, SUBLANES)
     candidates = []
-    for block_r in sorted({row_block(h, r) for r in (8, 4, 2, 1)}):
-      for block_c in sorted({c16, 512, 256, 128, 64, 32, 16}):
-        if block_c > c16:
-          continue
-        cfg = cls(block_c=block_c, block_t=128, block_r=block_r)
-        est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
-                                itemsize=itemsize, oh=oh, sh=sh, dh=dh)
-        rows = min((block_r - 1 + (kh - 1) * dh) // sh + 1, oh)
-        # Cotangent reads: one window per row block and C block.
-        reads = -(-c16 // block_c) * rows / block_r
-        fits = est <= gen.vmem_budget_bytes
-        candidates.append(((not fits, _read_bucket(reads) if fits else 0,
-                            est), cfg, est))
+    small = n < LANES and n % 8 == 0
+    for on_lanes in (True, False) if small else (True,):
+      for block_r in sorted({row_block(h, r) for r in (8, 4, 2, 1)}):
+        for block_c in sorted({c16, 512, 256, 128, 64, 32, 16}):
+          if block_c > c16 or (small and on_lanes and block_c < c16 and
+                               block_c % LANES):
+            continue      # channels on lanes: the output's lanes are C
+          cfg = cls(block_c=block_c, block_t=128, block_r=block_r,
+                    channels_on_lanes=on_lanes)
+          est = cfg.vmem_estimate(n=n, w=w, c=c, t=t, kh=kh, kw=kw, ow=ow,
+                                  itemsize=itemsize, oh=oh, sh=sh, dh=dh)
+          rows = min((block_r - 1 + (kh - 1) * dh) // sh + 1, oh)
+          # Cotangent reads: one window per row block and C block.
+          reads = -(-c16 // block_c) * rows / block_r
+          fits = est <= gen.vmem_budget_bytes
+          candidates.append(((not fits, fits and small and not on_lanes,
+                              _read_bucket(reads) if fits else 0, est),
+                             cfg, est))
     _, cfg, est = min(candidates, key=lambda c: c[0])
     return dataclasses.replace(cfg, vmem_limit_bytes=_budget_limit(gen, est))
 

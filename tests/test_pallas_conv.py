@@ -367,9 +367,11 @@ class TestTpuConvInterpret(_ConvTestBase):
     # Several strips per image; with block_r rows per step the windows of
     # the first and last strips are clamped and zero-filled.
     self._check(
-        case, seed=11,
+        case, mode='sign' if block_r == 2 else 'full_precision', seed=11,
         fwd_config=conv_tpu_config.ForwardConfig(block_t=8, sub_t=8,
-                                                 block_r=block_r))
+                                                 block_r=block_r),
+        dx_config=conv_tpu_config.InputGradConfig(block_c=16, sub_c=16,
+                                                  block_r=block_r))
 
   def test_small_batch_channel_blocks(self):
     self._check(
@@ -383,7 +385,8 @@ class TestTpuConvInterpret(_ConvTestBase):
     self._check(
         'small_asym_s2_dil', seed=15,
         fwd_config=conv_tpu_config.ForwardConfig(block_t=8, sub_t=8,
-                                                 channels_on_lanes=False))
+                                                 channels_on_lanes=False),
+        dx_config=conv_tpu_config.InputGradConfig(channels_on_lanes=False))
 
   def test_small_batch_bf16_and_nan_locality(self):
     self._check('small_pad_s1', dtype=jnp.bfloat16, seed=13)
@@ -396,6 +399,18 @@ class TestTpuConvInterpret(_ConvTestBase):
     want = np.zeros(nan.shape, bool)
     want[3, 7:9, 0:2] = True
     np.testing.assert_array_equal(nan, want)
+    # Input gradient: a NaN cotangent reaches exactly the inputs its output
+    # reads; the NaN input only its own position (2 row blocks per strip,
+    # so the cotangent windows are clamped and lanes masked per strip).
+    g = jnp.ones(y.shape, jnp.float32).at[5, 4, 5, 1].set(jnp.nan)
+    dcfg = conv_tpu_config.InputGradConfig(block_c=16, sub_c=16, block_r=1)
+    dx = np.isnan(np.asarray(_run(lambda x, w, g: conv_tpu.l1_conv_input_grad(
+        x, w, g, spec, mode='full_precision', interpret=True, config=dcfg),
+        x, w, g)))
+    want = np.zeros(x.shape, bool)
+    want[3, 8, 0, 2] = True
+    want[5, 3:6, 4:6, :] = True       # inputs read by output (4, 5)
+    np.testing.assert_array_equal(dx, want)
 
   def test_full_lane_batch_nan_locality(self):
     # Unstripped path: a NaN at the image border reaches exactly the outputs
