@@ -21,13 +21,19 @@ padding adds ``sum_c |w[tap, c, t]|`` (what ``|0 - w|`` would add) instead.
 Small batches (space-to-batch). With ``N < 128`` images a lane block would be
 mostly empty (and Mosaic pads the lane dim of the HBM copy to 128: 4x the
 activation at N = 32). So ``P = 128 // N`` horizontal strips of the image are
-folded into the lanes: lane ``s*N + n`` holds output rows
-``[s*R, (s+1)*R)`` of image ``n``, and its input strip carries
-``(KH-1)*dh - sh + 1`` halo rows (56x56 3x3 at N=32: 4 strips of 14 rows, 16
-input rows each, 1.1x the activation). This is a zero-padded copy, so the
-kernel sees no padding. The input gradient strips the input rows instead;
-the cotangent strip rows that are not real outputs of a lane's strip are
-dropped by a per-lane mask (a select, so NaN stays local).
+folded into the lanes: lane ``s*N + n`` holds output rows ``[s*R, (s+1)*R)``
+of image ``n`` (56x56 at N=32: 4 strips of 14 rows). For ``N`` a multiple of
+8 and one group (``channels_on_lanes``, the default where it fits VMEM) the
+kernels read the activation and cotangent in place as ``(H, W, N, C)`` --
+channels on the lanes, a layout XLA keeps for small batches -- copy each
+strip's rows into VMEM and transpose every window position there (one
+``(P*N, C) -> (C, 128)`` transpose per position, amortised over all taps and
+output channels); results are transposed back the same way, so nothing is
+copied in HBM. Otherwise (or with ``channels_on_lanes=False``) the strips
+are a zero-padded copy in HBM with ``(KH-1)*dh - sh + 1`` halo rows (1.1x the
+activation), and the input gradient drops the cotangent strip rows that are
+not real outputs of a lane's strip by a per-lane mask (a select, so NaN
+stays local).
 
 Forward: grid ``(G, L-blocks, T-blocks, row-blocks, C-blocks)``; the output
 rows ``(block_r, OW, bt, bl)`` stay resident over the ``C`` steps. For each
@@ -58,8 +64,9 @@ and the kernel block (double-buffered); the configs
 widest channel blocks, that fit the generation, and set
 ``vmem_limit_bytes``. HBM temporaries: none for an aligned full-lane batch
 (the kernels read the activation and cotangent in place and write their
-results in the layout XLA keeps); the row strips of a small batch are one
-copy of the activation (and of the cotangent). The sweep of
+results in the layout XLA keeps), nor for a small batch read with the
+channels on the lanes; the HBM row strips are one copy of the activation
+(and of the cotangent). The sweep of
 ``tests/test_pallas_conv_lowering.py`` prints per-layer temp memory and bytes
 of the v5e compile next to the patch kernels' and ``lax.conv``'s.
 
@@ -819,7 +826,7 @@ def _hwnc_input_grad(x, w, g, geo, cfg, strips, mode, *, interpret):
       oh_count=geo.oh, ow_count=geo.ow, w_count=geo.w, mode=mode,
       sub_c=_sub_block(bc, cfg.sub_c, SUBLANES))
   steps = grid[0] * grid[1] * grid[2]
-  terms = LANES * t_pad * strips * rows * geo.w * taps * c_pad // sh
+  terms = LANES * t_pad * (rows // sh) * geo.ow * taps * c_pad
   dx = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((strips, rows, geo.w, geo.n, c_pad),
