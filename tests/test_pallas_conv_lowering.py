@@ -33,8 +33,9 @@ TPU_COMPILE_ENV = {
 }
 
 # (x shape, w shape, strides, padding, dilation, groups): every geometry of
-# tests/test_pallas_conv.py, batch 8 (row strips folded into the lanes), and
-# two at batch 128 (the unpadded activation, windows copied by the kernel).
+# tests/test_pallas_conv.py, batch 8 (row strips folded into the lanes), two
+# more small batches, and two at batch 128 (the unpadded activation, windows
+# copied by the kernel).
 VARIANTS = (
     ((128, 6, 5, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
     ((128, 9, 7, 4), (3, 2, 2, 6), (2, 1), ((2, 1), (0, 2)), (2, 1), 2),
@@ -45,6 +46,12 @@ VARIANTS = (
     ((8, 11, 4), (3, 1, 4), (2,), ((2, 1),), (1,), 4),
     ((8, 8, 8, 16), (1, 1, 16, 32), (2, 2), ((0, 0), (0, 0)), (1, 1), 1),
     ((8, 5, 5, 4), (3, 3, 1, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),
+    # Small batches read with the channels on the lanes: 24 images (lanes
+    # 120-127 empty), stride 2; 32 images of 136 channels (not a multiple
+    # of 128) in and out.
+    ((24, 10, 6, 16), (3, 3, 16, 8), (2, 2), ((1, 1), (1, 1)), (1, 1), 1),
+    ((32, 12, 10, 136), (3, 3, 136, 136), (1, 1), ((1, 1), (1, 1)), (1, 1),
+     1),
 )
 
 # name, N, H (= W), C, T, kernel, stride (padding k // 2).
@@ -144,7 +151,9 @@ def compile_tpu_conv_kernels(sweep: bool) -> None:
   count = 0
   for dtype in (jnp.float32, jnp.bfloat16):
     for k, (x_shape, w_shape, *geometry) in enumerate(VARIANTS):
-      if dtype == jnp.bfloat16 and k > 0 and not sweep:
+      # bf16 by default: the full-lane batch and the small-batch
+      # (channels-on-lanes) path; every variant with --sweep.
+      if dtype == jnp.bfloat16 and k not in (0, 2) and not sweep:
         continue
       spec = _spec(*geometry)
       compile_pair(sds(x_shape, dtype), sds(w_shape, jnp.float32), spec,
@@ -247,7 +256,8 @@ def _run_tpu_compile(sweep: bool) -> str:
 
 def test_tpu_conv_kernels_compile_for_v5e_without_a_tpu():
   out = _run_tpu_compile(sweep=False)
-  assert f'compiled {2 * len(VARIANTS) + 2 + 2} TPU conv kernels' in out
+  # Every variant in f32, two in bf16, and the many-blocks case.
+  assert f'compiled {2 * len(VARIANTS) + 2 * 2 + 2} TPU conv kernels' in out
 
 
 @pytest.mark.slow
