@@ -252,6 +252,34 @@ def _forward_kernel(x_hbm, wt_ref, o_ref, window, sem, *, kh, kw, sh, sw, dh,
     o_ref[...] = 0.0 - o_ref[...]
 
 
+def _start_strip_copies(hbm, starts, rows, lanes, dst, sems):
+  """Starts one DMA per strip ``k``: rows ``[starts[k], starts[k] + rows)``
+  of the ``(H, W, N, C)`` array ``hbm`` (lane block ``lanes``) into
+  ``dst[k]``. Returns the copies (to ``wait`` on)."""
+  copies = [pltpu.make_async_copy(hbm.at[pl.ds(start, rows), :, :, lanes],
+                                  dst.at[k], sems.at[k])
+            for k, start in enumerate(starts)]
+  for copy in copies:
+    copy.start()
+  return copies
+
+
+def _strips_to_lanes(pieces, lanes):
+  """``(N, b)`` pieces, one per strip -> ``(b, lanes)`` float32, lane
+  ``k*N + n`` from piece ``k`` (zero lanes past the last): one VMEM
+  transpose."""
+  n, b = pieces[0].shape
+  pieces = [p.astype(_F32) for p in pieces]
+  if len(pieces) * n < lanes:
+    pieces.append(jnp.zeros((lanes - len(pieces) * n, b), _F32))
+  return jnp.concatenate(pieces, axis=0).T
+
+
+def _lanes_to_strips(y, strips, n):
+  """``(b, 128)`` with lanes ``k*N + n`` -> ``(strips, N, b)``."""
+  return y.T[:strips * n].reshape(strips, n, -1)
+
+
 def _hwnc_forward_kernel(x_hbm, wt_ref, o_ref, raw, win, acc, sem, *,
                         strips, oh_k, kh, kw, sh, sw, dh, dw, ph, pw, h, w,
                         rows_out, ow_count, sub_t):
@@ -273,13 +301,8 @@ def _hwnc_forward_kernel(x_hbm, wt_ref, o_ref, raw, win, acc, sem, *,
   win_rows, win_cols = win.shape[0], win.shape[1]
   firsts = [(k * oh_k + rb * rows_out) * sh - ph for k in range(strips)]
   starts = [jnp.minimum(jnp.maximum(f, 0), h - raw_rows) for f in firsts]
-  copies = [
-      pltpu.make_async_copy(
-          x_hbm.at[pl.ds(starts[k], raw_rows), :, :, _block(x_hbm, 3, cb, bc)],
-          raw.at[k], sem.at[k])
-      for k in range(strips)]
-  for copy in copies:
-    copy.start()
+  copies = _start_strip_copies(x_hbm, starts, raw_rows,
+                               _block(x_hbm, 3, cb, bc), raw, sem)
 
   @pl.when(cb == 0)
   def _init():
@@ -289,7 +312,7 @@ def _hwnc_forward_kernel(x_hbm, wt_ref, o_ref, raw, win, acc, sem, *,
     copy.wait()
 
   lanes = win.shape[3]
-  zeros = jnp.zeros((n, bc), _F32)
+  zeros = jnp.zeros((n, bc), raw.dtype)
 
   def win_row(r, carry):
     rows = [f + r for f in firsts]
@@ -301,12 +324,9 @@ def _hwnc_forward_kernel(x_hbm, wt_ref, o_ref, raw, win, acc, sem, *,
       src = col - pw
       col_ok = (src >= 0) & (src < w)
       src = jnp.minimum(jnp.maximum(src, 0), w - 1)
-      pieces = [jnp.where(row_ok[k] & col_ok,
-                          raw[k, local[k], src].astype(_F32), zeros)
-                for k in range(strips)]
-      if strips * n < lanes:
-        pieces.append(jnp.zeros((lanes - strips * n, bc), _F32))
-      win[r, col] = jnp.concatenate(pieces, axis=0).T
+      win[r, col] = _strips_to_lanes(
+          [jnp.where(row_ok[k] & col_ok, raw[k, local[k], src], zeros)
+           for k in range(strips)], lanes)
       return carry
     return lax.fori_loop(0, win_cols, win_col, carry)
 
@@ -343,8 +363,7 @@ def _hwnc_forward_kernel(x_hbm, wt_ref, o_ref, raw, win, acc, sem, *,
   def _finish():
     def row(r, carry):
       def column(ow, carry):
-        y = (0.0 - acc[r, ow]).T                              # (128, bt)
-        o_ref[:, r, ow] = y[:strips * n].reshape(o_ref.shape[0], n, -1)
+        o_ref[:, r, ow] = _lanes_to_strips(0.0 - acc[r, ow], strips, n)
         return carry
       return lax.fori_loop(0, ow_count, column, carry)
     lax.fori_loop(0, rows_out, row, 0)
@@ -675,25 +694,14 @@ def _hwnc_input_grad_kernel(g_hbm, x_hbm, w_ref, o_ref, raw_g, raw_x, gwin,
   base = lax.div(h0 + ph - (kh - 1) * dh + off + sh - 1, sh) - off // sh
   g_starts = [jnp.minimum(jnp.maximum(base + k * step, 0), oh_count - g_rows)
               for k in range(strips)]
-  g_copies = [
-      pltpu.make_async_copy(
-          g_hbm.at[pl.ds(g_starts[k], g_rows), :, :, _block(g_hbm, 3, tb, bt)],
-          raw_g.at[k], sem_g.at[k])
-      for k in range(strips)]
-  for copy in g_copies:
-    copy.start()
+  g_copies = _start_strip_copies(g_hbm, g_starts, g_rows,
+                                 _block(g_hbm, 3, tb, bt), raw_g, sem_g)
 
   @pl.when(tb == 0)
   def _load_x():
     starts = [jnp.minimum(k * rows + h0, h - x_rows) for k in range(strips)]
-    copies = [
-        pltpu.make_async_copy(
-            x_hbm.at[pl.ds(starts[k], x_rows), :, :,
-                     _block(x_hbm, 3, cb, bc)],
-            raw_x.at[k], sem_x.at[k])
-        for k in range(strips)]
-    for copy in copies:
-      copy.start()
+    copies = _start_strip_copies(x_hbm, starts, x_rows,
+                                 _block(x_hbm, 3, cb, bc), raw_x, sem_x)
     acc[...] = jnp.zeros(acc.shape, _F32)
     for copy in copies:
       copy.wait()
@@ -703,11 +711,9 @@ def _hwnc_input_grad_kernel(g_hbm, x_hbm, w_ref, o_ref, raw_g, raw_x, gwin,
 
     def row(r, carry):
       def column(wi, carry):
-        pieces = [raw_x[k, jnp.minimum(locals_[k] + r, x_rows - 1), wi]
-                  .astype(_F32) for k in range(strips)]
-        if strips * n < lanes:
-          pieces.append(jnp.zeros((lanes - strips * n, bc), _F32))
-        xwin[r, wi] = jnp.concatenate(pieces, axis=0).T
+        xwin[r, wi] = _strips_to_lanes(
+            [raw_x[k, jnp.minimum(locals_[k] + r, x_rows - 1), wi]
+             for k in range(strips)], lanes)
         return carry
       return lax.fori_loop(0, w_count, column, carry)
     lax.fori_loop(0, rows_in, row, 0)
@@ -720,10 +726,8 @@ def _hwnc_input_grad_kernel(g_hbm, x_hbm, w_ref, o_ref, raw_g, raw_x, gwin,
              for k, st in enumerate(g_starts)]
 
     def column(ow, carry):
-      pieces = [raw_g[k, local[k], ow] for k in range(strips)]
-      if strips * n < lanes:
-        pieces.append(jnp.zeros((lanes - strips * n, bt), _F32))
-      gwin[l, ow] = jnp.concatenate(pieces, axis=0).T
+      gwin[l, ow] = _strips_to_lanes(
+          [raw_g[k, local[k], ow] for k in range(strips)], lanes)
       return carry
     return lax.fori_loop(0, ow_count, column, carry)
 
@@ -788,8 +792,7 @@ def _hwnc_input_grad_kernel(g_hbm, x_hbm, w_ref, o_ref, raw_g, raw_x, gwin,
   def _finish():
     def row(r, carry):
       def column(wi, carry):
-        y = acc[r, wi].T                                      # (128, bc)
-        o_ref[:, r, wi] = y[:strips * n].reshape(strips, n, bc)
+        o_ref[:, r, wi] = _lanes_to_strips(acc[r, wi], strips, n)
         return carry
       return lax.fori_loop(0, w_count, column, carry)
     lax.fori_loop(0, rows_in, row, 0)
