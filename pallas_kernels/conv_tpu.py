@@ -489,9 +489,11 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
   taps = geo.kh * geo.kw
 
   strips = _strip_count(geo.n, geo.oh, cfg.block_n)
-  if (strips > 1 and geo.groups == 1 and geo.n % 8 == 0 and
-      cfg.channels_on_lanes):
-    y = _hwnc_forward(x, w, geo, cfg, strips, interpret=interpret)
+  if (strips > 1 and geo.n < LANES and geo.n % 8 == 0 and
+      geo.groups == 1 and cfg.channels_on_lanes):
+    # One lane block of strips x images, whatever block_n says.
+    y = _hwnc_forward(x, w, geo, cfg, min(strips, LANES // geo.n),
+                      interpret=interpret)
     return y[:, 0] if was_1d else y
   if strips > 1:
     # A batch below one lane block: fold output-row strips into the lanes
@@ -926,10 +928,10 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
   taps = geo.kh * geo.kw
 
   strips = _strip_count(geo.n, -(-geo.h // sh), cfg.block_n)
-  if (strips > 1 and geo.groups == 1 and geo.n % 8 == 0 and
-      cfg.channels_on_lanes):
-    dx = _hwnc_input_grad(x, w, g, geo, cfg, strips, mode,
-                          interpret=interpret)
+  if (strips > 1 and geo.n < LANES and geo.n % 8 == 0 and
+      geo.groups == 1 and cfg.channels_on_lanes):
+    dx = _hwnc_input_grad(x, w, g, geo, cfg, min(strips, LANES // geo.n),
+                          mode, interpret=interpret)
     return dx[:, 0] if was_1d else dx
   if strips > 1:
     # A batch below one lane block: fold input-row strips into the lanes.

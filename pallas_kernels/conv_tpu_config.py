@@ -235,7 +235,7 @@ class ForwardConfig:
     rows = (self.block_r - 1) * sh + (kh - 1) * dh + 1
     rows = rows if h is None else min(rows, h)
     w_block = kh * kw * bt * _lanes(bc) * 4
-    if n < self.block_n and n % 8 == 0 and self.channels_on_lanes:
+    if n < LANES and n % 8 == 0 and self.channels_on_lanes:
       # Small batch (row strips in the lanes, channels-on-lanes operands):
       # the copied rows (S*N <= 128 images x strips, channels on the
       # lanes), their transposed f32 window, the f32 accumulator and the
@@ -354,7 +354,7 @@ class InputGradConfig:
     _, bt = padded_lane_axis(t, 8, self.block_t)
     rows = (self.block_r - 1 + (kh - 1) * dh) // sh + 1
     w_block = kh * kw * bc * _lanes(bt) * 4
-    if n < self.block_n and n % 8 == 0 and self.channels_on_lanes:
+    if n < LANES and n % 8 == 0 and self.channels_on_lanes:
       # Small batch, channels on the lanes: the copied cotangent and
       # activation rows (S*N <= 128 lanes' worth), their transposed f32
       # windows, the f32 accumulator and the double-buffered output block.

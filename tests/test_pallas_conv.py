@@ -373,6 +373,16 @@ class TestTpuConvInterpret(_ConvTestBase):
         dx_config=conv_tpu_config.InputGradConfig(block_c=16, sub_c=16,
                                                   block_r=block_r))
 
+  def test_small_batch_wider_block_n(self):
+    # block_n=256 would fold 9 strips of 16 images (144 lanes): the
+    # channels-on-lanes path keeps one lane block (8 strips).
+    self._check(
+        'small_pad_s1', seed=16,
+        fwd_config=conv_tpu_config.ForwardConfig(block_n=256, block_t=8,
+                                                 sub_t=8),
+        dx_config=conv_tpu_config.InputGradConfig(block_n=256, block_c=16,
+                                                  sub_c=16))
+
   def test_small_batch_channel_blocks(self):
     self._check(
         'small_blocks', mode='sign', seed=12,
