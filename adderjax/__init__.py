@@ -15,10 +15,11 @@ from adderjax.models import create_model
 from adderjax.ops_count import count_ops
 from adderjax.ops_count import count_params
 from adderjax.ops_count import EnergyModel
+from adderjax.remat import layer_outputs_saveable
 
 __version__ = '0.1.0'
 
 __all__ = ['adder_conv', 'adder_dense', 'available_implementations',
            'GRAD_MODES', 'linen', 'nnx', 'optim', 'bnn', 'models', 'official',
            'create_model', 'count_ops', 'count_params', 'EnergyModel',
-           'quant']
+           'quant', 'layer_outputs_saveable']

@@ -125,7 +125,8 @@ def train_step_spec(config: ml_collections.ConfigDict, devices=None
   state = jax.eval_shape(train.make_init(model, tx, image_shape), key)
   dtype = jnp.dtype(config.model.dtype)
   step = runner.compile_train(train.make_train_step(
-      model.apply, tx, mean, std, dtype, runner.axis_name))
+      model.apply, tx, mean, std, dtype, runner.axis_name,
+      remat=train.resolve_remat(config.remat, runner.platform)))
   batch = runner.abstract_batch({
       'image': ((config.batch_size,) + image_shape, jnp.uint8),
       'label': ((config.batch_size,), jnp.int32)})
@@ -219,6 +220,10 @@ def main(argv=None) -> int:
   parser.add_argument('--implementation', default=None,
                       help="model.implementation (default None: Pallas on "
                       "TPU); 'xla' for the XLA path")
+  parser.add_argument('--remat', default=None,
+                      choices=train.REMAT_CHOICES,
+                      help="the step's activation recompute (default: the "
+                      "config's remat)")
   args = parser.parse_args(argv)
   rows = []
   for kind in args.kinds.split(','):
@@ -228,13 +233,16 @@ def main(argv=None) -> int:
       config.parallelism = args.parallelism
     if args.batch_size:
       config.batch_size = args.batch_size
+    if args.remat:
+      config.remat = args.remat
     if args.implementation and kind == 'adder':
       config.model.implementation = args.implementation
     stats = analyse(compile_for_tpu(config, args.topology)[0])
     rows.append((kind, stats))
   keys = list(rows[0][1])
   print(f'{args.config} {args.topology} batch {config.batch_size} '
-        f'({config.parallelism}), per chip:')
+        f'({config.parallelism}, remat {config.remat}: '
+        f'{train.resolve_remat(config.remat, "tpu")}), per chip:')
   print('| kind | ' + ' | '.join(keys) + ' |')
   print('|' + '---|' * (len(keys) + 1))
   for kind, stats in rows:

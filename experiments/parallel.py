@@ -246,6 +246,11 @@ class JitRunner:
     self.batch_sharding = NamedSharding(self.mesh,
                                         P(tuple(self.mesh.axis_names)))
 
+  @property
+  def platform(self) -> str:
+    """The platform of the mesh's devices (``'cpu'``, ``'gpu'``, ``'tpu'``)."""
+    return self.mesh.devices.flat[0].platform
+
   def local_rows(self, global_size: int) -> slice:
     """The rows of a global batch that this process's devices hold."""
     check_divisible(global_size, self.num_devices)
@@ -322,6 +327,11 @@ class PmapRunner:
     self.num_local = len(self.local_devices)
     self.num_devices = (jax.device_count() if devices is None
                         else self.num_local)
+
+  @property
+  def platform(self) -> str:
+    """The platform of the local devices (``'cpu'``, ``'gpu'``, ``'tpu'``)."""
+    return self.local_devices[0].platform
 
   def local_rows(self, global_size: int) -> slice:
     check_divisible(global_size, self.num_devices)

@@ -71,8 +71,12 @@ def _tree_bytes(tree):
 # --- the step against the paper's update rule -------------------------------
 
 
-def test_first_step_matches_the_paper_update(mnist_dir):
-  """One step = SGD on the mean loss with eta*sqrt(k)*g/||g|| on adder kernels."""
+@pytest.mark.parametrize('remat', ['none', 'layer_outputs'])
+def test_first_step_matches_the_paper_update(mnist_dir, remat):
+  """One step = SGD on the mean loss with eta*sqrt(k)*g/||g|| on adder kernels.
+
+  With and without the activation recompute of the train step's loss.
+  """
   from adderjax import models
   config = tiny_mnist_config(mnist_dir, kind='adder')
   ds = data.build_datasets(config.dataset, seed=0, global_batch_size=16,
@@ -82,7 +86,8 @@ def test_first_step_matches_the_paper_update(mnist_dir):
   tx, schedule = train.create_optimizer(config, model, example, 3)
   state = train.init_host_state(model, tx, 0, (28, 28, 1))
   batch = ds.train.batch(0)
-  step = jax.jit(train.make_train_step(model.apply, tx, ds.mean, ds.std))
+  step = jax.jit(train.make_train_step(model.apply, tx, ds.mean, ds.std,
+                                       remat=remat))
   new_state, metrics = step(jax.tree.map(jnp.asarray, state), batch)
 
   # Independent reference: gradients of the mean cross-entropy by jax.grad
@@ -308,7 +313,23 @@ def test_unknown_and_bad_config_values(mnist_dir, tmp_path):
   config.model.overrides = ml_collections.ConfigDict({'depth': 3})
   with pytest.raises(ValueError, match='depth'):
     train.train_and_evaluate(config, str(tmp_path / 'c'))
+  config = tiny_mnist_config(mnist_dir)
+  config.remat = 'everything'
+  with pytest.raises(ValueError, match="remat 'everything'"):
+    train.train_and_evaluate(config, str(tmp_path / 'd'))
   assert not os.path.exists(tmp_path / 'a')
+
+
+def test_remat_auto_by_platform():
+  assert train.resolve_remat('auto', 'cpu') == 'none'
+  assert train.resolve_remat('auto', 'tpu') == 'layer_outputs'
+  assert train.resolve_remat('auto', 'gpu') == 'layer_outputs'
+  assert train.resolve_remat('none', 'tpu') == 'none'
+  assert train.resolve_remat('layer_outputs', 'cpu') == 'layer_outputs'
+  with pytest.raises(ValueError, match="remat 'some'"):
+    train.resolve_remat('some', 'cpu')
+  with pytest.raises(ValueError, match="remat 'auto'"):
+    train.make_train_step(lambda *a, **k: None, None, 0.0, 1.0, remat='auto')
 
 
 def test_corrupt_data_file_is_named(mnist_dir, tmp_path):

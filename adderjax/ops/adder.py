@@ -18,10 +18,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from adderjax.ops import backends
 from adderjax.ops import geometry
 from adderjax.ops.geometry import GRAD_MODES, PaddingLike
+from adderjax.remat import ADDER_OUTPUT
 
 _F32 = jnp.float32
 
@@ -177,7 +179,8 @@ def adder_conv(x: jax.Array,
   dtype = jnp.result_type(x.dtype, kernel.dtype)
   cfg = _Config(geo, grad, backends.resolve(implementation),
                 _hashable_precision(precision))
-  return _adder(x.astype(dtype), kernel.astype(dtype), cfg)
+  return checkpoint_name(_adder(x.astype(dtype), kernel.astype(dtype), cfg),
+                         ADDER_OUTPUT)
 
 
 def adder_dense(x: jax.Array,

@@ -106,6 +106,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # batch is split over every axis (experiments.parallel.make_mesh).
   c.mesh_shape = (-1,)
   c.mesh_axes = ('data',)
+  # Activation recompute in the train step: 'layer_outputs' keeps only the
+  # layers' outputs (and small reductions) from the forward pass and
+  # recomputes the elementwise ops between layers in the backward pass
+  # (adderjax.layer_outputs_saveable); 'none' keeps what XLA keeps; 'auto'
+  # is 'layer_outputs' on GPU/TPU and 'none' on CPU (train.resolve_remat).
+  c.remat = 'auto'
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1
