@@ -54,7 +54,7 @@ QUARANTINE_DIR = 'corrupt_checkpoints'
 #: Config keys that may differ between a run and its resumption.
 RUNTIME_KEYS = frozenset({
     'log_every_steps', 'checkpoint_every_steps', 'max_to_keep',
-    'progress_bar', 'parallelism', 'mesh_shape', 'mesh_axes',
+    'progress_bar', 'parallelism', 'mesh_shape', 'mesh_axes', 'remat',
     'eval_batch_size', 'eval_every_epochs',
     'num_train_steps', 'distributed', 'async_checkpointing', 'tensorboard',
     'dataset.data_dir', 'dataset.tfds_data_dir', 'dataset.num_workers',
