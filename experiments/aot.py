@@ -224,6 +224,9 @@ def main(argv=None) -> int:
                       choices=train.REMAT_CHOICES,
                       help="the step's activation recompute (default: the "
                       "config's remat)")
+  parser.add_argument('--remat_blocks', action='store_true',
+                      help='ResNets: recompute every residual block in the '
+                      'backward pass (model.overrides.remat_blocks=True)')
   args = parser.parse_args(argv)
   rows = []
   for kind in args.kinds.split(','):
@@ -235,6 +238,8 @@ def main(argv=None) -> int:
       config.batch_size = args.batch_size
     if args.remat:
       config.remat = args.remat
+    if args.remat_blocks:
+      config.model.overrides.remat_blocks = True
     if args.implementation and kind == 'adder':
       config.model.implementation = args.implementation
     stats = analyse(compile_for_tpu(config, args.topology)[0])
@@ -242,7 +247,8 @@ def main(argv=None) -> int:
   keys = list(rows[0][1])
   print(f'{args.config} {args.topology} batch {config.batch_size} '
         f'({config.parallelism}, remat {config.remat}: '
-        f'{train.resolve_remat(config.remat, "tpu")}), per chip:')
+        f'{train.resolve_remat(config.remat, "tpu")}'
+        f'{", blocks recomputed" if args.remat_blocks else ""}), per chip:')
   print('| kind | ' + ' | '.join(keys) + ' |')
   print('|' + '---|' * (len(keys) + 1))
   for kind, stats in rows:

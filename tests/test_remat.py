@@ -186,3 +186,66 @@ class NetworkGradientTest(parameterized.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+class RematBlocksTest(parameterized.TestCase):
+  """ResNet(remat_blocks=True): same variables, updates and gradients."""
+
+  def _both(self, name, batch, size, remats=(False, True), **overrides):
+    out = []
+    for remat in remats:
+      model = models.create_model(name, kind='adder', num_classes=10,
+                                  remat_blocks=remat, **overrides)
+      kx, ky = jax.random.split(jax.random.key(size))
+      x = jax.random.normal(kx, (batch, size, size, 3))
+      labels = jax.random.randint(ky, (batch,), 0, 10)
+      variables = jax.jit(functools.partial(model.init, train=False))(
+          jax.random.key(0), x)
+
+      def loss(params, model=model, variables=variables, x=x, labels=labels):
+        logits, updates = model.apply({**variables, 'params': params}, x,
+                                      train=True, mutable=['batch_stats'])
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits, labels).mean(), updates
+
+      out.append((model, variables, loss, x))
+    return out
+
+  def test_resnet20(self):
+    self._check('resnet20', 4, 16, stage_sizes=(1, 1, 1), width=8)
+
+  @pytest.mark.slow
+  def test_resnet50(self):
+    self._check('resnet50', 2, 64, stage_sizes=(1, 1, 1, 1), width=8)
+
+  def _check(self, name, batch, size, **overrides):
+    (_, v0, loss0, _), (_, v1, loss1, _) = self._both(name, batch, size,
+                                                      **overrides)
+    self.assertEqual(jax.tree.structure(v0), jax.tree.structure(v1))
+    for a, b in zip(jax.tree.leaves(v0), jax.tree.leaves(v1)):
+      np.testing.assert_array_equal(a, b)  # same init, same names
+    (_, up0), g0 = jax.jit(jax.value_and_grad(loss0, has_aux=True))(
+        v0['params'])
+    (_, up1), g1 = jax.jit(jax.value_and_grad(loss1, has_aux=True))(
+        v1['params'])
+    self.assertLessEqual(_max_rel_diff(g1, g0), 1e-5)
+    self.assertLessEqual(_max_rel_diff(up1, up0), 1e-6)
+
+  def test_keeps_block_inputs_only(self):
+    # Blocks at 16 (8 ch), 8 (16 ch) and 4 px (32 ch): inside a block
+    # nothing is kept, so the last stage's tensors are not residuals and
+    # the middle stage's only one, the last block's input.
+    [(_, variables, loss, _)] = self._both(
+        'resnet20', 4, 16, remats=(True,), stage_sizes=(1, 1, 1), width=8)
+    res = jax.tree.leaves(jax.eval_shape(
+        lambda p: jax.vjp(lambda q: loss(q)[0], p)[1], variables['params']))
+    shapes = [l.shape for l in res if len(l.shape) == 4 and l.shape[0] == 4]
+    self.assertEqual(shapes.count((4, 4, 4, 32)), 0, shapes)
+    self.assertEqual(shapes.count((4, 8, 8, 16)), 1, shapes)
+
+  def test_bad_value(self):
+    model = models.create_model('resnet20', kind='adder', num_classes=10,
+                                remat_blocks='yes')
+    with self.assertRaisesRegex(ValueError, "remat_blocks.*'yes'"):
+      jax.eval_shape(functools.partial(model.init, train=False),
+                     jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
