@@ -301,7 +301,7 @@ def classification_metrics(logits: jax.Array, labels: jax.Array,
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation,
                     mean, std, dtype=jnp.float32,
                     axis_name: str | None = None,
-                    remat: str = 'layer_outputs') -> Callable:
+                    remat: str = 'none') -> Callable:
   """One optimizer step; the same function for jit and pmap.
 
   Under ``pmap`` (``axis_name`` set), the gradients and BatchNorm statistics
