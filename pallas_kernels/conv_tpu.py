@@ -94,6 +94,7 @@ from pallas_kernels.conv_tpu_config import LANES
 from pallas_kernels.conv_tpu_config import SUBLANES
 from pallas_kernels.conv_tpu_config import padded_batch
 from pallas_kernels.conv_tpu_config import padded_lane_axis
+from pallas_kernels.conv_tpu_config import reads_channels_on_lanes
 from pallas_kernels.conv_tpu_config import row_block
 
 _F32 = jnp.float32
@@ -482,15 +483,15 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
   cfg = config or ForwardConfig.get_default(
       n=geo.n, h=hp, w=wp, c=geo.c, t=geo.t, kh=geo.kh, kw=geo.kw, oh=geo.oh,
       ow=geo.ow, itemsize=x.dtype.itemsize, generation=generation, sh=sh,
-      dh=dh)
+      dh=dh, groups=geo.groups)
   c_pad, bc = padded_lane_axis(geo.c, SUBLANES, cfg.block_c)
   bt = min(cfg.block_t, _util.round_up(geo.t, 8))
   t_pad = _util.round_up(geo.t, bt)
   taps = geo.kh * geo.kw
 
   strips = _strip_count(geo.n, geo.oh, cfg.block_n)
-  if (strips > 1 and geo.n < LANES and geo.n % 8 == 0 and
-      geo.groups == 1 and cfg.channels_on_lanes):
+  if (strips > 1 and cfg.channels_on_lanes and
+      reads_channels_on_lanes(geo.n, geo.groups)):
     # One lane block of strips x images, whatever block_n says.
     y = _hwnc_forward(x, w, geo, cfg, min(strips, LANES // geo.n),
                       interpret=interpret)
@@ -921,15 +922,15 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
   cfg = config or InputGradConfig.get_default(
       n=geo.n, h=geo.h, w=geo.w, c=geo.c, t=geo.t, kh=geo.kh, kw=geo.kw,
       oh=geo.oh, ow=geo.ow, itemsize=x.dtype.itemsize, generation=generation,
-      sh=sh, dh=dh)
+      sh=sh, dh=dh, groups=geo.groups)
   bc = min(cfg.block_c, _util.round_up(geo.c, SUBLANES))
   c_pad = _util.round_up(geo.c, bc)
   t_pad, bt = padded_lane_axis(geo.t, 8, cfg.block_t)
   taps = geo.kh * geo.kw
 
   strips = _strip_count(geo.n, -(-geo.h // sh), cfg.block_n)
-  if (strips > 1 and geo.n < LANES and geo.n % 8 == 0 and
-      geo.groups == 1 and cfg.channels_on_lanes):
+  if (strips > 1 and cfg.channels_on_lanes and
+      reads_channels_on_lanes(geo.n, geo.groups)):
     dx = _hwnc_input_grad(x, w, g, geo, cfg, min(strips, LANES // geo.n),
                           mode, interpret=interpret)
     return dx[:, 0] if was_1d else dx

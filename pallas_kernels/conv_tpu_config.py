@@ -145,6 +145,24 @@ def padded_lane_axis(size: int, multiple: int, block: int) -> tuple[int, int]:
   return _util.round_up(size, block), block
 
 
+def reads_channels_on_lanes(n: int, groups: int = 1) -> bool:
+  """Whether a ``channels_on_lanes`` config takes the small-batch path.
+
+  Below one lane block of images, a multiple of 8 and ungrouped, the kernels
+  read the activation (and cotangent) as ``(H, W, N, C)`` and transpose row
+  strips into the lanes in VMEM; other small batches build the strips in
+  HBM. The configs' VMEM estimates and defaults and the kernels' dispatch
+  all ask this.
+
+  Examples:
+    >>> reads_channels_on_lanes(32), reads_channels_on_lanes(32, groups=2)
+    (True, False)
+    >>> reads_channels_on_lanes(12), reads_channels_on_lanes(128)
+    (False, False)
+  """
+  return n < LANES and n % 8 == 0 and groups == 1
+
+
 def row_block(size: int, most: int) -> int:
   """The largest divisor of ``size`` up to ``most`` (rows per grid step)."""
   for r in range(min(most, size), 0, -1):
@@ -235,7 +253,7 @@ class ForwardConfig:
     rows = (self.block_r - 1) * sh + (kh - 1) * dh + 1
     rows = rows if h is None else min(rows, h)
     w_block = kh * kw * bt * _lanes(bc) * 4
-    if n < LANES and n % 8 == 0 and self.channels_on_lanes:
+    if self.channels_on_lanes and reads_channels_on_lanes(n):
       # Small batch (row strips in the lanes, channels-on-lanes operands):
       # the copied rows (S*N <= 128 images x strips, channels on the
       # lanes), their transposed f32 window, the f32 accumulator and the
@@ -251,8 +269,8 @@ class ForwardConfig:
 
   @classmethod
   def get_default(cls, *, n, h, w, c, t, kh, kw, oh, ow, itemsize=4,
-                  generation: str | None = None, sh=1,
-                  dh=1) -> 'ForwardConfig':
+                  generation: str | None = None, sh=1, dh=1,
+                  groups=1) -> 'ForwardConfig':
     """Of the blocks that fit the VMEM budget, those that read the
     activation from HBM the fewest times (within 15 %), and of these the
     one with the smallest VMEM footprint; the smallest footprint if none
@@ -267,13 +285,17 @@ class ForwardConfig:
       itemsize: bytes per activation element.
       generation: ``'v4'``, ``'v5e'`` (default) or ``'v6e'``.
       sh, dh: vertical stride and dilation.
+      groups: feature groups (grouped layers never read with the channels
+        on the lanes, see :func:`reads_channels_on_lanes`).
     """
     gen = get_generation(generation)
     t8 = _util.round_up(t, 8)
     sub_t = min(gen.block_t, t8)
     candidates = []
-    small = n < LANES and n % 8 == 0
-    for on_lanes in (True, False) if small else (True,):
+    small = reads_channels_on_lanes(n, groups)
+    # A grouped small batch takes the HBM strips: estimate it that way.
+    for on_lanes in (True, False) if small else (
+        not reads_channels_on_lanes(n),):
       for block_r in sorted({row_block(oh, r) for r in (8, 4, 2, 1)}):
         for block_t in sorted({t8, 512, 256, 128, 64, 32, 8}):
           if block_t > t8 or (small and on_lanes and block_t < t8 and
@@ -354,7 +376,7 @@ class InputGradConfig:
     _, bt = padded_lane_axis(t, 8, self.block_t)
     rows = (self.block_r - 1 + (kh - 1) * dh) // sh + 1
     w_block = kh * kw * bc * _lanes(bt) * 4
-    if n < LANES and n % 8 == 0 and self.channels_on_lanes:
+    if self.channels_on_lanes and reads_channels_on_lanes(n):
       # Small batch, channels on the lanes: the copied cotangent and
       # activation rows (S*N <= 128 lanes' worth), their transposed f32
       # windows, the f32 accumulator and the double-buffered output block.
@@ -377,8 +399,8 @@ class InputGradConfig:
 
   @classmethod
   def get_default(cls, *, n, h, w, c, t, kh, kw, oh, ow, itemsize=4,
-                  generation: str | None = None, sh=1,
-                  dh=1) -> 'InputGradConfig':
+                  generation: str | None = None, sh=1, dh=1,
+                  groups=1) -> 'InputGradConfig':
     """Of the blocks that fit the VMEM budget, those that read the
     cotangent from HBM the fewest times (within 15 %), and of these the one
     with the smallest VMEM footprint; the smallest footprint if none fits.
@@ -388,8 +410,10 @@ class InputGradConfig:
     gen = get_generation(generation)
     c16 = _util.round_up(c, SUBLANES)
     candidates = []
-    small = n < LANES and n % 8 == 0
-    for on_lanes in (True, False) if small else (True,):
+    small = reads_channels_on_lanes(n, groups)
+    # A grouped small batch takes the HBM strips: estimate it that way.
+    for on_lanes in (True, False) if small else (
+        not reads_channels_on_lanes(n),):
       for block_r in sorted({row_block(h, r) for r in (8, 4, 2, 1)}):
         for block_c in sorted({c16, 512, 256, 128, 64, 32, 16}):
           if block_c > c16 or (small and on_lanes and block_c < c16 and

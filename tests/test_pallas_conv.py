@@ -511,6 +511,21 @@ def test_tpu_defaults_fit_the_generation(generation, layer):
     conv_tpu_config.get_generation('v9')
 
 
+@pytest.mark.parametrize('n', [8, 32])
+def test_tpu_defaults_of_grouped_small_batches_size_the_hbm_strips(n):
+  # A grouped layer never reads with the channels on the lanes (the kernels
+  # build its row strips in HBM): its default config, VMEM estimate and
+  # limit are those of that path, not of the channels-on-lanes one.
+  layer = dict(n=n, w=58, c=64, t=64, kh=3, kw=3, ow=56)
+  for cls in (conv_tpu_config.ForwardConfig,
+              conv_tpu_config.InputGradConfig):
+    grouped = cls.get_default(h=58, oh=56, groups=2, **layer)
+    assert not grouped.channels_on_lanes, grouped
+    est = grouped.vmem_estimate(**layer)
+    assert est <= grouped.vmem_limit_bytes, (grouped, est)
+    assert cls.get_default(h=58, oh=56, **layer).channels_on_lanes
+
+
 @pytest.mark.parametrize('generation', ['a100', 'h100'])
 def test_gpu_defaults_fit_the_generation(generation):
   gen = conv_gpu_config.get_generation(generation)
