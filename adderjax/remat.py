@@ -50,7 +50,7 @@ ADDER_OUTPUT = 'adderjax_adder_output'
 _LAYERS = frozenset({'conv_general_dilated', 'dot_general'})
 _REDUCTIONS = frozenset({'reduce_sum', 'reduce_max', 'reduce_min', 'argmax',
                          'argmin'})
-_COLLECTIVES = frozenset({'psum', 'psum2', 'psum_invariant', 'pmax', 'pmin'})
+_COLLECTIVES = frozenset({'psum', 'psum_invariant', 'pmax', 'pmin'})
 
 
 @dataclasses.dataclass(frozen=True)
