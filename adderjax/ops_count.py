@@ -1,9 +1,10 @@
 """Operation counts per image (#Mul, #Add, #XNOR) and an energy estimate.
 
 :func:`count_ops` runs a Linen model abstractly (``jax.eval_shape`` of
-``model.init``, nothing is allocated or computed) under
-``flax.linen.intercept_methods`` and records every call of a counted layer
-with its input, output and kernel shapes. Nothing is read from hand tables.
+``model.init``, nothing is allocated or computed) under the layer walker of
+:mod:`adderjax.introspect` (``flax.linen.intercept_methods``) and records
+every call of a counted layer with its input, output and kernel shapes.
+Nothing is read from hand tables.
 
 Counting convention (per image, batch of one):
 
@@ -50,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from adderjax import bnn
+from adderjax import introspect
 from adderjax import linen as adder_linen
 
 #: Layer kinds of :class:`LayerOps`.
@@ -379,40 +381,34 @@ def count_ops(model: nn.Module, input_shape, *, dtype: Any = jnp.float32,
   if 'train' not in call_kwargs and _accepts(type(model).__call__, 'train'):
     call_kwargs['train'] = False
 
-  records: list[LayerOps] = []
-  uncounted: list[str] = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name != '__call__':
-      return out
-    module = context.module
-    path = '/'.join(module.path)
-    kinds = _layer_kind(module)
-    if kinds is None:
-      if module.has_variable('params', 'kernel'):
-        uncounted.append(f'{path} ({type(module).__name__})')
-      return out
-    kind, op = kinds
-    kernel = jnp.shape(module.get_variable('params', 'kernel'))
-    has_bias = module.has_variable('params', 'bias')
-    out_shape = tuple(jnp.shape(out))
-    taps = _size(kernel[:-1]) if op == 'conv' else kernel[0]
-    macs = _size(out_shape) * taps
-    bias_adds = _size(out_shape) if has_bias else 0
-    params = _size(kernel) + (kernel[-1] if has_bias else 0)
-    records.append(LayerOps(
-        path=path, layer=type(module).__name__, kind=kind,
-        input_shape=tuple(jnp.shape(args[0])), output_shape=out_shape,
-        kernel_shape=tuple(kernel), macs=int(macs),
-        ops=_layer_ops(kind, int(macs), int(bias_adds)), params=int(params)))
-    return out
-
   def init(x):
     return model.init(jax.random.key(0), x, **call_kwargs)
 
-  with nn.intercept_methods(interceptor):
+  with introspect.intercept_layers() as calls:
     variables = jax.eval_shape(init, jax.ShapeDtypeStruct((1,) + shape,
                                                           dtype))
+  records: list[LayerOps] = []
+  uncounted: list[str] = []
+  for call in calls:
+    params = call.variables.get('params', {})
+    kinds = _layer_kind(call.module)
+    if kinds is None:
+      if 'kernel' in params:
+        uncounted.append(f'{call.name} ({call.type.__name__})')
+      continue
+    kind, op = kinds
+    kernel = call.kernel_shape
+    has_bias = 'bias' in params
+    out_shape = call.output_shape
+    taps = _size(kernel[:-1]) if op == 'conv' else kernel[0]
+    macs = _size(out_shape) * taps
+    bias_adds = _size(out_shape) if has_bias else 0
+    n_params = _size(kernel) + (kernel[-1] if has_bias else 0)
+    records.append(LayerOps(
+        path=call.name, layer=call.type.__name__, kind=kind,
+        input_shape=call.input_shape, output_shape=out_shape,
+        kernel_shape=tuple(kernel), macs=int(macs),
+        ops=_layer_ops(kind, int(macs), int(bias_adds)),
+        params=int(n_params)))
   return OpsReport(input_shape=shape, layers=tuple(records),
                    params=count_params(variables), uncounted=tuple(uncounted))

@@ -55,12 +55,12 @@ from typing import Any
 
 import flax.linen as nn
 from flax import nnx
-from flax.linen import module as _linen_module
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adderjax import introspect
 from adderjax import linen as adder_linen
 from adderjax import nnx as adder_nnx
 
@@ -308,42 +308,15 @@ def _mask_from_paths(tree, owner_paths: dict[tuple, type], where: str):
   return mask
 
 
-# Flax runs lifted modules (nn.remat, nn.scan, ...) once more on a throw-away
-# scope to validate them; calls made there have no real path.
-_TEST_SCOPE = getattr(_linen_module, 'TestScope', None)
-
-
-def _is_validation_scope(scope) -> bool:
-  return _TEST_SCOPE is not None and isinstance(scope.root, _TEST_SCOPE)
-
-
 def _linen_mask(model: nn.Module, args, kwargs, adder_types, init_rngs):
+  # Every method of an adder module counts (setup included); abstract
+  # evaluation: no FLOPs, no parameter memory.
+  with introspect.intercept_layers(adder_types, methods=None) as calls:
+    variables = introspect.abstract_init(model, *args, init_rngs=init_rngs,
+                                         **kwargs)
   owners: dict[tuple, type] = {}
-
-  def interceptor(next_fun, fargs, fkwargs, context):
-    module = context.module
-    if (isinstance(module, adder_types) and module.scope is not None and
-        not _is_validation_scope(module.scope)):
-      owners.setdefault(tuple(module.path), type(module))
-    return next_fun(*fargs, **fkwargs)
-
-  if init_rngs is None:
-    init_rngs = jax.random.key(0)
-  # Array-like leaves (arrays, ShapeDtypeStructs) become abstract inputs of
-  # eval_shape; everything else (flags such as train=False) stays static.
-  leaves, treedef = jax.tree.flatten((init_rngs, args, kwargs))
-  dynamic = [isinstance(x, (jax.Array, np.ndarray, np.generic,
-                            jax.ShapeDtypeStruct)) for x in leaves]
-
-  def init(*dyn_leaves):
-    it = iter(dyn_leaves)
-    rngs, a, kw = jax.tree.unflatten(
-        treedef, [next(it) if d else x for x, d in zip(leaves, dynamic)])
-    with nn.intercept_methods(interceptor):
-      return model.init(rngs, *a, **kw)
-
-  # Abstract evaluation: no FLOPs, no parameter memory.
-  variables = jax.eval_shape(init, *[x for x, d in zip(leaves, dynamic) if d])
+  for call in calls:
+    owners.setdefault(call.path, call.type)
   params = variables.get('params', {})
   return _mask_from_paths(params, owners, "the model's variables['params']")
 
