@@ -46,13 +46,14 @@ What is folded (and what cannot be):
   additions, on the dequantized accumulators. Every weighted layer reads
   integers: that is where the quantization error enters.
 
-The model is run with :func:`flax.linen.intercept_methods` (as
-:func:`adderjax.count_ops` does), so every Linen model built from
-:class:`adderjax.linen.AdderConv` / ``AdderDense``, ``nn.Conv``,
-``nn.Dense`` and ``nn.BatchNorm`` works, the model zoo included. The
-BatchNorm to fold is found by data flow during calibration (a BatchNorm whose
-input *is* a layer's output array); the folding assumes that output has no
-other reader, which holds for every zoo model (each layer feeds only its BN).
+The model is run under the layer walker of :mod:`adderjax.introspect`
+(:func:`flax.linen.intercept_methods`, as :func:`adderjax.count_ops` does),
+so every Linen model built from :class:`adderjax.linen.AdderConv` /
+``AdderDense``, ``nn.Conv``, ``nn.Dense`` and ``nn.BatchNorm`` works, the
+model zoo included. The BatchNorm to fold is found by data flow during
+calibration (a BatchNorm whose input *is* a layer's output array); the
+folding assumes that output has no other reader, which holds for every zoo
+model (each layer feeds only its BN).
 
 Examples:
   >>> import jax, jax.numpy as jnp
@@ -82,6 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from adderjax import introspect
 from adderjax import linen as adder_linen
 from adderjax.ops import geometry
 from adderjax.ops.geometry import PaddingLike
@@ -578,8 +580,6 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
     stats = {}
 
     def interceptor(next_fun, args, kwargs, context):
-      if context.method_name != '__call__':
-        return next_fun(*args, **kwargs)
       module = context.module
       path = _path(module)
       kinds = _layer_kind(module)
@@ -608,7 +608,8 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
       alive.append(out)
       return out
 
-    with nn.intercept_methods(interceptor):
+    # Every __call__ (the walker's default), observed with its real arrays.
+    with introspect.intercept_layers(replace=interceptor):
       model.apply(variables, batch, **call_kwargs)
     return stats
 
@@ -774,19 +775,19 @@ class QuantizedModel:
     folded = {p.bn for p in self.plan if p.bn is not None}
     cfg = self.config
 
-    def interceptor(next_fun, args, kwargs, context):
-      if context.method_name != '__call__':
-        return next_fun(*args, **kwargs)
+    def reinterpreted(module) -> bool:
+      path = _path(module)
+      return ((path in folded and isinstance(module, nn.BatchNorm)) or
+              (path in plans and _layer_kind(module) is not None))
+
+    def run(next_fun, args, kwargs, context):
       module = context.module
       path = _path(module)
       if path in folded and isinstance(module, nn.BatchNorm):
         return args[0]
-      plan = plans.get(path)
-      if plan is None or _layer_kind(module) is None:
-        return next_fun(*args, **kwargs)
-      return _run_layer(module, plan, qparams[path], args[0], cfg)
+      return _run_layer(module, plans[path], qparams[path], args[0], cfg)
 
-    with nn.intercept_methods(interceptor):
+    with introspect.intercept_layers(reinterpreted, replace=run):
       return self.model.apply(self.variables, x, **self.call_kwargs)
 
   def requantize(self, config: QuantConfig) -> 'QuantizedModel':
