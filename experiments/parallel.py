@@ -40,6 +40,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from adderjax import introspect
+
 AXIS = 'data'
 
 # Environment variables that, when set, mean "this is one process of a
@@ -120,14 +122,14 @@ def sync_batchnorm(axis_name: str):
     >>> y.shape
     (1, 2, 1)
   """
-  def interceptor(next_fun, args, kwargs, context):
+  def unsynced(module) -> bool:
+    return isinstance(module, nn.BatchNorm) and module.axis_name is None
+
+  def synced(next_fun, args, kwargs, context):
     module = context.module
-    if (isinstance(module, nn.BatchNorm) and context.method_name == '__call__'
-        and module.axis_name is None):
-      synced = module.clone(parent=module.scope, axis_name=axis_name)
-      return synced(*args, **kwargs)
-    return next_fun(*args, **kwargs)
-  with nn.intercept_methods(interceptor):
+    return module.clone(parent=module.scope, axis_name=axis_name)(*args,
+                                                                  **kwargs)
+  with introspect.intercept_layers(unsynced, replace=synced):
     yield
 
 
