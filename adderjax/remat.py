@@ -44,8 +44,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-#: ``checkpoint_name`` of every adder layer's output.
-ADDER_OUTPUT = 'adderjax_adder_output'
+# The name is the op's (it tags its output); the policy reads it.
+from adderjax.ops.adder import ADDER_OUTPUT
 
 _LAYERS = frozenset({'conv_general_dilated', 'dot_general'})
 _REDUCTIONS = frozenset({'reduce_sum', 'reduce_max', 'reduce_min', 'argmax',

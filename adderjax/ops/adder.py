@@ -23,9 +23,12 @@ from jax.ad_checkpoint import checkpoint_name
 from adderjax.ops import backends
 from adderjax.ops import geometry
 from adderjax.ops.geometry import GRAD_MODES, PaddingLike
-from adderjax.remat import ADDER_OUTPUT
 
 _F32 = jnp.float32
+
+#: ``checkpoint_name`` of every output of :func:`adder_conv` and
+#: :func:`adder_dense` (what :mod:`adderjax.remat`'s policy keeps).
+ADDER_OUTPUT = 'adderjax_adder_output'
 
 
 @dataclasses.dataclass(frozen=True)
