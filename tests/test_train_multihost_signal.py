@@ -1,9 +1,9 @@
 """SIGTERM to one process of a two-process run (jax.distributed, gloo).
 
 Only the non-primary process gets the signal; both must stop at the same
-step (the stop flag is combined over processes), process 0 writes that
-checkpoint, and the resumed two-process run must end bit-identical to an
-uninterrupted two-process run.
+step (they agree on it without a per-step sync: experiments/preemption.py),
+process 0 writes that checkpoint, and the resumed two-process run must end
+bit-identical to an uninterrupted two-process run.
 """
 
 import hashlib
@@ -96,7 +96,9 @@ def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path):
   assert [rc for rc, _, _ in outs] == [143, 143], lines
   assert lines[0] == lines[1], lines  # the same step on both processes
   step = int(lines[0].split('saved checkpoint ')[1].split()[0])
-  assert 0 < step < 2 * STEPS_PER_EPOCH
+  # Within a few steps of the signal (sent after the first log, step 5), not
+  # at the next every-sync_every-steps agreement (step 100, the default).
+  assert 0 < step < STEPS_PER_EPOCH, lines
   assert _digest(stopped)[0] == step
 
   for rc, _, err in _finish(_launch(stopped, data_dir, env)):
