@@ -37,13 +37,11 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from experiments import data as data_lib
 from experiments import parallel
-from experiments import train
+from experiments import experiment
+from experiments import steps
 
 #: Environment for a deviceless TPU compile on a host without a TPU (libtpu
 #: reads it when JAX starts). ``TPU_ACCELERATOR_TYPE`` only has to name some
@@ -56,13 +54,6 @@ TPU_COMPILE_ENV = {
     'TPU_WORKER_HOSTNAMES': 'localhost',
     'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
 }
-
-_CHANNELS = {'mnist': 1}  # every other dataset of the configs is RGB
-_STATS = {'mnist': (data_lib.MNIST_MEAN, data_lib.MNIST_STD),
-          'cifar10': (data_lib.CIFAR_MEAN, data_lib.CIFAR_STD),
-          'cifar100': (data_lib.CIFAR_MEAN, data_lib.CIFAR_STD),
-          'imagenet2012': (data_lib.IMAGENET_MEAN, data_lib.IMAGENET_STD)}
-
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """``'path/to/config.py[:arg]'`` -> the config (as ``--config`` reads it).
@@ -90,6 +81,8 @@ class TrainStepSpec:
   #: Adder kernels in the model (each is one forward and one input-gradient
   #: kernel call on an accelerator).
   adder_layers: int
+  #: The experiment the step was built from (model, optimizer, shapes).
+  experiment: experiment.Experiment | None = None
 
 
 def train_step_spec(config: ml_collections.ConfigDict, devices=None
@@ -105,33 +98,13 @@ def train_step_spec(config: ml_collections.ConfigDict, devices=None
     The jitted (jit runner: inside the mesh) or pmapped step and the shape
     structs of its state and batch, placed as the runner places them.
   """
-  train.validate_config(config)
-  runner = train.make_runner(config, devices)
-  parallel.check_divisible(config.batch_size, runner.num_devices)
-  ds = config.dataset
-  if ds.name not in _STATS:
-    raise ValueError(f'dataset.name {ds.name!r}: use one of {sorted(_STATS)}.')
-  image_shape = (ds.image_size, ds.image_size, _CHANNELS.get(ds.name, 3))
-  mean, std = _STATS[ds.name]
-  if ds.get('mean') is not None and ds.get('std') is not None:
-    mean, std = tuple(ds.mean), tuple(ds.std)  # the config's own statistics
-  model = train.create_model(config.model, ds.num_classes)
-  example = jnp.zeros((1,) + image_shape)
-  tx, _ = train.create_optimizer(config, model, example, steps_per_epoch=100)
-  from adderjax import optim  # pylint: disable=g-import-not-at-top
-  adder_layers = sum(jax.tree.leaves(optim.adder_mask(model, example,
-                                                      train=False)))
-  key = jax.random.key(config.seed, impl=train.PRNG_IMPL)
-  state = jax.eval_shape(train.make_init(model, tx, image_shape), key)
-  dtype = jnp.dtype(config.model.dtype)
-  step = runner.compile_train(train.make_train_step(
-      model.apply, tx, mean, std, dtype, runner.axis_name,
-      remat=train.resolve_remat(config.remat, runner.platform)))
-  batch = runner.abstract_batch({
-      'image': ((config.batch_size,) + image_shape, jnp.uint8),
-      'label': ((config.batch_size,), jnp.int32)})
-  return TrainStepSpec(step, runner.abstract_state(state), batch, runner,
-                       config, adder_layers)
+  exp = experiment.Experiment.from_config(config, devices=devices, data=False,
+                                          steps_per_epoch=100)
+  parallel.check_divisible(config.batch_size, exp.runner.num_devices)
+  adder_layers = sum(jax.tree.leaves(exp.adder_mask()))
+  return TrainStepSpec(exp.train_step, exp.abstract_state(),
+                       exp.abstract_batch(), exp.runner, exp.config,
+                       adder_layers, exp)
 
 
 def tpu_topology(name: str = 'v5e:2x4'):
@@ -221,7 +194,7 @@ def main(argv=None) -> int:
                       help="model.implementation (default None: Pallas on "
                       "TPU); 'xla' for the XLA path")
   parser.add_argument('--remat', default=None,
-                      choices=train.REMAT_CHOICES,
+                      choices=steps.REMAT_CHOICES,
                       help="the step's activation recompute (default: the "
                       "config's remat)")
   parser.add_argument('--remat_blocks', action='store_true',
@@ -247,7 +220,7 @@ def main(argv=None) -> int:
   keys = list(rows[0][1])
   print(f'{args.config} {args.topology} batch {config.batch_size} '
         f'({config.parallelism}, remat {config.remat}: '
-        f'{train.resolve_remat(config.remat, "tpu")}'
+        f'{steps.resolve_remat(config.remat, "tpu")}'
         f'{", blocks recomputed" if args.remat_blocks else ""}), per chip:')
   print('| kind | ' + ' | '.join(keys) + ' |')
   print('|' + '---|' * (len(keys) + 1))

@@ -37,6 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adderjax import official
+from experiments import checkpointing
+from experiments import experiment
+from experiments import steps
+
 FLAGS = flags.FLAGS
 
 # (model, num_classes) -> experiment config module of its dataset.
@@ -84,23 +89,6 @@ def config_for(name: str, num_classes: int, kind: str = 'adder'):
       f'experiments.configs.{module}').get_config(kind)
 
 
-def _numpy(tree: Any) -> Any:
-  return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def _tree_mismatches(target: Any, source: Any) -> list[str]:
-  """Paths where ``source`` lacks, adds or reshapes a leaf of ``target``."""
-  def flat(tree):
-    return {jax.tree_util.keystr(p): np.shape(v) for p, v in
-            jax.tree_util.tree_flatten_with_path(tree)[0]}
-  t, s = flat(target), flat(source)
-  out = [f'{k}: missing' for k in t if k not in s]
-  out += [f'{k}: unexpected' for k in s if k not in t]
-  out += [f'{k}: shape {s[k]}, expected {t[k]}' for k in t
-          if k in s and tuple(s[k]) != tuple(t[k])]
-  return out
-
-
 def convert_to_workdir(checkpoint: str, name: str, workdir: str, *,
                        kind: str = 'adder', reader: str = 'auto',
                        seed: int = 0) -> dict[str, Any]:
@@ -122,9 +110,6 @@ def convert_to_workdir(checkpoint: str, name: str, workdir: str, *,
     ValueError: no experiment config for the class count, or ``workdir``
       holds a run already (nothing is written then).
   """
-  from adderjax import official  # pylint: disable=g-import-not-at-top
-  from experiments import checkpointing  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=1, async_save=False)
   if ckpt.stored_config() is not None or ckpt.latest_step() is not None:
     raise ValueError(f'{workdir} holds a run already; convert into a new '
@@ -133,22 +118,22 @@ def convert_to_workdir(checkpoint: str, name: str, workdir: str, *,
                                      reader=reader)
   config = config_for(name, converted.num_classes, kind)
   config.seed = seed
-  model = train.create_model(config.model, converted.num_classes)
+  model = experiment.create_model(config.model, converted.num_classes)
   size = config.dataset.image_size
   example = jnp.zeros((1, size, size, 3))
-  tx, _ = train.create_optimizer(config, model, example, steps_per_epoch=1)
+  tx, _ = experiment.create_optimizer(config, model, example, steps_per_epoch=1)
   params = converted.variables['params']
   batch_stats = converted.variables['batch_stats']
   abstract = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False), example)
-  bad = _tree_mismatches(abstract, converted.variables)
+  bad = experiment.tree_mismatches(abstract, converted.variables)
   if bad:  # the experiment config builds another model than the converter
     raise ValueError(f'the {config.model.name} of the experiment config does '
                      f'not take the converted variables: {bad[:8]}.')
-  _, rng_key = jax.random.split(jax.random.key(seed, impl=train.PRNG_IMPL))
-  state = train.TrainState(
+  _, rng_key = jax.random.split(jax.random.key(seed, impl=steps.PRNG_IMPL))
+  state = steps.TrainState(
       step=np.zeros((), np.int32), params=params, batch_stats=batch_stats,
-      opt_state=_numpy(tx.init(params)),
+      opt_state=experiment.numpy_tree(tx.init(params)),
       rng=np.asarray(jax.random.key_data(rng_key)))
   ckpt.write_config(config)
   ckpt.save(0, state, {'step': 0, 'epoch': 0.0,
@@ -158,47 +143,6 @@ def convert_to_workdir(checkpoint: str, name: str, workdir: str, *,
   return {'workdir': os.path.abspath(workdir), 'model': name, 'kind': kind,
           'num_classes': converted.num_classes,
           'dataset': config.dataset.name, 'config': config}
-
-
-def init_state_from_workdir(workdir: str, host_state: Any, tx) -> Any:
-  """``host_state`` with the parameters and BatchNorm statistics of a run.
-
-  Starts training (fine-tuning) from a converted workdir (or any run's
-  newest checkpoint): step 0, fresh optimizer state ``tx.init(params)``, the
-  run's own RNG key; only ``params`` and ``batch_stats`` are taken.
-
-  Args:
-    workdir: the run to read (its newest checkpoint).
-    host_state: the new run's initial :class:`experiments.train.TrainState`
-      (numpy arrays, or ``jax.ShapeDtypeStruct`` leaves), whose trees the
-      weights must match.
-    tx: the new run's optimizer.
-
-  Returns:
-    The new initial state.
-
-  Raises:
-    FileNotFoundError: ``workdir`` has no checkpoint.
-    ValueError: the weights do not fit the new run's model (names the
-      missing, unexpected and misshaped variables).
-  """
-  from experiments import checkpointing  # pylint: disable=g-import-not-at-top
-  ckpt = checkpointing.Checkpointer(workdir, primary=False)
-  try:
-    saved, _ = ckpt.restore_saved()
-  finally:
-    ckpt.close()
-  source = {'params': saved['params'], 'batch_stats': saved['batch_stats']}
-  target = {'params': host_state.params,
-            'batch_stats': host_state.batch_stats}
-  bad = _tree_mismatches(target, source)
-  if bad:
-    raise ValueError(f'the weights of {workdir} do not fit this run\'s '
-                     f'model ({len(bad)} mismatches): {bad[:12]}.')
-  merged = jax.tree.map(lambda t, s: np.asarray(s, t.dtype), target, source)
-  return host_state.replace(params=merged['params'],
-                            batch_stats=merged['batch_stats'],
-                            opt_state=_numpy(tx.init(merged['params'])))
 
 
 def main(argv):

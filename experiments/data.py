@@ -691,6 +691,54 @@ def _check_labels(labels: np.ndarray, num_classes: int, what: str):
                     f'but dataset.num_classes={num_classes}.')
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What a step needs to know of a dataset without reading it."""
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+
+#: The known datasets' channels and normalisation statistics.
+_CHANNELS = {'mnist': 1}  # every other dataset of the configs is RGB
+_STATS = {'mnist': (MNIST_MEAN, MNIST_STD),
+          'cifar10': (CIFAR_MEAN, CIFAR_STD),
+          'cifar100': (CIFAR_MEAN, CIFAR_STD),
+          'imagenet2012': (IMAGENET_MEAN, IMAGENET_STD)}
+
+
+def dataset_spec(dataset_config) -> DatasetSpec:
+  """The shapes and normalisation of ``config.dataset``, reading no file.
+
+  The image is ``image_size`` square with the dataset's channels; the
+  statistics are the config's own ``mean`` / ``std`` when both are set, else
+  the known dataset's.
+
+  Raises:
+    DataError: a dataset name this function does not know.
+
+  Examples:
+    >>> import ml_collections
+    >>> c = ml_collections.ConfigDict(dict(name='cifar10', image_size=32,
+    ...                                    num_classes=10))
+    >>> dataset_spec(c).image_shape
+    (32, 32, 3)
+  """
+  name = dataset_config.name
+  if name not in _STATS:
+    raise DataError(f'dataset.name {name!r}: the shapes of a dataset are '
+                    f'known without its files for {sorted(_STATS)}.')
+  size = dataset_config.image_size
+  mean, std = _STATS[name]
+  if (dataset_config.get('mean') is not None and
+      dataset_config.get('std') is not None):
+    mean, std = tuple(dataset_config.mean), tuple(dataset_config.std)
+  return DatasetSpec(image_shape=(size, size, _CHANNELS.get(name, 3)),
+                     num_classes=dataset_config.num_classes,
+                     mean=tuple(mean), std=tuple(std))
+
+
 def build_datasets(dataset_config, *, seed: int, global_batch_size: int,
                    eval_batch_size: int, rows: slice | None = None,
                    eval_rows: slice | None = None) -> Datasets:

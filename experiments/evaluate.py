@@ -65,8 +65,9 @@ def main(argv):
 
 
 def _evaluate():
+  from experiments import experiment  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
-  config = train.load_config(FLAGS.workdir,
+  config = experiment.load_config(FLAGS.workdir,
                              trust_code=FLAGS.trust_workdir_code)
   for flag, key in (('data_dir', 'dataset.data_dir'),
                     ('tfds_data_dir', 'dataset.tfds_data_dir'),

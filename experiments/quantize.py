@@ -24,6 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import checkpointing
+from experiments import experiment
+from experiments import steps
+
 FLAGS = flags.FLAGS
 
 #: 45 nm energies in pJ (Horowitz, ISSCC 2014; the figures of
@@ -60,32 +64,21 @@ def define_flags() -> None:
 def restore(workdir: str, step: int | None = None, data_dir=None,
             max_eval_examples=None):
   """``(config, model, variables, datasets, step)`` of a run's checkpoint."""
-  from experiments import checkpointing  # pylint: disable=g-import-not-at-top
-  from experiments import data as data_lib  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  config = train.load_config(workdir)
+  config = experiment.load_config(workdir)
   if data_dir is not None:
     config.dataset.data_dir = data_dir
   if max_eval_examples is not None:
     config.dataset.max_eval_examples = max_eval_examples
-  train.validate_config(config)
-  datasets = data_lib.build_datasets(
-      config.dataset, seed=config.seed, global_batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size)
-  model = train.create_model(config.model, datasets.num_classes)
-  example = jnp.zeros((1,) + datasets.image_shape)
-  tx, _ = train.create_optimizer(config, model, example,
-                                 datasets.train.steps_per_epoch)
-  target = train.init_host_state(model, tx, config.seed, datasets.image_shape)
+  exp = experiment.Experiment.from_config(config)
   ckpt = checkpointing.Checkpointer(workdir, primary=False)
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {ckpt.directory}.')
-  host_state, _ = ckpt.restore(step, target)
+  host_state, _ = ckpt.restore(step, exp.init_host_state())
   ckpt.close()
   variables = {'params': host_state.params,
                'batch_stats': host_state.batch_stats}
-  return config, model, variables, datasets, int(step)
+  return exp.config, exp.model, variables, exp.datasets, int(step)
 
 
 def accuracy(forward, datasets) -> float:
@@ -93,7 +86,7 @@ def accuracy(forward, datasets) -> float:
   from experiments import train  # pylint: disable=g-import-not-at-top
   hits, count = 0.0, 0.0
   for batch in datasets.eval:
-    x = train.normalize(jnp.asarray(batch['image']), datasets.mean,
+    x = steps.normalize(jnp.asarray(batch['image']), datasets.mean,
                         datasets.std)
     pred = np.asarray(jnp.argmax(forward(x), axis=-1))
     mask = np.asarray(batch['mask'])
@@ -182,7 +175,7 @@ def run(workdir: str, bits_list, *, calibration_batches: int = 4,
   t0 = time.perf_counter()
   float_fwd = jax.jit(lambda x: model.apply(variables, x, train=False))
   results = [('float32', '-', accuracy(float_fwd, datasets))]
-  batches = [train.normalize(jnp.asarray(datasets.train.batch(i)['image']),
+  batches = [steps.normalize(jnp.asarray(datasets.train.batch(i)['image']),
                              datasets.mean, datasets.std)
              for i in range(calibration_batches)]
   base = quant.calibrate(model, variables, batches, quant.QuantConfig(

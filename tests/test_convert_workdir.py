@@ -14,6 +14,8 @@ import tensorflow_datasets as tfds
 
 from experiments import checkpointing
 from experiments import convert_official
+from experiments import experiment
+from experiments import steps
 from experiments import train
 import test_convert_official as fixtures
 
@@ -67,7 +69,7 @@ def test_workdir_holds_the_official_tensors(converted_workdir):
 
 
 def test_evaluate_runs_on_the_converted_workdir(converted_workdir):
-  config = _small_data(train.load_config(converted_workdir))
+  config = _small_data(experiment.load_config(converted_workdir))
   with tfds.testing.mock_data(num_examples=12,
                               policy=tfds.testing.MockPolicy.USE_CODE):
     result = train.evaluate_checkpoint(config, converted_workdir)
@@ -95,16 +97,16 @@ def test_config_for_the_class_count():
 def test_init_from_refuses_another_model(converted_workdir):
   """Fine-tuning a CIFAR-10 checkpoint as a CIFAR-100 model is refused."""
   config = convert_official.config_for('resnet20', 100)
-  model = train.create_model(config.model, 100)
+  model = experiment.create_model(config.model, 100)
   abstract = jax.eval_shape(lambda x: model.init(
       jax.random.key(0), x, train=False), jnp.zeros((1, 32, 32, 3)))
-  state = train.TrainState(step=None, params=abstract['params'],
+  state = steps.TrainState(step=None, params=abstract['params'],
                            batch_stats=abstract['batch_stats'],
                            opt_state=None, rng=None)
   with pytest.raises(ValueError,
                      match=r"\['params'\]\['fc'\]\['kernel'\]: shape "
                      r'\(64, 10\), expected \(64, 100\)'):
-    convert_official.init_state_from_workdir(converted_workdir, state,
+    experiment.init_state_from_workdir(converted_workdir, state,
                                              tx=None)
 
 
@@ -112,7 +114,7 @@ def test_init_from_refuses_another_model(converted_workdir):
 def test_fine_tuning_starts_from_the_converted_weights(converted_workdir,
                                                        tmp_path):
   """Two steps at learning rate 0 keep the converted parameters exactly."""
-  config = _small_data(train.load_config(converted_workdir))
+  config = _small_data(experiment.load_config(converted_workdir))
   config.num_epochs = 1
   config.steps_per_epoch = 2
   config.log_every_steps = 1
@@ -182,7 +184,7 @@ def test_resnet50_workdir_has_the_official_head(tmp_path):
   workdir = str(tmp_path / 'r50')
   out = convert_official.convert_to_workdir(path, 'resnet50', workdir)
   assert (out['dataset'], out['num_classes']) == ('imagenet2012', 1000)
-  config = train.load_config(workdir)
+  config = experiment.load_config(workdir)
   assert config.model.overrides.classifier_bias
   ckpt = checkpointing.Checkpointer(workdir, primary=False)
   state, _ = ckpt.restore_saved()

@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import testing
+from experiments import experiment
 from experiments import train
 from experiments.configs import default
 
@@ -59,7 +60,7 @@ def test_config_recipe_and_kinds(name):
   module = importlib.import_module(f'experiments.configs.{name}')
   for kind in default.KINDS:
     config = module.get_config(kind)
-    train.validate_config(config)
+    experiment.validate_config(config)
     assert config.model.kind == kind
   config = module.get_config()
   assert config.model.kind == 'adder'

@@ -20,6 +20,9 @@ from experiments import checkpointing
 from experiments import data
 from experiments import idx
 from experiments import testing
+from experiments import experiment
+from experiments import losses
+from experiments import steps
 from experiments import train
 from experiments.configs import lenet5_mnist
 
@@ -54,7 +57,7 @@ def mnist_dir(tmp_path_factory):
 
 def _restore_params(workdir):
   """Final parameters of a run, read back from its last checkpoint."""
-  config = train.load_config(workdir)
+  config = experiment.load_config(workdir)
   ckpt = checkpointing.Checkpointer(workdir, primary=False)
   step = ckpt.latest_step()
   state, _ = ckpt.restore_saved(step)
@@ -81,12 +84,12 @@ def test_first_step_matches_the_paper_update(mnist_dir, remat):
   config = tiny_mnist_config(mnist_dir, kind='adder')
   ds = data.build_datasets(config.dataset, seed=0, global_batch_size=16,
                            eval_batch_size=20)
-  model = train.create_model(config.model, 10)
+  model = experiment.create_model(config.model, 10)
   example = jnp.zeros((1, 28, 28, 1))
-  tx, schedule = train.create_optimizer(config, model, example, 3)
-  state = train.init_host_state(model, tx, 0, (28, 28, 1))
+  tx, schedule = experiment.create_optimizer(config, model, example, 3)
+  state = steps.init_host_state(model, tx, 0, (28, 28, 1))
   batch = ds.train.batch(0)
-  step = jax.jit(train.make_train_step(model.apply, tx, ds.mean, ds.std,
+  step = jax.jit(steps.make_train_step(model.apply, tx, ds.mean, ds.std,
                                        remat=remat))
   new_state, metrics = step(jax.tree.map(jnp.asarray, state), batch)
 
@@ -134,7 +137,7 @@ def test_classification_metrics_against_numpy():
   logits = rng.normal(size=(50, 12)).astype(np.float32)
   labels = rng.integers(0, 12, size=50)
   mask = rng.random(50) < 0.7
-  m = train.classification_metrics(jnp.asarray(logits), jnp.asarray(labels),
+  m = losses.classification_metrics(jnp.asarray(logits), jnp.asarray(labels),
                                    jnp.asarray(mask))
   order = np.argsort(-logits, axis=1)
   logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
@@ -173,7 +176,7 @@ def test_train_and_evaluate_writes_everything(mnist_dir, tmp_path, capsys):
   assert json.load(open(os.path.join(workdir, 'config.json')))['model'][
       'kind'] == 'adder'
   # Evaluating the checkpoint reproduces the final evaluation.
-  result = train.evaluate_checkpoint(train.load_config(workdir), workdir)
+  result = train.evaluate_checkpoint(experiment.load_config(workdir), workdir)
   assert result['step'] == 6
   assert result['top1'] == pytest.approx(summary['eval']['top1'])
   assert result['loss'] == pytest.approx(summary['eval']['loss'], rel=1e-5)
@@ -235,22 +238,15 @@ def test_bn_recalibration_uses_exact_batch_statistics(mnist_dir, tmp_path):
   import flax.linen as nn
   config = tiny_mnist_config(mnist_dir, kind='adder',
                              bn_recalibration_batches=2)
-  ds = data.build_datasets(config.dataset, seed=0, global_batch_size=16,
-                           eval_batch_size=20)
-  model = train.create_model(config.model, 10)
-  tx, _ = train.create_optimizer(config, model, jnp.zeros((1, 28, 28, 1)), 3)
-  state = jax.tree.map(jnp.asarray, train.init_host_state(model, tx, 0,
-                                                          (28, 28, 1)))
-  runner = train.parallel.make_runner('jit')
-  ctx = train._Ctx(config=config, runner=runner, datasets=ds, eval_step=None,
-                   bn_stats_step=jax.jit(train.make_bn_stats_step(
-                       model.apply, ds.mean, ds.std)))
-  new = train.recalibrate_batch_stats(ctx, state, 2, 0.9)
+  exp = experiment.Experiment.from_config(config)
+  ds, model = exp.datasets, exp.model
+  state = jax.tree.map(jnp.asarray, exp.init_host_state())
+  new = exp.recalibrate_batch_stats(state, 2)
   # Oracle: the conv1 outputs (BatchNorm bn1's inputs) of the two batches,
   # captured, and their per-batch mean / biased variance averaged.
   means, variances = [], []
   for i in range(2):
-    x = train.normalize(ds.train.batch(i)['image'], ds.mean, ds.std)
+    x = steps.normalize(ds.train.batch(i)['image'], ds.mean, ds.std)
     _, inter = model.apply({'params': state.params,
                             'batch_stats': state.batch_stats}, x,
                            train=True, mutable=['batch_stats',
@@ -321,15 +317,15 @@ def test_unknown_and_bad_config_values(mnist_dir, tmp_path):
 
 
 def test_remat_auto_by_platform():
-  assert train.resolve_remat('auto', 'cpu') == 'none'
-  assert train.resolve_remat('auto', 'tpu') == 'layer_outputs'
-  assert train.resolve_remat('auto', 'gpu') == 'layer_outputs'
-  assert train.resolve_remat('none', 'tpu') == 'none'
-  assert train.resolve_remat('layer_outputs', 'cpu') == 'layer_outputs'
+  assert steps.resolve_remat('auto', 'cpu') == 'none'
+  assert steps.resolve_remat('auto', 'tpu') == 'layer_outputs'
+  assert steps.resolve_remat('auto', 'gpu') == 'layer_outputs'
+  assert steps.resolve_remat('none', 'tpu') == 'none'
+  assert steps.resolve_remat('layer_outputs', 'cpu') == 'layer_outputs'
   with pytest.raises(ValueError, match="remat 'some'"):
-    train.resolve_remat('some', 'cpu')
+    steps.resolve_remat('some', 'cpu')
   with pytest.raises(ValueError, match="remat 'auto'"):
-    train.make_train_step(lambda *a, **k: None, None, 0.0, 1.0, remat='auto')
+    steps.make_train_step(lambda *a, **k: None, None, 0.0, 1.0, remat='auto')
 
 
 def test_corrupt_data_file_is_named(mnist_dir, tmp_path):
@@ -381,7 +377,7 @@ def test_load_config_roundtrip(mnist_dir, tmp_path):
   config.model.overrides = ml_collections.ConfigDict({'pool': 'avg'})
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   ckpt.write_config(config)
-  loaded = train.load_config(str(tmp_path))
+  loaded = experiment.load_config(str(tmp_path))
   checkpointing.compare_configs(checkpointing.config_to_dict(config),
                                 checkpointing.config_to_dict(loaded))
   assert loaded.model.overrides.pool == 'avg'

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent('''
     import json, os, sys
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
     import jax, numpy as np
-    from experiments import data, parallel, testing, train
+    from experiments import data, experiment, parallel, steps, testing, train
     from experiments.configs import lenet5_mnist
 
     kind, data_dir = sys.argv[1], sys.argv[2]
@@ -24,17 +24,17 @@ SCRIPT = textwrap.dedent('''
     c.dataset.data_dir = data_dir
     ds = data.build_datasets(c.dataset, seed=0, global_batch_size=16,
                              eval_batch_size=16)
-    model = train.create_model(c.model, 10)
+    model = experiment.create_model(c.model, 10)
     example = jax.numpy.zeros((1, 28, 28, 1))
-    tx, _ = train.create_optimizer(c, model, example, 4)
-    host = train.init_host_state(model, tx, 0, (28, 28, 1))
+    tx, _ = experiment.create_optimizer(c, model, example, 4)
+    host = steps.init_host_state(model, tx, 0, (28, 28, 1))
     out = {'devices': jax.device_count()}
     runners = {'jit8': parallel.JitRunner(), 'pmap8': parallel.PmapRunner(),
                'one': parallel.JitRunner(jax.devices()[:1])}
     for name, runner in runners.items():
       # With the accelerators' activation recompute: BatchNorm's statistics
       # (cross-device sums under pmap) are kept, the rest recomputed.
-      step = runner.compile_train(train.make_train_step(
+      step = runner.compile_train(steps.make_train_step(
           model.apply, tx, ds.mean, ds.std, axis_name=runner.axis_name,
           remat='layer_outputs'))
       state = runner.put_state(host)

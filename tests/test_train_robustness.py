@@ -27,6 +27,8 @@ from experiments import idx
 from experiments import integrity
 from experiments import main as main_lib
 from experiments import testing
+from experiments import duties
+from experiments import experiment
 from experiments import train
 from experiments import workdir_lock
 from test_train import tiny_mnist_config as tiny_config
@@ -195,7 +197,7 @@ def test_flipped_bit_is_refused_naming_step_and_file(finished_run,
   ckpt.close()
   with pytest.raises(checkpointing.CheckpointCorruptError,
                      match='checkpoint 6'):  # before compiling anything
-    train.evaluate_checkpoint(train.load_config(copy), copy, step=6)
+    train.evaluate_checkpoint(experiment.load_config(copy), copy, step=6)
   ckpt = checkpointing.Checkpointer(copy, primary=False)
   assert ckpt.newest_verified_step() == 4
   ckpt.close()
@@ -205,7 +207,7 @@ def test_flipped_bit_is_refused_naming_step_and_file(finished_run,
 def test_evaluation_falls_back_to_the_newest_intact_checkpoint(finished_run,
                                                                tmp_path):
   copy, _ = _flip_a_bit_of_step_6(finished_run, tmp_path)
-  assert train.evaluate_checkpoint(train.load_config(copy), copy)['step'] == 4
+  assert train.evaluate_checkpoint(experiment.load_config(copy), copy)['step'] == 4
 
 
 @pytest.mark.slow
@@ -257,7 +259,7 @@ def test_no_intact_checkpoint_is_an_error(finished_run, tmp_path):
     target = _largest_file(os.path.join(copy, 'checkpoints', str(step)))
     with open(target, 'r+b') as f:
       f.write(b'\xff\xff')
-  config = train.load_config(copy)
+  config = experiment.load_config(copy)
   with pytest.raises(checkpointing.CheckpointCorruptError,
                      match=r'no intact checkpoint.*\(3 checkpoint\(s\) '
                      r'corrupt\)'):
@@ -289,7 +291,7 @@ def test_dataset_name_and_statistics_are_recorded(finished_run, mnist_dir):
   assert summary['dataset'] == 'idx' and not summary['dataset_verified']
   assert summary['normalization'] == {'mean': stored['mean'],
                                       'std': stored['std']}
-  assert train.load_config(workdir).dataset.mean == tuple(stored['mean'])
+  assert experiment.load_config(workdir).dataset.mean == tuple(stored['mean'])
 
 
 def test_explicit_and_bad_normalization(mnist_dir):
@@ -397,13 +399,13 @@ def test_model_factory_from_a_workdir_needs_trust(finished_run, tmp_path,
     stored = json.load(f)
   stored['model']['name'] = 'untrusted_factory_mod:make'
   (copy / 'config.json').write_text(json.dumps(stored))
-  with pytest.raises(train.UntrustedCodeError,
+  with pytest.raises(experiment.UntrustedCodeError,
                      match="'untrusted_factory_mod:make', which would import "
                      ".*--trust_workdir_code"):
-    train.load_config(str(copy))
+    experiment.load_config(str(copy))
   assert not marker.exists()
-  config = train.load_config(str(copy), trust_code=True)
-  train.create_model(config.model, 10)
+  config = experiment.load_config(str(copy), trust_code=True)
+  experiment.create_model(config.model, 10)
   assert marker.exists()
 
 
@@ -441,9 +443,9 @@ def test_non_finite_parameter_is_named():
   tree = {'dense': {'kernel': np.ones((2, 2), np.float32),
                     'bias': np.array([0.0, np.inf], np.float32)},
           'step': np.int32(3)}
-  assert train._all_finite(tree) == (False, "['dense']['bias']")
+  assert duties.all_finite(tree) == (False, "['dense']['bias']")
   tree['dense']['bias'][1] = 0.0
-  assert train._all_finite(tree) == (True, '')
+  assert duties.all_finite(tree) == (True, '')
 
 
 # --- CLI ---------------------------------------------------------------------

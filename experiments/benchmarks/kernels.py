@@ -363,7 +363,7 @@ def time_train_step(config, repeats: int, devices=None) -> dict[str, float]:
 
   The step, runner and input shapes come from
   :func:`experiments.aot.train_step_spec`; the state is the model's real
-  initial state (``train.init_host_state`` placed by ``runner.put_state``),
+  initial state (``Experiment.init_host_state`` placed by ``runner.put_state``),
   the batch random ``uint8`` images and labels placed by
   ``runner.put_batch``.
 
@@ -379,17 +379,11 @@ def time_train_step(config, repeats: int, devices=None) -> dict[str, float]:
   """
   # Imported here: the layer benchmark does not need the experiments stack.
   from experiments import aot  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
   spec = aot.train_step_spec(config, devices)
-  runner = spec.runner
+  runner, exp = spec.runner, spec.experiment
   ds = config.dataset
-  image_shape = tuple(spec.batch['image'].shape[-3:])
-  model = train.create_model(config.model, ds.num_classes)
-  tx, _ = train.create_optimizer(config, model,
-                                 jnp.zeros((1,) + image_shape),
-                                 steps_per_epoch=100)
-  state = runner.put_state(
-      train.init_host_state(model, tx, config.seed, image_shape))
+  image_shape = exp.image_shape
+  state = runner.put_state(exp.init_host_state())
   global_batch = config.batch_size
   local = global_batch // jax.process_count()
   rng = np.random.default_rng(config.seed)

@@ -110,7 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # layers' outputs (and small reductions) from the forward pass and
   # recomputes the elementwise ops between layers in the backward pass
   # (adderjax.layer_outputs_saveable); 'none' keeps what XLA keeps; 'auto'
-  # is 'layer_outputs' on GPU/TPU and 'none' on CPU (train.resolve_remat).
+  # is 'layer_outputs' on GPU/TPU and 'none' on CPU (steps.resolve_remat).
   c.remat = 'auto'
 
   c.log_every_steps = 50

@@ -26,6 +26,8 @@ from adderjax import optim
 from experiments import checkpointing
 from experiments import data as data_lib
 from experiments import metrics as metrics_lib
+from experiments import experiment
+from experiments import steps
 from experiments import train
 from experiments.reproduce_lib import analysis
 
@@ -194,7 +196,7 @@ def test_features(config: ml_collections.ConfigDict, result: RunResult,
   Returns:
     ``{'features': [N, D], 'labels': [N], 'predictions': [N]}``.
   """
-  model = train.create_model(config.model, config.dataset.num_classes)
+  model = experiment.create_model(config.model, config.dataset.num_classes)
   images, labels = _test_images(config)
   variables = {'params': result.params, 'batch_stats': result.batch_stats}
   # The normalisation the run trained with (MNIST's, or the training set's
@@ -204,7 +206,7 @@ def test_features(config: ml_collections.ConfigDict, result: RunResult,
 
   @jax.jit
   def apply(variables, x):
-    x = train.normalize(x, norm.mean, norm.std)
+    x = steps.normalize(x, norm.mean, norm.std)
     logits, inter = model.apply(variables, x, train=False,
                                 mutable=['intermediates'])
     return logits, inter['intermediates']['features'][0]
@@ -235,13 +237,13 @@ def initial_adaptive_scales(config: ml_collections.ConfigDict
   datasets = data_lib.build_datasets(
       config.dataset, seed=config.seed, global_batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size)
-  model = train.create_model(config.model, datasets.num_classes)
-  host = train.init_host_state(model, optax.identity(), config.seed,
+  model = experiment.create_model(config.model, datasets.num_classes)
+  host = steps.init_host_state(model, optax.identity(), config.seed,
                                datasets.image_shape)
   example = jnp.zeros((1,) + datasets.image_shape)
   mask = optim.adder_mask(model, example, train=False)
   batch = datasets.train.batch(0)
-  images = train.normalize(batch['image'], datasets.mean, datasets.std)
+  images = steps.normalize(batch['image'], datasets.mean, datasets.std)
 
   @jax.jit
   def grads(params, batch_stats):

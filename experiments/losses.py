@@ -1,0 +1,208 @@
+"""What a train step minimises: the task loss and pluggable extra terms.
+
+A train step (:func:`experiments.steps.make_train_step`) runs the model and
+hands its outputs to an :class:`Objective`: the task loss (cross-entropy of
+the logits against integer labels, the paper's) plus any number of weighted
+extra terms. A new training method that only changes the loss (label
+smoothing, a regulariser on the features, a teacher's soft targets computed
+inside the step) is a new :class:`LossTerm` registered here and named in the
+config; it never edits the loop (:mod:`experiments.train`) or the step.
+
+A term sees a :class:`StepOutputs`: the logits, the labels, the normalised
+images, the model's ``intermediates`` collection (whatever the model ``sow``-ed
+in training mode) and the step's PRNG key.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> out = StepOutputs(logits=jnp.array([[2., 0.], [0., 2.]]),
+  ...                   labels=jnp.array([0, 1]))
+  >>> loss, metrics = Objective()(out)
+  >>> round(float(loss), 4), sorted(metrics)
+  (0.1269, [])
+  >>> l2 = LossTerm('logit_l2', 0.5, lambda o: jnp.mean(o.logits ** 2))
+  >>> loss, metrics = Objective(terms=(l2,))(out)
+  >>> round(float(loss), 4), sorted(metrics)
+  (1.1269, ['loss/logit_l2'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutputs:
+  """What the model produced in one training step (the terms' input).
+
+  Attributes:
+    logits: ``(batch, classes)`` model outputs.
+    labels: ``(batch,)`` integer labels.
+    images: the normalised input batch (``None`` where not needed).
+    intermediates: the model's ``intermediates`` collection (``{}`` unless
+      the model sows values).
+    key: the step's PRNG key (``None`` where the step has none).
+  """
+  logits: jax.Array
+  labels: jax.Array
+  images: jax.Array | None = None
+  intermediates: Any = dataclasses.field(default_factory=dict)
+  key: jax.Array | None = None
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy of ``logits`` against integer ``labels``.
+
+  The logits are cast to float32 first (bf16 models included).
+
+  Examples:
+    >>> import math, jax.numpy as jnp
+    >>> v = cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))
+    >>> math.isclose(float(v), math.log(4), rel_tol=1e-6)
+    True
+  """
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels).mean()
+
+
+def classification_metrics(logits: jax.Array, labels: jax.Array,
+                           mask: jax.Array | None = None) -> dict:
+  """Sums of cross-entropy, top-1 and top-5 hits, and the example count.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> m = classification_metrics(jnp.array([[2., 1., 0.], [0., 1., 2.]]),
+    ...                            jnp.array([0, 0]))
+    >>> float(m['top1']), float(m['count'])
+    (1.0, 2.0)
+  """
+  logits = logits.astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  k = min(5, logits.shape[-1])
+  topk = jax.lax.top_k(logits, k)[1]
+  top1 = (topk[:, 0] == labels).astype(jnp.float32)
+  top5 = jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+  w = (jnp.ones_like(loss) if mask is None else mask.astype(jnp.float32))
+  return {'loss': jnp.sum(loss * w), 'top1': jnp.sum(top1 * w),
+          'top5': jnp.sum(top5 * w), 'count': jnp.sum(w)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossTerm:
+  """One weighted extra term of the objective.
+
+  Attributes:
+    name: the term's name; its (unweighted) value is reported as the metric
+      ``loss/<name>`` (a per-step mean, summed over the devices like the
+      other metrics and divided by the example count when logged).
+    weight: the factor the term enters the loss with.
+    fn: ``StepOutputs -> scalar``.
+  """
+  name: str
+  weight: float
+  fn: Callable[[StepOutputs], jax.Array]
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise ValueError(f'LossTerm name must be a non-empty str, got '
+                       f'{self.name!r}.')
+    if (isinstance(self.weight, bool) or
+        not isinstance(self.weight, (int, float))):
+      raise ValueError(f'LossTerm {self.name!r}: weight must be a number, '
+                       f'got {self.weight!r}.')
+    if not callable(self.fn):
+      raise ValueError(f'LossTerm {self.name!r}: fn must be callable, got '
+                       f'{self.fn!r}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The task loss plus weighted extra terms: ``outputs -> (loss, metrics)``.
+
+  Attributes:
+    task: ``(logits, labels) -> scalar`` (default :func:`cross_entropy`).
+    terms: extra :class:`LossTerm` s, added as ``weight * term``.
+    collect_intermediates: the step runs the model with the
+      ``intermediates`` collection mutable and passes it to the terms.
+  """
+  task: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy
+  terms: tuple[LossTerm, ...] = ()
+  collect_intermediates: bool = False
+
+  def __call__(self, out: StepOutputs) -> tuple[jax.Array, dict]:
+    loss = self.task(out.logits, out.labels)
+    metrics = {}
+    for term in self.terms:
+      value = jnp.asarray(term.fn(out), jnp.float32)
+      if value.shape != ():
+        raise ValueError(f'loss term {term.name!r} returned shape '
+                         f'{value.shape}; a term must be a scalar.')
+      loss = loss + term.weight * value
+      metrics[f'loss/{term.name}'] = value
+    return loss, metrics
+
+
+#: Extra terms a config can name: ``name -> factory(**options) -> fn``.
+TERMS: dict[str, Callable[..., Callable[[StepOutputs], jax.Array]]] = {}
+
+
+def register_term(name: str):
+  """Decorator: makes a term factory nameable from a config.
+
+  Examples:
+    >>> @register_term('zero_example')
+    ... def _zero(**options):
+    ...   return lambda out: 0.0 * out.logits.sum()
+    >>> 'zero_example' in TERMS
+    True
+    >>> del TERMS['zero_example']
+  """
+  def deco(factory):
+    if name in TERMS:
+      raise ValueError(f'loss term {name!r} is registered already.')
+    TERMS[name] = factory
+    return factory
+  return deco
+
+
+@register_term('logit_l2')
+def _logit_l2():
+  """Mean squared logit (a small regulariser; also the test term)."""
+  return lambda out: jnp.mean(jnp.square(out.logits.astype(jnp.float32)))
+
+
+def objective_from_spec(terms: Any = ()) -> Objective:
+  """An :class:`Objective` from a config's term list.
+
+  Args:
+    terms: a sequence of mappings ``{'name': registered term, 'weight':
+      float, **options}`` (options go to the term's factory).
+
+  Raises:
+    ValueError: an unknown term name, a missing weight, bad options.
+
+  Examples:
+    >>> obj = objective_from_spec([{'name': 'logit_l2', 'weight': 0.1}])
+    >>> [t.name for t in obj.terms]
+    ['logit_l2']
+  """
+  built = []
+  for i, spec in enumerate(terms or ()):
+    spec = dict(spec)
+    name = spec.pop('name', None)
+    if name not in TERMS:
+      raise ValueError(f'loss term {i}: name {name!r} is not one of '
+                       f'{sorted(TERMS)}.')
+    if 'weight' not in spec:
+      raise ValueError(f'loss term {name!r}: needs a weight.')
+    weight = spec.pop('weight')
+    try:
+      fn = TERMS[name](**spec)
+    except TypeError as e:
+      raise ValueError(f'loss term {name!r}: bad options {spec}: {e}') from e
+    built.append(LossTerm(name, weight, fn))
+  return Objective(terms=tuple(built))
