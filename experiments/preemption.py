@@ -1,8 +1,9 @@
 """SIGTERM / SIGINT as a request to save and stop at a step boundary.
 
 TPU VMs and batch schedulers preempt with SIGTERM; a user stops a run with
-Ctrl-C (SIGINT). While training, :class:`StopRequest` replaces both handlers
-by one that only records the signal; the loop calls
+Ctrl-C (SIGINT). While training, :class:`StopRequest` replaces the handlers
+of these signals (of SIGTERM only where JAX's preemption service, below,
+does not carry it) by one that only records the signal; the loop calls
 :meth:`StopRequest.poll` after every step, and when it returns a signal
 number the loop saves a checkpoint and stops. A second signal while the
 first is being handled restores the default action and re-sends itself (an
@@ -14,30 +15,39 @@ stop at the same step and write the same checkpoint. ``poll(step)`` gets
 them to agree without a host synchronisation per step (which would stop
 JAX's asynchronous dispatch from running ahead of the devices):
 
-* SIGTERM goes through JAX's preemption service when it is on (it is by
-  default: ``jax.distributed.initialize`` starts a preemption sync manager
-  on the coordination service unless ``jax_enable_preemption_service`` is
-  off). The process that got the signal posts a preemption notice to the
-  coordination service; in the background every process's sync manager then
-  agrees on a sync step (one past the furthest step any process has
-  reported), and ``reached_preemption_sync_point(step)`` (of
+* SIGTERM goes through JAX's preemption service where it is usable: several
+  processes joined by ``jax.distributed.initialize``, which starts a
+  preemption sync manager unless ``jax_enable_preemption_service`` is off
+  (:meth:`JaxPreemptionService.create` tells, by calling
+  ``reached_preemption_sync_point`` once and catching the error it raises
+  where there is no manager). :class:`StopRequest` then leaves SIGTERM to
+  the handler ``jax.distributed.initialize`` installed: a C-level one that
+  only records the signal (the process goes on). Within about a second a
+  background thread of the process that got it posts a preemption notice to
+  the coordination service; every process's sync manager then agrees on a
+  sync step (one past the furthest step any process has reported), and
+  ``reached_preemption_sync_point(step)`` (of
   ``jax.experimental.multihost_utils``), a local check in each ``poll``, is
-  true at that step on every process. JAX's own notifier is a C-level SIGTERM
-  handler installed by ``jax.distributed.initialize``, which the Python
-  handler of this class replaces (it logs and keeps the second-signal rule),
-  so :meth:`JaxPreemptionService.notify` posts the notice itself, under the
-  key JAX's notifier uses. A known race, JAX's: a step is "reported" by any
-  call of ``reached_preemption_sync_point``, and Orbax also calls it, from
-  its save-finalising thread with the saved (older) step; a notice arriving
-  just then can set a sync step that the process furthest ahead has passed.
-* Any signal (SIGINT, which the preemption service does not cover, or
-  SIGTERM when the service is off or its notice is lost) is also agreed at
-  every ``sync_every``-th step, by a ``process_allgather`` of the signal
-  numbers there, one host synchronisation per ``sync_every`` steps. The
-  trade-off: such a signal is honoured at the next multiple of
-  ``sync_every`` steps (up to ``sync_every`` steps late, not at all if the run
-  ends first); a smaller ``sync_every`` stops sooner but synchronises the
-  hosts more often.
+  true at that step on every process; ``poll`` logs it and returns SIGTERM.
+  The costs: a second SIGTERM does not stop the process at once (JAX's
+  handler ignores it), ``poll()`` without a step does not see SIGTERM, and
+  a SIGTERM whose notice is lost or whose sync step is never reached is not
+  honoured (the scheduler's SIGKILL ends the run; it resumes from the last
+  checkpoint). A sync step is never reached when it was agreed before a
+  process's first ``poll(step)`` from steps reported earlier: give
+  ``start_step`` (the step a resumed run starts from), which the service
+  check reports. A known race, JAX's: a step is "reported" by any call of
+  ``reached_preemption_sync_point``, and Orbax also calls it, from its
+  save-finalising thread with the saved (older) step; a notice arriving just
+  then can set a sync step that the process furthest ahead has passed.
+* Any signal that :class:`StopRequest` records (SIGINT, which the
+  preemption service does not cover, and SIGTERM where the service is not
+  usable) is agreed at every ``sync_every``-th step, by a
+  ``process_allgather`` of the signal numbers there, one host
+  synchronisation per ``sync_every`` steps. The trade-off: such a signal is
+  honoured at the next multiple of ``sync_every`` steps (up to
+  ``sync_every`` steps late, not at all if the run ends first); a smaller
+  ``sync_every`` stops sooner but synchronises the hosts more often.
 
 ``poll()`` without a step keeps the older rule: with several processes it
 combines the flags of all processes at every call.
@@ -57,7 +67,6 @@ Examples:
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
 import threading
@@ -65,9 +74,6 @@ from typing import Callable
 
 from absl import logging
 import jax
-# JAX's coordination-service client and preemption sync manager of this
-# process (the state ``multihost_utils`` itself reads).
-from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 import numpy as np
 
@@ -76,45 +82,39 @@ SYNC_EVERY = 100
 
 
 class JaxPreemptionService:
-  """JAX's preemption sync point, through the coordination service.
+  """JAX's preemption sync point, where JAX's SIGTERM notifier posts notices.
 
-  Use :meth:`create`, which returns ``None`` where the service is off or
-  there is no coordination service (no ``jax.distributed.initialize``).
+  Use :meth:`create`, which returns ``None`` where the service is not
+  usable.
 
   Examples:
     >>> JaxPreemptionService.create() is None  # one process, no service
     True
   """
 
-  # The key-value entry JAX's SIGTERM notifier writes (the time of death, in
-  # RFC 3339) and every process's preemption sync manager waits for.
-  NOTICE_KEY = 'RECEIVED_PREEMPTION_NOTICE'
-
-  def __init__(self, client):
-    self._client = client
-
   @classmethod
-  def create(cls) -> JaxPreemptionService | None:
-    """The service of this process, or ``None`` where it is unavailable."""
-    state = jax_distributed.global_state
-    if (getattr(state, 'client', None) is None or
-        getattr(state, 'preemption_sync_manager', None) is None):
-      return None
-    return cls(state.client)
+  def create(cls, start_step: int = 0) -> JaxPreemptionService | None:
+    """The service of this process, or ``None`` where it is not usable.
 
-  def notify(self) -> None:
-    """Posts a preemption notice: every process starts agreeing on a step.
+    Usable: ``jax.distributed.initialize`` joined several processes and
+    started a preemption sync manager (``jax_enable_preemption_service``
+    on). Where it may be, the check calls
+    ``reached_preemption_sync_point(start_step)`` once (which reports
+    ``start_step`` to the manager).
 
-    A failure (another process posted first, a lost connection) is logged;
-    the ``sync_every`` agreement of :class:`StopRequest` still stops the run.
+    Args:
+      start_step: the number of steps done before the first
+        :meth:`reached` (the step a resumed run starts from).
     """
-    now = datetime.datetime.now(datetime.timezone.utc)
+    if not (jax.distributed.is_initialized() and jax.process_count() > 1 and
+            getattr(jax.config, 'jax_enable_preemption_service', True)):
+      return None
     try:
-      self._client.key_value_set(self.NOTICE_KEY,
-                                 now.isoformat(timespec='microseconds'))
-    except Exception as e:  # pylint: disable=broad-except
-      logging.info('preemption notice not posted (%s); another process may '
-                   'have posted one.', e)
+      multihost_utils.reached_preemption_sync_point(start_step)
+    except RuntimeError as e:  # no preemption sync manager
+      logging.info('JAX preemption service not usable (%s).', e)
+      return None
+    return cls()
 
   def reached(self, step: int) -> bool:
     """Whether ``step`` is the agreed step to stop at (same on all processes).
@@ -128,6 +128,9 @@ class JaxPreemptionService:
 class StopRequest:
   """Records SIGTERM/SIGINT while active (a context manager).
 
+  Where a preemption service is in use, SIGTERM is left to it (JAX's own
+  handler stays in place) and only the other signals are caught.
+
   Args:
     signals: the signals to catch.
     sync_processes: agree on the stop step with the other JAX processes in
@@ -135,16 +138,22 @@ class StopRequest:
     sync_every: with several processes, ``poll(step)`` combines the signals
       of all processes (a host synchronisation) at the steps that are
       multiples of this; a signal the preemption service does not carry
-      (SIGINT, or any signal when the service is off) is honoured there, up
-      to this many steps late.
+      (SIGINT, or any signal where the service is not usable) is honoured
+      there, up to this many steps late.
     allgather: gathers one number from every process into an array
       (default: ``jax.experimental.multihost_utils.process_allgather``).
-    preemption_service: has ``notify()`` and ``reached(step)`` (see
-      :class:`JaxPreemptionService`); ``None``: JAX's, where it is on;
-      ``False``: none (SIGTERM is agreed every ``sync_every`` steps too).
+    preemption_service: has ``reached(step)``, true at the agreed step after
+      a SIGTERM it was notified of (see :class:`JaxPreemptionService`);
+      ``None``: JAX's, where it is usable (decided on entering, or at the
+      first :meth:`poll`); ``False``: none (SIGTERM is caught and agreed
+      every ``sync_every`` steps too).
+    start_step: the number of steps done before the first ``poll(step)``
+      (the step a resumed run starts from): what the check for JAX's
+      service reports to it.
 
   Raises:
-    ValueError: if ``sync_every`` is not a positive int.
+    ValueError: if ``sync_every`` is not a positive int or ``start_step``
+      not an int >= 0.
 
   Examples:
     >>> def allgather(x):  # stands for two processes; the other got SIGINT
@@ -160,10 +169,13 @@ class StopRequest:
   def __init__(self, signals=SIGNALS, sync_processes: bool | None = None,
                sync_every: int = SYNC_EVERY, *,
                allgather: Callable[[np.ndarray], np.ndarray] | None = None,
-               preemption_service=None):
+               preemption_service=None, start_step: int = 0):
     if (isinstance(sync_every, bool) or not isinstance(sync_every, int) or
         sync_every < 1):
       raise ValueError(f'sync_every={sync_every!r}: use a positive int.')
+    if (isinstance(start_step, bool) or not isinstance(start_step, int) or
+        start_step < 0):
+      raise ValueError(f'start_step={start_step!r}: use an int >= 0.')
     self.signals = tuple(signals)
     self.signum = 0
     self.sync_every = sync_every
@@ -172,7 +184,7 @@ class StopRequest:
     self._allgather = allgather
     self._service = preemption_service
     self._service_known = preemption_service is not None
-    self._notified = False
+    self._start_step = start_step
 
   def _handler(self, signum, frame):
     del frame
@@ -189,9 +201,12 @@ class StopRequest:
                     signal.Signals(signum).name)
 
   def __enter__(self):
+    # With a preemption service, SIGTERM stays with JAX's notifier.
+    service = self._preemption_service()
     if threading.current_thread() is threading.main_thread():
       for s in self.signals:
-        self._previous[s] = signal.signal(s, self._handler)
+        if service is None or s != signal.SIGTERM:
+          self._previous[s] = signal.signal(s, self._handler)
     return self
 
   def __exit__(self, *exc):
@@ -211,7 +226,8 @@ class StopRequest:
 
   def _preemption_service(self):
     if not self._service_known:
-      self._service = JaxPreemptionService.create()
+      self._service = (None if self._sync is False else
+                       JaxPreemptionService.create(self._start_step))
       self._service_known = True
     return self._service or None
 
@@ -238,12 +254,10 @@ class StopRequest:
       return self._gathered()
     signum = 0
     service = self._preemption_service()
-    if service is not None:
-      if self.signum == signal.SIGTERM and not self._notified:
-        self._notified = True
-        service.notify()
-      if service.reached(step):
-        signum = int(signal.SIGTERM)
+    if service is not None and service.reached(step):
+      signum = int(signal.SIGTERM)
+      logging.warning("SIGTERM (via JAX's preemption service): saving at "
+                      'step %d', step)
     if step % self.sync_every == 0:
       signum = max(signum, self._gathered())
     return signum

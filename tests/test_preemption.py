@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import pytest
 
@@ -20,6 +22,7 @@ class _Processes:
 
   def __init__(self, n, sync_every, services=None):
     self.gathers = 0
+    self.services = services
     self.stops = [preemption.StopRequest(
         sync_processes=True, sync_every=sync_every, allgather=self._gather,
         preemption_service=services[i] if services else False)
@@ -33,12 +36,18 @@ class _Processes:
   def run(self, steps, signals):
     """Polls every process after every step; signals: {step: (process, sig)}.
 
+    With a preemption service, SIGTERM goes to the service (JAX's notifier),
+    not to the stop request.
+
     Returns:
       (stop step, signal number), the same for every process.
     """
     for step in range(1, steps + 1):
       for process, signum in signals.get(step, []):
-        self.stops[process].signum = self.stops[process].signum or signum
+        if self.services and signum == signal.SIGTERM:
+          self.services[process].sigterm()
+        else:
+          self.stops[process].signum = self.stops[process].signum or signum
       answers = {s.poll(step) for s in self.stops}
       assert len(answers) == 1, (step, answers)
       if answers != {0}:
@@ -76,7 +85,8 @@ class _FakeService:
 
     class _View:
 
-      def notify(self):
+      def sigterm(self):
+        """What JAX's SIGTERM notifier does: posts a notice."""
         service.notices += 1
         if service.sync_step is None:
           service.sync_step = max(service.last) + 1
@@ -88,15 +98,18 @@ class _FakeService:
     return _View()
 
 
-def test_sigterm_stops_at_the_preemption_sync_step():
+def test_sigterm_stops_at_the_preemption_sync_step(caplog):
   service = _FakeService(2)
   processes = _Processes(2, sync_every=10,
                          services=[service.process(i) for i in range(2)])
-  # SIGTERM reaches process 1 after its step 23: posted at its next poll.
-  assert processes.run(1000, {24: [(1, signal.SIGTERM)]}) == (
-      25, signal.SIGTERM)
+  # JAX's notifier of process 1 posts the notice after its step 23.
+  with caplog.at_level('WARNING'):
+    assert processes.run(1000, {24: [(1, signal.SIGTERM)]}) == (
+        24, signal.SIGTERM)
   assert service.notices == 1
   assert processes.gathers == 2 * 2  # steps 10 and 20 only
+  assert caplog.text.count(
+      "SIGTERM (via JAX's preemption service): saving at step 24") == 2
 
 
 def test_sigint_is_not_left_to_the_preemption_service():
@@ -108,10 +121,65 @@ def test_sigint_is_not_left_to_the_preemption_service():
   assert service.notices == 0
 
 
+def test_sigterm_is_left_to_the_preemption_service():
+  """JAX's SIGTERM handler stays; SIGINT is still caught (and restored)."""
+  marker = lambda signum, frame: None  # stands for JAX's handler
+  previous = signal.signal(signal.SIGTERM, marker)
+  before_int = signal.getsignal(signal.SIGINT)
+  try:
+    with preemption.StopRequest(sync_processes=True,
+                                preemption_service=_FakeService(1).process(0)
+                               ) as stop:
+      assert signal.getsignal(signal.SIGTERM) is marker
+      assert signal.getsignal(signal.SIGINT) == stop._handler
+    assert signal.getsignal(signal.SIGINT) is before_int
+    # Without a service, SIGTERM is caught (and restored) again.
+    with preemption.StopRequest(sync_processes=True,
+                                preemption_service=False) as stop:
+      assert signal.getsignal(signal.SIGTERM) == stop._handler
+    assert signal.getsignal(signal.SIGTERM) is marker
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_jax_service_is_used_only_where_it_has_a_sync_manager(monkeypatch):
+  """One call of reached_preemption_sync_point(start_step) tells."""
+  calls = []
+
+  def reached(step):
+    calls.append(step)
+    if manager:
+      return False
+    raise RuntimeError('Preemption sync manager has not been initialized.')
+
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'reached_preemption_sync_point',
+                      reached)
+  manager = False
+  assert preemption.JaxPreemptionService.create(7) is None
+  manager = True
+  service = preemption.JaxPreemptionService.create(7)
+  assert service is not None and calls == [7, 7]
+  assert not service.reached(8) and calls == [7, 7, 8]
+  with preemption.StopRequest(start_step=5) as stop:  # the service
+    assert calls[-1] == 5
+    assert signal.SIGTERM not in stop._previous
+  with preemption.StopRequest(sync_processes=False) as stop:  # none
+    assert calls[-1] == 5
+    assert signal.SIGTERM in stop._previous
+  monkeypatch.setattr(jax, 'process_count', lambda: 1)
+  assert preemption.JaxPreemptionService.create() is None
+  assert calls == [7, 7, 8, 5]
+
+
 def test_bad_sync_every_is_named():
   for bad in (0, -3, 2.5, True):
     with pytest.raises(ValueError, match='sync_every'):
       preemption.StopRequest(sync_every=bad)
+  for bad in (-1, 2.0, True):
+    with pytest.raises(ValueError, match='start_step'):
+      preemption.StopRequest(start_step=bad)
 
 
 def test_one_process_answers_at_once_without_gathering():
@@ -162,7 +230,7 @@ _WORKER = textwrap.dedent("""
       return multihost_utils.process_allgather(x)
     result = None
     with preemption.StopRequest(sync_every=every, allgather=gather) as stop:
-      for step in range(1, 601):
+      for step in range(1, 1201):
         time.sleep(0.005 if pid == 0 else 0.02)
         if pid == 1 and step == 30:
           os.kill(os.getpid(), signum)
@@ -205,7 +273,7 @@ def test_two_processes_stop_at_the_preemption_sync_step():
   results = _two_processes(signal.SIGTERM, every=1000)
   assert results[0] == results[1], results
   step = int(results[0].split('(')[1].split(',')[0])
-  assert 30 < step < 600, results
+  assert 30 < step < 1200, results
   assert results[0].endswith(f'({step}, {int(signal.SIGTERM)}) 0'), results
 
 
