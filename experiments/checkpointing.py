@@ -39,6 +39,8 @@ import time
 from typing import Any
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -67,7 +69,8 @@ MODEL_KEYS_PREFIXES = ('model.', 'dataset.name', 'dataset.num_classes',
 
 #: Keys added after workdirs already existed: absent from an older stored
 #: config.json, they are not compared.
-ADDED_KEYS = frozenset({'dataset.mean', 'dataset.std'})
+ADDED_KEYS = frozenset({'dataset.mean', 'dataset.std', 'method',
+                        'loss_terms'})
 
 
 class WorkdirMismatchError(errors.UserError, ValueError):
@@ -249,7 +252,6 @@ class Checkpointer:
     """
     if not self._pending:
       return
-    import jax  # pylint: disable=g-import-not-at-top
     if jax.process_count() == 1 and not self.manager.is_saving_in_progress():
       self.finish_pending(wait=True)
 
@@ -406,9 +408,7 @@ class Checkpointer:
       if os.path.exists(manifest):
         shutil.move(manifest, dst + '.sha256.json')
       moved.append(dst)
-    import jax  # pylint: disable=g-import-not-at-top
     if jax.process_count() > 1:  # every process sees the move before going on
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices('adderjax_quarantine')
     if self._manager is not None:
       self._manager.reload()
@@ -449,6 +449,5 @@ class Checkpointer:
 
 
 def _as_numpy_like(target: Any, restored: Any) -> Any:
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda t, r: np.asarray(r, dtype=np.asarray(t).dtype),
                       target, restored)

@@ -304,8 +304,9 @@ class Preemption(Duty):
       agree on the step).
   """
 
-  def __init__(self, stop):
+  def __init__(self, stop, start_step: int = 0):
     self.stop = stop
+    stop.begin(start_step)
 
   def after_step(self, loop: LoopState, metrics: PyTree) -> None:
     loop.signum = 0 if loop.at_end else self.stop.poll(loop.step)

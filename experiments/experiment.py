@@ -30,6 +30,7 @@ import functools
 import importlib
 import json
 import os
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -45,6 +46,7 @@ from experiments import checkpointing
 from experiments import data as data_lib
 from experiments import errors
 from experiments import losses
+from experiments import methods
 from experiments import parallel
 from experiments import steps
 from experiments.configs import default as default_config
@@ -113,6 +115,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not isinstance(lr, (int, float)) or not np.isfinite(lr) or lr <= 0:
     raise errors.ConfigError('optimizer.learning_rate must be a finite '
                              f'number > 0, got {lr!r}.')
+  methods.get_method(config.method)
+  try:
+    losses.parse_terms(config.loss_terms)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from e
 
 
 def to_python(value):
@@ -128,7 +135,7 @@ class UntrustedCodeError(errors.UserError, PermissionError):
   """A workdir's config names code to import, and it is not trusted."""
 
 
-def load_config(workdir: str,
+def load_run_config(workdir: str,
                 trust_code: bool = False) -> ml_collections.ConfigDict:
   """The config a run stored in ``workdir/config.json``.
 
@@ -195,12 +202,30 @@ def make_runner(config: ml_collections.ConfigDict, devices=None):
     raise errors.ConfigError(str(e)) from e
 
 
+def _config_error(section: str, values: ml_collections.ConfigDict,
+                  error: Exception) -> errors.ConfigError:
+  """``error`` of the library as a ConfigError naming ``section.KEY``.
+
+  Examples:
+    >>> c = ml_collections.ConfigDict({'momentum': 1.5})
+    >>> str(_config_error('optimizer', c, ValueError('momentum must be < 1')))
+    'optimizer.momentum must be < 1'
+    >>> str(_config_error('optimizer', c, ValueError('bad schedule')))
+    'optimizer: bad schedule'
+  """
+  text = ' '.join(str(error).split())
+  word = re.match(r'\w+', text)
+  if word and word.group() in values:
+    return errors.ConfigError(f'{section}.{text}')
+  return errors.ConfigError(f'{section}: {text}')
+
+
 def create_model(model_config, num_classes: int) -> nn.Module:
   """Builds ``config.model``: a zoo name, or ``'package.module:factory'``.
 
   The factory is called as ``factory(name?, kind=, num_classes=, dtype=,
   bn_momentum=, **overrides)`` (zoo: :func:`adderjax.models.create_model`).
-  A config read from a workdir (:func:`load_config`) may only name the zoo
+  A config read from a workdir (:func:`load_run_config`) may only name the zoo
   unless the user trusts it.
 
   Raises:
@@ -340,7 +365,8 @@ class Experiment:
     model: the Linen model.
     tx: the optimizer.
     schedule: the learning-rate schedule (``step -> rate``).
-    objective: what the train step minimises.
+    objective: what the train step minimises (``config.loss_terms``).
+    method: the training method (``config.method``): the state and steps.
     image_shape: ``(H, W, C)`` of one image.
     num_classes: the class count.
     mean: per-channel normalisation mean.
@@ -355,6 +381,7 @@ class Experiment:
   tx: optax.GradientTransformation
   schedule: Callable[[int], Any]
   objective: losses.Objective
+  method: methods.Method
   image_shape: tuple[int, ...]
   num_classes: int
   mean: tuple[float, ...]
@@ -413,9 +440,16 @@ class Experiment:
                  if config.num_train_steps > 0 else total_steps)
     model = create_model(config.model, num_classes)
     example = jnp.zeros((1,) + tuple(image_shape))
-    tx, schedule = create_optimizer(config, model, example, spe)
+    try:
+      tx, schedule = create_optimizer(config, model, example, spe)
+    except ValueError as e:  # the library rejects a config.optimizer value
+      if isinstance(e, errors.UserError):
+        raise
+      raise _config_error('optimizer', config.optimizer, e) from e
     return cls(config=config, runner=runner, datasets=datasets, model=model,
-               tx=tx, schedule=schedule, objective=losses.Objective(),
+               tx=tx, schedule=schedule,
+               objective=losses.objective_from_spec(config.loss_terms),
+               method=methods.get_method(config.method),
                image_shape=tuple(image_shape), num_classes=num_classes,
                mean=tuple(mean), std=tuple(std), steps_per_epoch=spe,
                stop_step=stop_step)
@@ -435,16 +469,15 @@ class Experiment:
             'num_train_examples': len(self.datasets.train.source)}
 
   def init_fn(self) -> Callable[[jax.Array], steps.TrainState]:
-    """``key -> TrainState``."""
-    return steps.make_init(self.model, self.tx, self.image_shape)
+    """``key -> state`` (the method's; a :class:`steps.TrainState`)."""
+    return self.method.init_fn(self)
 
   def init_key(self) -> jax.Array:
     return jax.random.key(self.config.seed, impl=steps.PRNG_IMPL)
 
   def init_host_state(self) -> steps.TrainState:
     """The initial state, as numpy arrays (the same on every process)."""
-    return steps.init_host_state(self.model, self.tx, self.config.seed,
-                                 self.image_shape)
+    return numpy_tree(jax.jit(self.init_fn())(self.init_key()))
 
   def abstract_state(self) -> steps.TrainState:
     """The initial state's shapes, placed as the runner places them."""
@@ -468,9 +501,7 @@ class Experiment:
     """The uncompiled train step (``remat``: default the config's)."""
     remat = steps.resolve_remat(
         self.config.remat if remat is None else remat, self.runner.platform)
-    return steps.make_train_step(
-        self.model.apply, self.tx, self.mean, self.std, self.dtype,
-        self.runner.axis_name, remat=remat, objective=self.objective)
+    return self.method.train_step_fn(self, remat)
 
   @functools.cached_property
   def train_step(self) -> Callable:
@@ -480,16 +511,12 @@ class Experiment:
   @functools.cached_property
   def eval_step(self) -> Callable:
     """The compiled eval step ``(state, batch) -> metric sums``."""
-    return self.runner.compile_eval(steps.make_eval_step(
-        self.model.apply, self.mean, self.std, self.dtype,
-        self.runner.axis_name))
+    return self.runner.compile_eval(self.method.eval_step_fn(self))
 
   @functools.cached_property
   def bn_stats_step(self) -> Callable:
     """The compiled batch-statistics step (BN recalibration)."""
-    return self.runner.compile_eval(steps.make_bn_stats_step(
-        self.model.apply, self.mean, self.std, self.dtype,
-        self.runner.axis_name))
+    return self.runner.compile_eval(self.method.bn_stats_step_fn(self))
 
   # -- running --------------------------------------------------------------
 

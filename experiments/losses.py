@@ -175,34 +175,54 @@ def _logit_l2():
   return lambda out: jnp.mean(jnp.square(out.logits.astype(jnp.float32)))
 
 
-def objective_from_spec(terms: Any = ()) -> Objective:
-  """An :class:`Objective` from a config's term list.
-
-  Args:
-    terms: a sequence of mappings ``{'name': registered term, 'weight':
-      float, **options}`` (options go to the term's factory).
+def parse_terms(spec: str) -> list[tuple[str, float]]:
+  """``'name=weight,...'`` (``config.loss_terms``) -> ``[(name, weight)]``.
 
   Raises:
-    ValueError: an unknown term name, a missing weight, bad options.
+    ValueError: a malformed entry, an unknown name or a weight that is not
+      a finite number.
 
   Examples:
-    >>> obj = objective_from_spec([{'name': 'logit_l2', 'weight': 0.1}])
-    >>> [t.name for t in obj.terms]
-    ['logit_l2']
+    >>> parse_terms('logit_l2=0.01')
+    [('logit_l2', 0.01)]
+    >>> parse_terms('')
+    []
   """
-  built = []
-  for i, spec in enumerate(terms or ()):
-    spec = dict(spec)
-    name = spec.pop('name', None)
+  out = []
+  for item in filter(None, (t.strip() for t in (spec or '').split(','))):
+    name, eq, weight = item.partition('=')
+    name = name.strip()
+    if not eq or not name:
+      raise ValueError(f'loss_terms entry {item!r}: use name=weight, e.g. '
+                       "'logit_l2=0.01'.")
     if name not in TERMS:
-      raise ValueError(f'loss term {i}: name {name!r} is not one of '
-                       f'{sorted(TERMS)}.')
-    if 'weight' not in spec:
-      raise ValueError(f'loss term {name!r}: needs a weight.')
-    weight = spec.pop('weight')
+      raise ValueError(f'loss_terms entry {item!r}: unknown term {name!r}; '
+                       f'registered terms: {sorted(TERMS)}.')
     try:
-      fn = TERMS[name](**spec)
-    except TypeError as e:
-      raise ValueError(f'loss term {name!r}: bad options {spec}: {e}') from e
-    built.append(LossTerm(name, weight, fn))
-  return Objective(terms=tuple(built))
+      value = float(weight)
+    except ValueError:
+      value = float('nan')
+    if value != value or value in (float('inf'), float('-inf')):
+      raise ValueError(f'loss_terms entry {item!r}: the weight must be a '
+                       f'finite number, got {weight.strip()!r}.')
+    out.append((name, value))
+  return out
+
+
+def objective_from_spec(spec: str = '') -> Objective:
+  """The :class:`Objective` of ``config.loss_terms`` (cross-entropy + terms).
+
+  Raises:
+    ValueError: see :func:`parse_terms`.
+
+  Examples:
+    >>> obj = objective_from_spec('logit_l2=0.1')
+    >>> [(t.name, t.weight) for t in obj.terms]
+    [('logit_l2', 0.1)]
+  """
+  terms = tuple(LossTerm(name, weight, TERMS[name]())
+                for name, weight in parse_terms(spec))
+  return Objective(terms=terms,
+                   collect_intermediates=any(
+                       getattr(t.fn, 'needs_intermediates', False)
+                       for t in terms))

@@ -214,6 +214,24 @@ class StopRequest:
       signal.signal(s, handler)
     self._previous = {}
 
+  def begin(self, start_step: int) -> None:
+    """Tells the agreement the step the loop starts from (a resumed run).
+
+    The stop request is entered before a run knows where it resumes; JAX's
+    preemption sync manager counts steps from the last one reported, so
+    the first step is reported here (before the first ``poll(step)``).
+
+    Raises:
+      ValueError: ``start_step`` is not an int >= 0.
+    """
+    if (isinstance(start_step, bool) or not isinstance(start_step, int) or
+        start_step < 0):
+      raise ValueError(f'start_step={start_step!r}: use an int >= 0.')
+    service = self._preemption_service()
+    if service is not None and start_step > self._start_step:
+      service.reached(start_step)
+    self._start_step = start_step
+
   def _syncing(self) -> bool:
     if self._sync is None:
       self._sync = jax.process_count() > 1

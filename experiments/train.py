@@ -174,7 +174,7 @@ def _train_locked(config, workdir, primary, t_start, stop, init_from=None):
                                          exp.steps_per_epoch))
   ckpt_every = (config.checkpoint_every_steps
                 if config.checkpoint_every_steps > 0 else exp.steps_per_epoch)
-  duties += [duties_lib.Preemption(stop), duties_lib.Checkpointing(
+  duties += [duties_lib.Preemption(stop, start_step), duties_lib.Checkpointing(
       ckpt, exp.runner, ckpt_every, exp.data_state, exp.steps_per_epoch,
       window)]
   try:
@@ -322,8 +322,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
   Args:
     config: the run's config (see :func:`experiments.experiment.
-      load_config`); data paths, the eval split and batch size may differ
-      from training.
+      load_run_config`); data paths, the eval split and batch size may
+      differ from training.
     workdir: the run directory.
     step: checkpoint step (default: the newest).
 

@@ -286,3 +286,19 @@ def test_two_processes_stop_at_the_preemption_sync_step():
 def test_two_processes_agree_every_n_steps(signum, env):
   results = _two_processes(signum, every=25, **env)
   assert results == [f'RESULT (50, {int(signum)}) 2'] * 2, results
+
+
+def test_a_resumed_run_reports_its_start_step_to_the_service():
+  """A notice during a resumed run's start-up is agreed past its first step
+  (JAX's manager would otherwise agree on step 1, which it never reaches)."""
+  service = _FakeService(1)
+  view = service.process(0)
+  stop = preemption.StopRequest(sync_processes=True, sync_every=1000,
+                                preemption_service=view,
+                                allgather=lambda x: np.asarray([x]))
+  stop.begin(5000)
+  assert service.last[0] == 5000
+  view.sigterm()  # start-up: before the first poll
+  assert [stop.poll(s) for s in (5001, 5002)] == [signal.SIGTERM, 0]
+  with pytest.raises(ValueError, match='start_step=-1'):
+    stop.begin(-1)

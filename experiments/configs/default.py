@@ -112,6 +112,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (adderjax.layer_outputs_saveable); 'none' keeps what XLA keeps; 'auto'
   # is 'layer_outputs' on GPU/TPU and 'none' on CPU (steps.resolve_remat).
   c.remat = 'auto'
+  # The training method (experiments.methods.METHODS): how the state is
+  # made and what one step does; 'supervised' is the paper's.
+  c.method = 'supervised'
+  # Extra loss terms, 'name=weight,...' (experiments.losses.TERMS), e.g.
+  # 'logit_l2=0.01'; each is logged as train/loss/<name>.
+  c.loss_terms = ''
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1
