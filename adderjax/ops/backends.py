@@ -1,13 +1,14 @@
 """Backend registry of the adder ops, and the lowering-time default.
 
 Backends implement :class:`adderjax.ops.protocol.Backend` (three reductions
-on the convolution's own arrays). Registered here:
+on the convolution's own arrays); the XLA backend is the base class the
+others specialise. Registered here:
 
-* ``'xla'`` (:mod:`adderjax.ops.xla_backend`): patch-free XLA kernels, on
-  every platform.
+* ``'xla'`` (:class:`adderjax.ops.xla_backend.XlaBackend`): patch-free XLA
+  kernels, on every platform.
 * ``'pallas'``, ``'pallas_gpu_interpret'``, ``'pallas_tpu_interpret'``
-  (:mod:`adderjax.ops.pallas_backend`), when Pallas and the
-  ``pallas_kernels`` package import.
+  (:mod:`adderjax.ops.pallas_backend`, subclasses of the XLA backend), when
+  Pallas and the ``pallas_kernels`` package import.
 
 ``implementation=None`` is not resolved when tracing: the op runs
 :data:`AUTO`, whose reductions switch on the platform
@@ -118,30 +119,32 @@ def get(name: str | None) -> protocol.Backend:
 
 
 @functools.lru_cache(maxsize=4096)
-def _branch(backend: protocol.Backend, method: str, static: tuple,
-            precision):
-  """``backend.method(*arrays, *static)``: one function object per layer kind.
+def _branch(method, static: tuple, precision):
+  """``method(*arrays, *static)``: one function object per layer kind.
 
-  The same object for the same arguments lets ``jit``'s trace cache serve
-  the repeated layers of a network (the branches are traced for every
-  platform, so this halves the tracing of a ResNet on CPU).
+  ``method`` is a bound method (equal, and hashing equal, for the same
+  backend and function). The same object for the same arguments lets
+  ``jit``'s trace cache serve the repeated layers of a network (the branches
+  are traced for every platform, so this halves the tracing of a ResNet on
+  CPU).
   """
-  fn = getattr(backend, method)
-  return lambda *arrays: fn(*arrays, *static, precision=precision)
+  return lambda *arrays: method(*arrays, *static, precision=precision)
 
 
-class DispatchBackend(protocol.Backend):
+class DispatchBackend(xla_backend.XlaBackend):
   """A backend whose reductions are chosen by the lowering platform.
 
   Every reduction is a :func:`adderjax.ops.platform_dispatch.platform_dispatch`
   whose branches are the compiled Pallas backend of each accelerator platform
-  and the XLA backend for the rest (the CPU). The XLA branch is traced when
-  the layer is called, the others when (and if) the computation is lowered
-  for their platform; each is lowered only for its own platform. Traced without a mesh context and
-  lowered for several devices that XLA partitions automatically (a plain
-  ``jit`` over sharded inputs), the XLA branch replaces the kernels, with a
-  warning: XLA cannot partition a Pallas call (under ``jax.set_mesh`` the
-  kernels run per batch shard).
+  and, for the rest (the CPU), the base class's XLA computation. The XLA
+  branch is traced when the layer is called, the others when (and if) the
+  computation is lowered for their platform; each is lowered only for its own
+  platform. Traced without a mesh context and lowered for several devices
+  that XLA partitions automatically (a plain ``jit`` over sharded inputs),
+  the XLA branch replaces the kernels, with a warning: XLA cannot partition
+  a Pallas call (under ``jax.set_mesh`` the kernels run per batch shard).
+  The weight gradient is every backend's XLA one (a convolution's weight
+  gradient plus a rank-1 term, on the matrix units): inherited, no switch.
 
   Args:
     name: registry name.
@@ -152,6 +155,7 @@ class DispatchBackend(protocol.Backend):
 
   def __init__(self, name: str, supported: tuple[str, ...] | None = None,
                reason: str = ''):
+    super().__init__()
     self.name = name
     self.supported = supported
     self.reason = reason
@@ -164,12 +168,12 @@ class DispatchBackend(protocol.Backend):
         platform)
 
   def _dispatch(self, method: str, arrays, static, precision):
-    xla = _REGISTRY['xla']
+    xla = getattr(super(), method)  # the base class's XLA computation
     if not _PLATFORM:
-      return getattr(xla, method)(*arrays, *static, precision=precision)
-    per_platform = {p: _branch(b, method, static, precision)
+      return xla(*arrays, *static, precision=precision)
+    per_platform = {p: _branch(getattr(b, method), static, precision)
                     for p, b in _PLATFORM.items()}
-    xla_branch = _branch(xla, method, static, precision)
+    xla_branch = _branch(xla, static, precision)
     # With a mesh context the TPU branch runs the kernels per shard
     # (shard_map); without one it calls them directly, which only a
     # single-device (or manual) lowering can take: XLA is the fallback.
@@ -185,12 +189,6 @@ class DispatchBackend(protocol.Backend):
   def input_grad(self, x, kernel, gy, geo, mode, *, precision=None):
     return self._dispatch('input_grad', (x, kernel, gy), (geo, mode),
                           precision)
-
-  def weight_grad(self, x, kernel, gy, geo, mode, *, precision=None):
-    # Every backend's weight gradient is the XLA one (a convolution's weight
-    # gradient plus a rank-1 term, on the matrix units): no switch needed.
-    return _REGISTRY['xla'].weight_grad(x, kernel, gy, geo, mode,
-                                        precision=precision)
 
 
 #: What ``implementation=None`` runs.

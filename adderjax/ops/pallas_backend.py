@@ -24,9 +24,11 @@ What runs where:
   accumulation; float64 inputs run the XLA backend, which keeps float64.
 * The ``'unclipped'`` input gradient and the weight gradient are matmul
   identities on operands centred on the kernel (a convolution's own input
-  and weight gradients plus rank-1 terms, :mod:`adderjax.ops.xla_backend`
-  with no batch tiles), which run on tensor cores / the MXU and need no patch
-  matrix; an l1 kernel cannot use the matrix units (``docs/roofline.md``).
+  and weight gradients plus rank-1 terms), which run on tensor cores / the
+  MXU and need no patch matrix; an l1 kernel cannot use the matrix units
+  (``docs/roofline.md``). :class:`PallasBackend` subclasses the XLA backend
+  (:class:`adderjax.ops.xla_backend.XlaBackend`, with no batch tiles) and
+  inherits them.
 
 Sharding: a ``pallas_call`` cannot be partitioned by XLA, so every kernel
 call runs per shard of the batch (the patch-free kernels: axis 0 of the
@@ -66,7 +68,6 @@ from jax.sharding import PartitionSpec
 
 from adderjax.ops import geometry
 from adderjax.ops import platform_dispatch
-from adderjax.ops import protocol
 from adderjax.ops import reference
 from adderjax.ops import xla_backend
 from pallas_kernels import adder_gpu
@@ -329,9 +330,11 @@ def input_grad_op(kernels: KernelSet, mode: str):
 
 # --- the registered backends --------------------------------------------------
 
-#: The XLA kernels the Pallas backends use for the matmul reductions (no
-#: batch tiles: the tiles are a CPU cache optimisation).
-_XLA = xla_backend.XlaBackend(xla_backend.XlaConfig(tile_bytes=None))
+#: The XLA tuning of the Pallas backends, for what they leave to their base
+#: class (the matmul reductions, float64): no batch tiles, which are a CPU
+#: cache optimisation.
+XLA_CONFIG = xla_backend.XlaConfig(tile_bytes=None)
+
 
 def conv_spec(geo: geometry.ConvGeometry) -> ConvSpec:
   """The kernels' description of an adder convolution."""
@@ -377,8 +380,14 @@ def _target_tpu_generation() -> str | None:
   return conv_tpu_config.generation_of(platform_dispatch.target_device_kinds())
 
 
-class PallasBackend(protocol.Backend):
+class PallasBackend(xla_backend.XlaBackend):
   """Runs the l1 reductions with the Pallas kernels of :mod:`pallas_kernels`.
+
+  A specialisation of the XLA backend: it overrides the forward pass and the
+  HardTanh / sign input gradient with the kernels and leaves the rest to the
+  base class (``super()``): the weight gradient and the ``'unclipped'``
+  input gradient (matmul identities, on the matrix units) and float64
+  inputs, with :data:`XLA_CONFIG`.
 
   Args:
     name: registry name.
@@ -386,6 +395,7 @@ class PallasBackend(protocol.Backend):
   """
 
   def __init__(self, name: str, kernels: KernelSet):
+    super().__init__(XLA_CONFIG)
     self.name = name
     self.kernels = kernels
     # Interpret mode is for tests and debugging: only used when named.
@@ -404,7 +414,7 @@ class PallasBackend(protocol.Backend):
 
   def forward(self, x, kernel, geo, *, precision=None):
     if self._xla_instead(x, kernel):
-      return _XLA.forward(x, kernel, geo)
+      return super().forward(x, kernel, geo, precision=precision)
     if _patch_free(geo, self.kernels, x.dtype.itemsize):
       spec = conv_spec(geo)
       run = _per_batch_shard(
@@ -418,7 +428,7 @@ class PallasBackend(protocol.Backend):
   def input_grad(self, x, kernel, gy, geo, mode, *, precision=None):
     if mode == 'unclipped' or self._xla_instead(x, kernel, gy):
       # 'unclipped' is a matmul identity: leave it to the matrix units.
-      return _XLA.input_grad(x, kernel, gy, geo, mode, precision=precision)
+      return super().input_grad(x, kernel, gy, geo, mode, precision=precision)
     if _patch_free(geo, self.kernels, x.dtype.itemsize):
       spec = conv_spec(geo)
       run = _per_batch_shard(
@@ -431,9 +441,6 @@ class PallasBackend(protocol.Backend):
     gyc = geometry.output_to_canonical(gy, geo)
     dp = input_grad_op(self.kernels, mode)(p, w, gyc)
     return reference.col2im(dp, geo, x.shape)
-
-  def weight_grad(self, x, kernel, gy, geo, mode, *, precision=None):
-    return _XLA.weight_grad(x, kernel, gy, geo, mode, precision=precision)
 
 
 def interpret_backends() -> tuple[PallasBackend, ...]:

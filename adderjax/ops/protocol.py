@@ -8,6 +8,19 @@ of the layer. Each returns its result in the accumulation dtype (float32, or
 float64 for float64 inputs); :mod:`adderjax.ops.adder` casts back. Backends
 never see an empty batch (the op answers those itself).
 
+The backends take the shape of tokamax's ops: :class:`Backend` here is the
+abstract interface (what the registry, :mod:`adderjax.ops.backends`, accepts
+and what ``implementation=`` names), and the base *implementation* is the XLA
+backend, :class:`adderjax.ops.xla_backend.XlaBackend`, whose every method
+does the XLA computation; the Pallas backends subclass it and override only
+what their kernels specialise. The interface stays apart from that base
+because not every backend is a specialisation of XLA: one written on another
+layout (:class:`PatchBackend`, such as the tests' oracle) implements all
+three reductions, must not inherit an XLA computation that it forgot to
+override (here a missing method raises ``NotImplementedError``), and need not
+import the XLA kernels; and this module, which the registry and the XLA
+backend both import, stays free of them.
+
 :class:`PatchBackend` adapts a backend written on the canonical patch layout
 (``P[G, K, M]``, ``W[G, K, T]``, ``[G, T, M]``) to this protocol.
 
@@ -34,7 +47,12 @@ from adderjax.ops import reference
 
 
 class Backend:
-  """A conv-level adder backend (subclass it and register an instance).
+  """The interface of a conv-level adder backend (register an instance).
+
+  A backend that specialises XLA subclasses
+  :class:`adderjax.ops.xla_backend.XlaBackend` instead, which implements
+  every method; a backend on another layout subclasses this (or
+  :class:`PatchBackend`) and implements all three reductions.
 
   Attributes:
     name: the registry name, what ``implementation=`` selects.

@@ -1,4 +1,10 @@
-"""The tuned XLA backend (``implementation='xla'``; CPU's default).
+"""The XLA backend: ``implementation='xla'`` (CPU's default) and the base class.
+
+:class:`XlaBackend` is the base implementation of every backend: each of its
+methods does the XLA computation, and the accelerator backends
+(:class:`adderjax.ops.pallas_backend.PallasBackend`, the platform switch
+:class:`adderjax.ops.backends.DispatchBackend`) subclass it, override what
+their kernels specialise, and fall back to ``super()`` for the rest.
 
 Patch-free kernels on the convolution's own arrays (feature-last input, flax
 kernel, output cotangent): :func:`conv_forward`, :func:`conv_input_grad`,
@@ -626,10 +632,30 @@ def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
 class XlaBackend(protocol.Backend):
   """``implementation='xla'``: the patch-free XLA kernels of this module.
 
-  Runs on every platform; ``implementation=None`` lowers to it on CPU.
+  Runs on every platform; ``implementation=None`` lowers to it on CPU. It is
+  also the base class of the accelerator backends: a subclass overrides the
+  reductions its kernels specialise and calls ``super()`` for the others
+  (and for the inputs its kernels do not take), which run these kernels
+  with the subclass's ``config``.
 
   Args:
     config: the tuning (:data:`CONFIG`, measured on XLA:CPU, by default).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adderjax.ops import geometry, xla_backend
+    >>> class Doubled(xla_backend.XlaBackend):  # a specialised forward pass
+    ...   name = 'doubled'
+    ...   def forward(self, x, kernel, geo, *, precision=None):
+    ...     return 2 * super().forward(x, kernel, geo, precision=precision)
+    >>> geo = geometry.make_geometry((1, 3, 3, 1), (2, 2, 1, 1), 1, 'VALID',
+    ...                              1, 1)
+    >>> x, w = jnp.ones((1, 3, 3, 1)), jnp.zeros((2, 2, 1, 1))
+    >>> Doubled().forward(x, w, geo)[0, :, :, 0].tolist()
+    [[-8.0, -8.0], [-8.0, -8.0]]
+    >>> Doubled().weight_grad(x, w, -jnp.ones((1, 2, 2, 1)), geo,
+    ...                       'full_precision').shape  # inherited
+    (2, 2, 1, 1)
   """
 
   name = 'xla'
