@@ -28,19 +28,19 @@ Usage (prints one row per step)::
 
 from __future__ import annotations
 
-import argparse
+import copy
 import dataclasses
-import importlib.util
-import os
 import re
-import sys
 from typing import Any
 
+from absl import flags
 import jax
+from jax.experimental import topologies
 import ml_collections
 
-from experiments import parallel
+from experiments import cli
 from experiments import experiment
+from experiments import parallel
 from experiments import steps
 
 #: Environment for a deviceless TPU compile on a host without a TPU (libtpu
@@ -54,21 +54,6 @@ TPU_COMPILE_ENV = {
     'TPU_WORKER_HOSTNAMES': 'localhost',
     'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
 }
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """``'path/to/config.py[:arg]'`` -> the config (as ``--config`` reads it).
-
-  Raises:
-    FileNotFoundError: no such config file.
-  """
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file {path!r} does not exist.')
-  module_spec = importlib.util.spec_from_file_location('_aot_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
 
 @dataclasses.dataclass
 class TrainStepSpec:
@@ -114,7 +99,6 @@ def tpu_topology(name: str = 'v5e:2x4'):
   megacore mode, one device per chip, as a real host runs them (and as
   ``jax.make_mesh`` requires): ``v4:2x2x1`` is 4 devices, not 8 cores.
   """
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   desc = topologies.get_topology_desc(name, 'tpu')
   if any(getattr(d, 'core_on_chip', 0) for d in desc.devices):
     desc = topologies.get_topology_desc(name, 'tpu',
@@ -180,54 +164,63 @@ def analyse(compiled) -> dict[str, float]:
   }
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', required=True,
-                      help='config file[:arg], as for experiments.main')
-  parser.add_argument('--kinds', default='adder,cnn',
-                      help='model kinds to compile, comma-separated')
-  parser.add_argument('--topology', default='v5e:2x4')
-  parser.add_argument('--parallelism', default=None, choices=('jit', 'pmap'))
-  parser.add_argument('--batch_size', type=int, default=None,
-                      help='global batch (default: the config\'s)')
-  parser.add_argument('--implementation', default=None,
-                      help="model.implementation (default None: Pallas on "
-                      "TPU); 'xla' for the XLA path")
-  parser.add_argument('--remat', default=None,
-                      choices=steps.REMAT_CHOICES,
-                      help="the step's activation recompute (default: the "
-                      "config's remat)")
-  parser.add_argument('--remat_blocks', action='store_true',
-                      help='ResNets: recompute every residual block in the '
-                      'backward pass (model.overrides.remat_blocks=True)')
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this program's flags on ``flag_values``."""
+  fv = flag_values
+  cli.define_config_file(fv, help_string='Config file[:arg], as for '
+                         'experiments.main (--config.KEY=VALUE overrides).')
+  flags.DEFINE_string('kinds', 'adder,cnn',
+                      'Model kinds to compile, comma-separated.',
+                      flag_values=fv)
+  flags.DEFINE_string('topology', 'v5e:2x4', 'TPU topology to compile for.',
+                      flag_values=fv)
+  flags.DEFINE_enum('parallelism', None, ['jit', 'pmap'],
+                    'The runner (default: the config\'s).', flag_values=fv)
+  flags.DEFINE_integer('batch_size', None,
+                       'Global batch (default: the config\'s).',
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_string('implementation', None,
+                      "model.implementation (default None: Pallas on TPU); "
+                      "'xla' for the XLA path.", flag_values=fv)
+  flags.DEFINE_enum('remat', None, list(steps.REMAT_CHOICES),
+                    "The step's activation recompute (default: the "
+                    "config's remat).", flag_values=fv)
+  flags.DEFINE_bool('remat_blocks', False,
+                    'ResNets: recompute every residual block in the '
+                    'backward pass (model.overrides.remat_blocks=True).',
+                    flag_values=fv)
+
+
+def main(flag_values: flags.FlagValues, args: list[str]) -> None:
+  """Compiles the config's train step per kind; prints one row each."""
+  cli.no_arguments(args)
+  fv = flag_values
   rows = []
-  for kind in args.kinds.split(','):
-    config = load_config(args.config)
+  for kind in fv.kinds.split(','):
+    config = copy.deepcopy(fv.config)
     config.model.kind = kind
-    if args.parallelism:
-      config.parallelism = args.parallelism
-    if args.batch_size:
-      config.batch_size = args.batch_size
-    if args.remat:
-      config.remat = args.remat
-    if args.remat_blocks:
+    if fv.parallelism:
+      config.parallelism = fv.parallelism
+    if fv.batch_size:
+      config.batch_size = fv.batch_size
+    if fv.remat:
+      config.remat = fv.remat
+    if fv.remat_blocks:
       config.model.overrides.remat_blocks = True
-    if args.implementation and kind == 'adder':
-      config.model.implementation = args.implementation
-    stats = analyse(compile_for_tpu(config, args.topology)[0])
+    if fv.implementation and kind == 'adder':
+      config.model.implementation = fv.implementation
+    stats = analyse(compile_for_tpu(config, fv.topology)[0])
     rows.append((kind, stats))
   keys = list(rows[0][1])
-  print(f'{args.config} {args.topology} batch {config.batch_size} '
+  print(f'{cli.config_file_name(fv)} {fv.topology} batch {config.batch_size} '
         f'({config.parallelism}, remat {config.remat}: '
         f'{steps.resolve_remat(config.remat, "tpu")}'
-        f'{", blocks recomputed" if args.remat_blocks else ""}), per chip:')
+        f'{", blocks recomputed" if fv.remat_blocks else ""}), per chip:')
   print('| kind | ' + ' | '.join(keys) + ' |')
   print('|' + '---|' * (len(keys) + 1))
   for kind, stats in rows:
     print(f'| {kind} | ' + ' | '.join(f'{stats[k]:.4g}' for k in keys) + ' |')
-  return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main, define_flags)

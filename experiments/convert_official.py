@@ -31,7 +31,6 @@ import importlib
 import os
 from typing import Any
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -39,10 +38,10 @@ import numpy as np
 
 from adderjax import official
 from experiments import checkpointing
+from experiments import cli
+from experiments import errors
 from experiments import experiment
 from experiments import steps
-
-FLAGS = flags.FLAGS
 
 # (model, num_classes) -> experiment config module of its dataset.
 _CONFIGS = {
@@ -52,27 +51,32 @@ _CONFIGS = {
 }
 
 
-def define_flags() -> None:
-  """Defines this CLI's flags (only when run as a program)."""
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this program's flags on ``flag_values``."""
+  fv = flag_values
   flags.DEFINE_string('checkpoint', None,
-                      'Official checkpoint: .pth, .npz or .safetensors.')
+                      'Official checkpoint: .pth, .npz or .safetensors.',
+                      flag_values=fv)
   flags.DEFINE_enum('model', 'resnet20', ['resnet20', 'resnet50'],
-                    'The official architecture.')
-  flags.DEFINE_string('workdir', None, 'New run directory to write.')
+                    'The official architecture.', flag_values=fv)
+  flags.DEFINE_string('workdir', None, 'New run directory to write.',
+                      flag_values=fv)
   flags.DEFINE_enum('kind', 'adder', ['adder', 'cnn'],
-                    'AdderNet or its CNN twin.')
+                    'AdderNet or its CNN twin.', flag_values=fv)
   flags.DEFINE_enum('reader', 'auto', ['auto', 'torch', 'zip'],
                     '.pth reader: PyTorch, the torch-free zip reader, or '
-                    'auto (PyTorch when installed).')
-  flags.DEFINE_integer('seed', 0, 'config.seed of the written run.')
-  flags.mark_flags_as_required(['checkpoint', 'workdir'])
+                    'auto (PyTorch when installed).', flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'config.seed of the written run.',
+                       flag_values=fv)
+  flags.mark_flags_as_required(['checkpoint', 'workdir'], flag_values=fv)
 
 
 def config_for(name: str, num_classes: int, kind: str = 'adder'):
   """The experiment config of an official model with ``num_classes``.
 
   Raises:
-    ValueError: no experiment of that model has that many classes.
+    experiments.errors.ConfigError: no experiment of that model has that
+      many classes (a ``ValueError``).
 
   Examples:
     >>> config_for('resnet50', 1000).dataset.name
@@ -83,8 +87,8 @@ def config_for(name: str, num_classes: int, kind: str = 'adder'):
   module = _CONFIGS.get((name, num_classes))
   if module is None:
     known = ', '.join(f'{m} with {n} classes' for m, n in _CONFIGS)
-    raise ValueError(f'no experiment config for {name} with {num_classes} '
-                     f'classes; known: {known}.')
+    raise errors.ConfigError(f'no experiment config for {name} with '
+                             f'{num_classes} classes; known: {known}.')
   return importlib.import_module(
       f'experiments.configs.{module}').get_config(kind)
 
@@ -107,13 +111,16 @@ def convert_to_workdir(checkpoint: str, name: str, workdir: str, *,
 
   Raises:
     adderjax.official.ConversionError: the checkpoint does not fit.
-    ValueError: no experiment config for the class count, or ``workdir``
-      holds a run already (nothing is written then).
+    experiments.errors.UserError: no experiment config for the class count
+      (:class:`~experiments.errors.ConfigError`), or ``workdir`` holds a run
+      already (:class:`~experiments.checkpointing.WorkdirMismatchError`;
+      nothing is written then); both are ``ValueError`` s.
   """
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=1, async_save=False)
   if ckpt.stored_config() is not None or ckpt.latest_step() is not None:
-    raise ValueError(f'{workdir} holds a run already; convert into a new '
-                     '--workdir (nothing was overwritten).')
+    raise checkpointing.WorkdirMismatchError(
+        f'{workdir} holds a run already; convert into a new --workdir '
+        '(nothing was overwritten).')
   converted = official.load_official(checkpoint, name, kind=kind,
                                      reader=reader)
   config = config_for(name, converted.num_classes, kind)
@@ -145,13 +152,20 @@ def convert_to_workdir(checkpoint: str, name: str, workdir: str, *,
           'dataset': config.dataset.name, 'config': config}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  out = convert_to_workdir(FLAGS.checkpoint, FLAGS.model, FLAGS.workdir,
-                           kind=FLAGS.kind, reader=FLAGS.reader,
-                           seed=FLAGS.seed)
-  print(f"converted {FLAGS.checkpoint}: {out['model']} ({out['kind']}, "
+def main(flag_values: flags.FlagValues, args: list[str]) -> None:
+  """Converts ``--checkpoint`` into ``--workdir``."""
+  cli.no_arguments(args)
+  fv = flag_values
+  cli.check_workdir(fv.workdir)
+  if not os.path.isfile(fv.checkpoint):
+    raise errors.UsageError(f'--checkpoint {fv.checkpoint}: no such file.')
+  try:
+    out = convert_to_workdir(fv.checkpoint, fv.model, fv.workdir,
+                             kind=fv.kind, reader=fv.reader, seed=fv.seed)
+  except official.ConversionError as e:
+    raise errors.UserError(f'{fv.checkpoint} does not convert to '
+                           f'{fv.model} (ConversionError): {e}') from e
+  print(f"converted {fv.checkpoint}: {out['model']} ({out['kind']}, "
         f"{out['num_classes']} classes, {out['dataset']}) -> "
         f"{out['workdir']}")
   print(f"evaluate: python -m experiments.evaluate --workdir "
@@ -159,5 +173,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

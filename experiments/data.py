@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
+from PIL import Image
 
 from experiments import errors
 from experiments import idx as idx_lib
@@ -389,7 +390,6 @@ def make_crop_flip_transform(pad: int, flip: bool = True) -> Transform:
 def _resize(image: np.ndarray, box: tuple[float, float, float, float],
             size: tuple[int, int]) -> np.ndarray:
   """Bilinear resize of the ``box`` (x0, y0, x1, y1) region to ``size``."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   pil = Image.fromarray(image)
   return np.asarray(pil.resize((size[1], size[0]), Image.BILINEAR, box=box))
 

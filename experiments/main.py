@@ -28,41 +28,39 @@ same command resumes the run.
 """
 
 import logging as std_logging
-import sys
+import os
 
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+import jax
 
-from experiments import errors
+from experiments import cli
+from experiments import parallel
+from experiments import train
+from experiments import workdir_lock
 
-FLAGS = flags.FLAGS
 
-
-def define_flags() -> None:
-  """Defines this CLI's flags (only when run as a program, so that importing
-  the module next to other CLIs never clashes on flag names)."""
-  config_flags.DEFINE_config_file(
-      'config', None,
-      'Experiment config file (experiments/configs/*.py[:ARG]).',
-      lock_config=True)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this program's flags on ``flag_values``."""
+  cli.define_config_file(flag_values)
   flags.DEFINE_string('workdir', None,
-                      'Directory for checkpoints and metrics.')
+                      'Directory for checkpoints and metrics.',
+                      flag_values=flag_values)
   flags.DEFINE_enum(
       'distributed', 'auto', ['auto', 'on', 'off'],
       'Call jax.distributed.initialize(): auto = when a coordinator is given '
-      'by flag or environment.')
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
-  flags.DEFINE_integer('num_processes', None, 'Number of processes.')
-  flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+      'by flag or environment.', flag_values=flag_values)
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('num_processes', None, 'Number of processes.',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('process_id', None, 'This process\'s index.',
+                       flag_values=flag_values)
   flags.DEFINE_string('init_from', None,
                       'Start a new run from the weights of this run '
-                      'directory (e.g. experiments.convert_official).')
-  flags.DEFINE_bool('traceback', False,
-                    'Show the traceback of expected errors (normally one '
-                    'line).')
-  flags.mark_flags_as_required(['config', 'workdir'])
+                      'directory (e.g. experiments.convert_official).',
+                      flag_values=flag_values)
+  flags.mark_flag_as_required('workdir', flag_values=flag_values)
 
 
 def _quiet_orbax(record) -> bool:
@@ -71,99 +69,35 @@ def _quiet_orbax(record) -> bool:
       'orbax' not in record.pathname)
 
 
-def run_reporting_errors(fn, show_traceback: bool):
-  """Runs ``fn()``; expected errors become one stderr line and an exit code.
-
-  See :mod:`experiments.errors` for the exit codes.
-  """
-  try:
-    return fn()
-  except errors.Preempted as e:
-    if show_traceback:
-      raise
-    print(f'stopped: {e}', file=sys.stderr, flush=True)
-    sys.exit(e.exit_code)
-  except errors.TrainingDivergedError as e:
-    if show_traceback:
-      raise
-    print(errors.one_line(e), file=sys.stderr, flush=True)
-    sys.exit(errors.EXIT_DIVERGED)
-  except errors.UserError as e:
-    if show_traceback:
-      raise
-    print(errors.one_line(e), file=sys.stderr, flush=True)
-    sys.exit(errors.EXIT_USER_ERROR)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+def main(flag_values: flags.FlagValues, args: list[str]) -> None:
+  """Trains ``--config`` in ``--workdir`` (resuming a run there)."""
+  cli.no_arguments(args)
   logging.get_absl_logger().addFilter(_quiet_orbax)
-  show = errors.traceback_requested(FLAGS.traceback)
-
-  def run():
-    if _single_process():
-      # Refuse a busy workdir at once, before JAX's slow start-up.
-      from experiments import workdir_lock  # pylint: disable=g-import-not-at-top
-      workdir_lock.WorkdirLock(FLAGS.workdir).probe()
-    import jax  # pylint: disable=g-import-not-at-top
-    from experiments import parallel  # pylint: disable=g-import-not-at-top
-    parallel.maybe_initialize_distributed(
-        FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    logging.info('JAX: %d processes, %d devices (%d local): %s',
-                 jax.process_count(), jax.device_count(),
-                 jax.local_device_count(), jax.devices()[:4])
-    from experiments import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                             init_from=FLAGS.init_from)
-  run_reporting_errors(run, show)
+  cli.check_workdir(flag_values.workdir)
+  if _single_process(flag_values):
+    # Refuse a busy workdir at once, before JAX starts its backends.
+    workdir_lock.WorkdirLock(flag_values.workdir).probe()
+  parallel.maybe_initialize_distributed(
+      flag_values.distributed,
+      coordinator_address=flag_values.coordinator_address,
+      num_processes=flag_values.num_processes,
+      process_id=flag_values.process_id)
+  logging.info('JAX: %d processes, %d devices (%d local): %s',
+               jax.process_count(), jax.device_count(),
+               jax.local_device_count(), jax.devices()[:4])
+  train.train_and_evaluate(flag_values.config, flag_values.workdir,
+                           init_from=flag_values.init_from)
 
 
-def _single_process() -> bool:
+def _single_process(flag_values: flags.FlagValues) -> bool:
   """Whether this run is surely one process (no coordinator anywhere)."""
-  import os  # pylint: disable=g-import-not-at-top
-  if FLAGS.distributed == 'on' or FLAGS.coordinator_address:
+  if flag_values.distributed == 'on' or flag_values.coordinator_address:
     return False
-  if FLAGS.distributed == 'off':
+  if flag_values.distributed == 'off':
     return True
   return not os.environ.get('JAX_COORDINATOR_ADDRESS') and (
-      FLAGS.num_processes in (None, 1))
-
-
-def _usage_error(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(errors.EXIT_USER_ERROR)
-
-
-def parse_flags(argv):
-  """absl flag parsing; bad flags and config keys are one line, exit 2."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # ml_collections: no such key
-    key = str(e).strip('"\'')
-    overrides = [a.split('=')[0] for a in argv[1:]
-                 if a.startswith('--config.')]
-    bad = [o for o in overrides if o.rsplit('.', 1)[-1] == key] or overrides
-    _usage_error(f'unknown config key {key!r} in {", ".join(bad)}; the valid '
-                 'keys are listed by --help (experiments/configs/'
-                 'default.py).')
-  except flags.Error as e:
-    _usage_error(f'{" ".join(str(e).split())} (see --help).')
-  except errors.UserError as e:  # a config file's own checks
-    _usage_error(' '.join(str(e).split()))
-  except (ValueError, TypeError) as e:  # a config file's argument, a value
-    _usage_error(f'{" ".join(str(e).split())} (see --help).')
-
-
-def _help_with_config_keys() -> str:
-  from experiments.configs import default  # pylint: disable=g-import-not-at-top
-  keys = '\n'.join('  ' + line for line in default.describe_keys())
-  return (f'{__doc__}\nConfig keys (--config.KEY=VALUE) and their defaults '
-          f'(experiment configs override some):\n{keys}\n')
+      flag_values.num_processes in (None, 1))
 
 
 if __name__ == '__main__':
-  sys.modules['__main__'].__doc__ = _help_with_config_keys()
-  define_flags()
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, define_flags)

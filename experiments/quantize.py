@@ -16,19 +16,21 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adderjax import count_ops
+from adderjax import quant
 from experiments import checkpointing
+from experiments import cli
+from experiments import errors
 from experiments import experiment
 from experiments import steps
-
-FLAGS = flags.FLAGS
 
 #: 45 nm energies in pJ (Horowitz, ISSCC 2014; the figures of
 #: adderjax.ops_count plus the 32-bit integer add).
@@ -37,34 +39,44 @@ INT8_ADD, INT8_MUL = 0.03, 0.2
 INT32_ADD = 0.1
 
 
-def define_flags() -> None:
-  """Defines this CLI's flags (only when run as a program)."""
-  flags.DEFINE_string('workdir', None, 'Run directory (config + checkpoint).')
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this program's flags on ``flag_values``."""
+  fv = flag_values
+  flags.DEFINE_string('workdir', None, 'Run directory (config + checkpoint).',
+                      flag_values=fv)
   flags.DEFINE_list('bits', ['8', '6', '4'],
-                    'Bit widths of the adder layers (4..8), comma-separated.')
+                    'Bit widths of the adder layers (4..8), comma-separated.',
+                    flag_values=fv)
   flags.DEFINE_integer('calibration_batches', 4,
-                       'Training batches for calibration.')
+                       'Training batches for calibration.', flag_values=fv)
   flags.DEFINE_enum('calibration', 'max', ['max', 'percentile'],
-                    'Scale choice (adderjax.quant.QuantConfig).')
-  flags.DEFINE_float('percentile', 99.99, 'For --calibration=percentile.')
+                    'Scale choice (adderjax.quant.QuantConfig).',
+                    flag_values=fv)
+  flags.DEFINE_float('percentile', 99.99, 'For --calibration=percentile.',
+                     flag_values=fv)
   flags.DEFINE_bool('clip_kernel', True,
                     'Clip adder kernels exactly to the activation range '
-                    '(adderjax.quant.QuantConfig.clip_kernel).')
+                    '(adderjax.quant.QuantConfig.clip_kernel).',
+                    flag_values=fv)
   flags.DEFINE_list('first_last', ['float', 'int8'],
-                    'Precision(s) of the stem and classifier to evaluate.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: last).')
-  flags.DEFINE_string('data_dir', None, 'Override dataset.data_dir.')
+                    'Precision(s) of the stem and classifier to evaluate.',
+                    flag_values=fv)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: last).',
+                       flag_values=fv)
+  flags.DEFINE_string('data_dir', None, 'Override dataset.data_dir.',
+                      flag_values=fv)
   flags.DEFINE_integer('max_eval_examples', None,
-                       'Evaluate on the first N examples only.')
+                       'Evaluate on the first N examples only.',
+                       flag_values=fv)
   flags.DEFINE_string('out', None, 'Report path (default WORKDIR/'
-                      'quantize.md).')
-  flags.mark_flag_as_required('workdir')
+                      'quantize.md).', flag_values=fv)
+  flags.mark_flag_as_required('workdir', flag_values=fv)
 
 
 def restore(workdir: str, step: int | None = None, data_dir=None,
             max_eval_examples=None):
   """``(config, model, variables, datasets, step)`` of a run's checkpoint."""
-  config = experiment.load_config(workdir)
+  config = experiment.load_run_config(workdir)
   if data_dir is not None:
     config.dataset.data_dir = data_dir
   if max_eval_examples is not None:
@@ -83,7 +95,6 @@ def restore(workdir: str, step: int | None = None, data_dir=None,
 
 def accuracy(forward, datasets) -> float:
   """Top-1 accuracy of ``forward(normalized images) -> logits``."""
-  from experiments import train  # pylint: disable=g-import-not-at-top
   hits, count = 0.0, 0.0
   for batch in datasets.eval:
     x = steps.normalize(jnp.asarray(batch['image']), datasets.mean,
@@ -114,7 +125,6 @@ def energy_table(model, image_shape, qm) -> list[Energy]:
   255 does not fit 8 bits), or both at the int8 price (the convention of the
   AdderNet literature, an upper bound on the savings).
   """
-  from adderjax import count_ops  # pylint: disable=g-import-not-at-top
   report = count_ops(model, image_shape)
   plans = {p.path: p for p in qm.plan}
   rows = {'fp32': 0.0, 'int': 0.0, 'int_lit': 0.0}
@@ -157,19 +167,26 @@ def run(workdir: str, bits_list, *, calibration_batches: int = 4,
         clip_kernel: bool = True,
         first_last=('float', 'int8'), step=None, data_dir=None,
         max_eval_examples=None) -> str:
-  """Evaluates ``workdir`` in float and integer modes; returns the report."""
-  from adderjax import quant  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  bits_list = [int(b) for b in bits_list]
-  for b in bits_list:
-    quant.qmax_of(b)
+  """Evaluates ``workdir`` in float and integer modes; returns the report.
+
+  Raises:
+    experiments.errors.UsageError: a bit width, ``first_last`` value or
+      ``calibration_batches`` out of range (a ``ValueError`` too).
+  """
+  try:
+    bits_list = [int(b) for b in bits_list]
+    for b in bits_list:
+      quant.qmax_of(b)
+  except ValueError as e:
+    raise errors.UsageError(f'--bits {",".join(map(str, bits_list))}: '
+                            f'{e}') from e
   for fl in first_last:
     if fl not in quant.FIRST_LAST:
-      raise ValueError(f'first_last must hold values of {quant.FIRST_LAST}, '
-                       f'got {fl!r}.')
+      raise errors.UsageError(f'first_last must hold values of '
+                              f'{quant.FIRST_LAST}, got {fl!r}.')
   if calibration_batches < 1:
-    raise ValueError(f'calibration_batches must be positive, got '
-                     f'{calibration_batches!r}.')
+    raise errors.UsageError(f'calibration_batches must be positive, got '
+                            f'{calibration_batches!r}.')
   config, model, variables, datasets, step = restore(
       workdir, step, data_dir, max_eval_examples)
   t0 = time.perf_counter()
@@ -223,18 +240,18 @@ def run(workdir: str, bits_list, *, calibration_batches: int = 4,
   return '\n'.join(lines) + '\n'
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  import os  # pylint: disable=g-import-not-at-top
-  report = run(FLAGS.workdir, FLAGS.bits,
-               calibration_batches=FLAGS.calibration_batches,
-               calibration=FLAGS.calibration, percentile=FLAGS.percentile,
-               clip_kernel=FLAGS.clip_kernel,
-               first_last=tuple(FLAGS.first_last), step=FLAGS.step,
-               data_dir=FLAGS.data_dir,
-               max_eval_examples=FLAGS.max_eval_examples)
-  out = FLAGS.out or os.path.join(FLAGS.workdir, 'quantize.md')
+def main(flag_values: flags.FlagValues, args: list[str]) -> None:
+  """Writes and prints the report of ``--workdir``."""
+  cli.no_arguments(args)
+  fv = flag_values
+  out = fv.out or os.path.join(fv.workdir, 'quantize.md')
+  cli.check_workdir(os.path.dirname(out) or '.', '--out')
+  report = run(fv.workdir, fv.bits,
+               calibration_batches=fv.calibration_batches,
+               calibration=fv.calibration, percentile=fv.percentile,
+               clip_kernel=fv.clip_kernel,
+               first_last=tuple(fv.first_last), step=fv.step,
+               data_dir=fv.data_dir, max_eval_examples=fv.max_eval_examples)
   with open(out, 'w') as f:
     f.write(report)
   print(report)
@@ -242,5 +259,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -26,98 +26,91 @@ import time
 
 _T0 = time.time()  # before the heavy imports: the wall time covers them
 
-import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
-import logging as std_logging  # pylint: disable=g-import-not-at-top,wrong-import-position
-import os  # pylint: disable=g-import-not-at-top,wrong-import-position
-import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import logging as std_logging
+
+from absl import flags
+from absl import logging
+
+from experiments import cli
+from experiments import data as data_lib
+from experiments import errors
+from experiments.reproduce_lib import pipeline
+from experiments.reproduce_lib import plan as plan_lib
+
+#: The experiments (the one positional argument).
+EXPERIMENTS = ('mnist', 'report')
 
 
-def _seeds(text: str) -> tuple[int, ...]:
-  try:
-    seeds = tuple(int(s) for s in text.split(',') if s.strip())
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f'--seeds must be comma-separated ints, got {text!r}') from None
-  if not seeds:
-    raise argparse.ArgumentTypeError('--seeds is empty')
-  return seeds
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this program's flags on ``flag_values``."""
+  fv = flag_values
+  flags.DEFINE_string('out', None,
+                      'Output directory (PNGs, results.json, report.md).',
+                      flag_values=fv)
+  flags.DEFINE_bool('quick', False,
+                    '1 epoch per run (half an epoch for ablation/eta).',
+                    flag_values=fv)
+  flags.DEFINE_bool('full', False,
+                    "The paper's recipe: 50 epochs for every run.",
+                    flag_values=fv)
+  flags.DEFINE_integer('epochs', None, 'Epochs of the main CNN/AddNN/BNN '
+                       'runs (overrides the plan).', lower_bound=1,
+                       flag_values=fv)
+  cli.define_list('seeds', None, 'Comma-separated seeds of the main runs '
+                  '(default 0).', fv, item=int)
+  flags.DEFINE_string('data_dir', 'data/mnist', 'MNIST IDX files (python -m '
+                      'experiments.fetch_data mnist).', flag_values=fv)
+  flags.DEFINE_string('workdir', None, "Keep the runs' workdirs "
+                      '(checkpoints, metrics) here; default: a temporary '
+                      'directory, removed at the end.', flag_values=fv)
+  flags.DEFINE_integer('batch_size', 256, 'Training batch (paper: 256).',
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer('eval_batch_size', 1000, 'Evaluation batch.',
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer('max_steps_per_epoch', None,
+                       'Cap the steps per epoch (smoke tests).',
+                       lower_bound=1, flag_values=fv)
+  flags.mark_flag_as_required('out', flag_values=fv)
+  flags.mark_bool_flags_as_mutual_exclusive(['quick', 'full'],
+                                            flag_values=fv)
+  flags.register_validator('seeds', lambda seeds: seeds is None or seeds,
+                           '--seeds is empty', flag_values=fv)
 
 
-def _positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'expected a positive int, got {text!r}')
-  return value
+def main(flag_values: flags.FlagValues, args: list[str]) -> None:
+  """Runs ``mnist`` (everything) or ``report`` (redraws from results.json).
 
-
-def build_parser() -> argparse.ArgumentParser:
-  """The command-line parser (``experiment`` is ``mnist`` or ``report``)."""
-  p = argparse.ArgumentParser(
-      prog='python -m experiments.reproduce',
-      description='Reproduce the AdderNet paper\'s MNIST experiments.')
-  p.add_argument('experiment', choices=('mnist', 'report'),
-                 help='mnist: run everything; report: redraw the curve '
-                 'figures and report.md from --out/results.json.')
-  p.add_argument('--out', required=True,
-                 help='output directory (PNGs, results.json, report.md).')
-  size = p.add_mutually_exclusive_group()
-  size.add_argument('--quick', action='store_true',
-                    help='1 epoch per run (half an epoch for ablation/eta).')
-  size.add_argument('--full', action='store_true',
-                    help="the paper's recipe: 50 epochs for every run.")
-  p.add_argument('--epochs', type=_positive, default=None,
-                 help='epochs of the main CNN/AddNN/BNN runs (overrides '
-                 'the plan).')
-  p.add_argument('--seeds', type=_seeds, default=None,
-                 help='comma-separated seeds of the main runs (default 0).')
-  p.add_argument('--data_dir', default='data/mnist',
-                 help='MNIST IDX files (python -m experiments.fetch_data '
-                 'mnist).')
-  p.add_argument('--workdir', default=None,
-                 help='keep the runs\' workdirs (checkpoints, metrics) here; '
-                 'default: a temporary directory, removed at the end.')
-  p.add_argument('--batch_size', type=_positive, default=256,
-                 help='training batch (paper: 256).')
-  p.add_argument('--eval_batch_size', type=_positive, default=1000)
-  p.add_argument('--max_steps_per_epoch', type=_positive, default=None,
-                 help='cap the steps per epoch (smoke tests).')
-  return p
-
-
-def main(argv: list[str] | None = None) -> dict:
-  """Runs the CLI; returns ``results.json``'s content."""
-  args = build_parser().parse_args(argv)
-  if args.experiment == 'report':
-    from experiments.reproduce_lib import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.rerender(
-        args.out, command='python -m experiments.reproduce ' +
-        ' '.join(sys.argv[1:] if argv is None else argv))
-
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from experiments import data as data_lib  # pylint: disable=g-import-not-at-top
-  from experiments.reproduce_lib import pipeline  # pylint: disable=g-import-not-at-top
-  from experiments.reproduce_lib import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  The result is in ``--out``: ``results.json``, ``report.md``, the figures.
+  """
+  fv = flag_values
+  if len(args) != 1 or args[0] not in EXPERIMENTS:
+    raise errors.UsageError(
+        f'expected one argument, mnist or report, got {args} (see --help).')
+  experiment = args[0]
+  command = cli.command_line('experiments.reproduce', fv, args)
+  if experiment == 'report':
+    pipeline.rerender(fv.out, command=command)
+    return
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger('absl').setLevel(std_logging.WARNING)
 
-  name = 'quick' if args.quick else 'full' if args.full else 'default'
-  plan = plan_lib.make_plan(name, main_epochs=args.epochs, seeds=args.seeds)
-  train_examples = len(data_lib.load_mnist_split(args.data_dir, 'train'))
-  data_lib.load_mnist_split(args.data_dir, 'test')
+  name = 'quick' if fv.quick else 'full' if fv.full else 'default'
+  plan = plan_lib.make_plan(name, main_epochs=fv.epochs,
+                            seeds=None if fv.seeds is None else tuple(fv.seeds))
+  train_examples = len(data_lib.load_mnist_split(fv.data_dir, 'train'))
+  data_lib.load_mnist_split(fv.data_dir, 'test')
   data = plan_lib.DataOptions(
-      data_dir=args.data_dir, batch_size=args.batch_size,
-      eval_batch_size=args.eval_batch_size,
-      max_steps_per_epoch=args.max_steps_per_epoch,
+      data_dir=fv.data_dir, batch_size=fv.batch_size,
+      eval_batch_size=fv.eval_batch_size,
+      max_steps_per_epoch=fv.max_steps_per_epoch,
       train_examples=train_examples)
-  command = ('python -m experiments.reproduce ' +
-             ' '.join(sys.argv[1:] if argv is None else argv))
-  return pipeline.reproduce_mnist(
-      args.out, plan, data, workdir_root=args.workdir, command=command,
-      t_start=_T0 if argv is None else None)
+  # Run as a program, the wall time counts from the start of this module
+  # (its imports included).
+  pipeline.reproduce_mnist(
+      fv.out, plan, data, workdir_root=fv.workdir, command=command,
+      t_start=_T0 if __name__ == '__main__' else None)
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main, define_flags)

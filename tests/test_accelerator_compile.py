@@ -47,8 +47,9 @@ def compile_case(model: str, runner: str, topology: str, batch: int,
   ``remat``), ``remat_blocks`` (the ResNet field).
   """
   from experiments import aot  # pylint: disable=g-import-not-at-top
+  from experiments import cli  # pylint: disable=g-import-not-at-top
   options = options or {}
-  config = aot.load_config(CONFIGS[model])
+  config = cli.load_config_file(CONFIGS[model])
   config.batch_size = batch
   config.model.kind = options.get('kind', config.model.kind)
   config.remat = options.get('remat', config.remat)
@@ -152,7 +153,8 @@ def test_resnet20_recomputed_blocks_v5e_memory():
     pytest.param('resnet50', marks=pytest.mark.slow)])
 def test_train_step_exports_for_cuda_with_triton_kernels(model):
   from experiments import aot  # pylint: disable=g-import-not-at-top
-  config = aot.load_config(CONFIGS[model])
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  config = cli.load_config_file(CONFIGS[model])
   config.batch_size = 8
   text = aot.export_for(config, ('cuda',)).mlir_module()
   # Identical layers share one function in the module: count at least one

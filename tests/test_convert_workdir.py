@@ -69,7 +69,7 @@ def test_workdir_holds_the_official_tensors(converted_workdir):
 
 
 def test_evaluate_runs_on_the_converted_workdir(converted_workdir):
-  config = _small_data(experiment.load_config(converted_workdir))
+  config = _small_data(experiment.load_run_config(converted_workdir))
   with tfds.testing.mock_data(num_examples=12,
                               policy=tfds.testing.MockPolicy.USE_CODE):
     result = train.evaluate_checkpoint(config, converted_workdir)
@@ -114,7 +114,7 @@ def test_init_from_refuses_another_model(converted_workdir):
 def test_fine_tuning_starts_from_the_converted_weights(converted_workdir,
                                                        tmp_path):
   """Two steps at learning rate 0 keep the converted parameters exactly."""
-  config = _small_data(experiment.load_config(converted_workdir))
+  config = _small_data(experiment.load_run_config(converted_workdir))
   config.num_epochs = 1
   config.steps_per_epoch = 2
   config.log_every_steps = 1
@@ -184,7 +184,7 @@ def test_resnet50_workdir_has_the_official_head(tmp_path):
   workdir = str(tmp_path / 'r50')
   out = convert_official.convert_to_workdir(path, 'resnet50', workdir)
   assert (out['dataset'], out['num_classes']) == ('imagenet2012', 1000)
-  config = experiment.load_config(workdir)
+  config = experiment.load_run_config(workdir)
   assert config.model.overrides.classifier_bias
   ckpt = checkpointing.Checkpointer(workdir, primary=False)
   state, _ = ckpt.restore_saved()

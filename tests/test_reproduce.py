@@ -19,6 +19,7 @@ import pytest
 from scipy import stats
 
 from adderjax import optim
+from experiments import cli
 from experiments import reproduce
 from experiments import testing
 from experiments.reproduce_lib import analysis
@@ -195,15 +196,20 @@ def test_chunked_part_config():
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['mnist', '--out', 'x', '--quick', '--full'], 'not allowed with'),
+    (['mnist', '--out', 'x', '--quick', '--full'], 'At most one of'),
     (['mnist', '--out', 'x', '--seeds', 'a,b'], 'comma-separated ints'),
+    (['mnist', '--out', 'x', '--seeds='], '--seeds is empty'),
     (['mnist', '--out', 'x', '--epochs', '0'], 'positive int'),
-    (['cifar', '--out', 'x'], 'invalid choice'),
+    (['cifar', '--out', 'x'], 'mnist or report'),
+    (['mnist'], '--out must have a value'),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
-  with pytest.raises(SystemExit):
-    reproduce.build_parser().parse_args(argv)
-  assert message in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    cli.call(reproduce.main, reproduce.define_flags, argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err and err.startswith('error: ') and err.count(
+      '\n') == 1, err
 
 
 # ----------------------------------------------------------------------------
@@ -220,10 +226,10 @@ def test_quick_reproduction_end_to_end(tmp_path):
   data_dir = testing.write_synthetic_mnist(str(tmp_path / 'mnist'),
                                            n_train=48, n_test=24)
   out = tmp_path / 'out'
-  results = reproduce.main([
+  assert cli.call(reproduce.main, reproduce.define_flags, [
       'mnist', '--out', str(out), '--quick', '--data_dir', data_dir,
       '--batch_size', '16', '--eval_batch_size', '24',
-      '--max_steps_per_epoch', '2', '--seeds', '0'])
+      '--max_steps_per_epoch', '2', '--seeds', '0']) == 0
   names = {'main_curves.png', 'fig4_ablation.png', 'eta_curves.png',
            'eta_sensitivity.png', 'fig1_features.png', 'fig2_filters.png',
            'fig3_histograms.png', 'results.json', 'report.md'}
@@ -267,7 +273,8 @@ def test_quick_reproduction_end_to_end(tmp_path):
   # text plus a note of the redraw.
   os.remove(out / 'report.md')
   os.remove(out / 'fig4_ablation.png')
-  reproduce.main(['report', '--out', str(out)])
+  assert cli.call(reproduce.main, reproduce.define_flags,
+                  ['report', '--out', str(out)]) == 0
   redrawn = (out / 'report.md').read_text()
   assert 'redrawn from `results.json` by `python -m experiments.reproduce ' \
       'report --out' in redrawn

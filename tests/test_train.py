@@ -57,7 +57,7 @@ def mnist_dir(tmp_path_factory):
 
 def _restore_params(workdir):
   """Final parameters of a run, read back from its last checkpoint."""
-  config = experiment.load_config(workdir)
+  config = experiment.load_run_config(workdir)
   ckpt = checkpointing.Checkpointer(workdir, primary=False)
   step = ckpt.latest_step()
   state, _ = ckpt.restore_saved(step)
@@ -176,7 +176,8 @@ def test_train_and_evaluate_writes_everything(mnist_dir, tmp_path, capsys):
   assert json.load(open(os.path.join(workdir, 'config.json')))['model'][
       'kind'] == 'adder'
   # Evaluating the checkpoint reproduces the final evaluation.
-  result = train.evaluate_checkpoint(experiment.load_config(workdir), workdir)
+  result = train.evaluate_checkpoint(experiment.load_run_config(workdir),
+                                     workdir)
   assert result['step'] == 6
   assert result['top1'] == pytest.approx(summary['eval']['top1'])
   assert result['loss'] == pytest.approx(summary['eval']['loss'], rel=1e-5)
@@ -372,12 +373,12 @@ def test_cli_rejects_unknown_key_and_prints_accuracy(mnist_dir, tmp_path):
   assert 'Test accuracy:' in ev.stdout
 
 
-def test_load_config_roundtrip(mnist_dir, tmp_path):
+def test_load_run_config_roundtrip(mnist_dir, tmp_path):
   config = tiny_mnist_config(mnist_dir)
   config.model.overrides = ml_collections.ConfigDict({'pool': 'avg'})
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   ckpt.write_config(config)
-  loaded = experiment.load_config(str(tmp_path))
+  loaded = experiment.load_run_config(str(tmp_path))
   checkpointing.compare_configs(checkpointing.config_to_dict(config),
                                 checkpointing.config_to_dict(loaded))
   assert loaded.model.overrides.pool == 'avg'

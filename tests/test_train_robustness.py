@@ -25,7 +25,7 @@ from experiments import data
 from experiments import errors
 from experiments import idx
 from experiments import integrity
-from experiments import main as main_lib
+from experiments import cli
 from experiments import testing
 from experiments import duties
 from experiments import experiment
@@ -197,7 +197,7 @@ def test_flipped_bit_is_refused_naming_step_and_file(finished_run,
   ckpt.close()
   with pytest.raises(checkpointing.CheckpointCorruptError,
                      match='checkpoint 6'):  # before compiling anything
-    train.evaluate_checkpoint(experiment.load_config(copy), copy, step=6)
+    train.evaluate_checkpoint(experiment.load_run_config(copy), copy, step=6)
   ckpt = checkpointing.Checkpointer(copy, primary=False)
   assert ckpt.newest_verified_step() == 4
   ckpt.close()
@@ -207,7 +207,7 @@ def test_flipped_bit_is_refused_naming_step_and_file(finished_run,
 def test_evaluation_falls_back_to_the_newest_intact_checkpoint(finished_run,
                                                                tmp_path):
   copy, _ = _flip_a_bit_of_step_6(finished_run, tmp_path)
-  assert train.evaluate_checkpoint(experiment.load_config(copy), copy)['step'] == 4
+  assert train.evaluate_checkpoint(experiment.load_run_config(copy), copy)['step'] == 4
 
 
 @pytest.mark.slow
@@ -259,7 +259,7 @@ def test_no_intact_checkpoint_is_an_error(finished_run, tmp_path):
     target = _largest_file(os.path.join(copy, 'checkpoints', str(step)))
     with open(target, 'r+b') as f:
       f.write(b'\xff\xff')
-  config = experiment.load_config(copy)
+  config = experiment.load_run_config(copy)
   with pytest.raises(checkpointing.CheckpointCorruptError,
                      match=r'no intact checkpoint.*\(3 checkpoint\(s\) '
                      r'corrupt\)'):
@@ -291,7 +291,7 @@ def test_dataset_name_and_statistics_are_recorded(finished_run, mnist_dir):
   assert summary['dataset'] == 'idx' and not summary['dataset_verified']
   assert summary['normalization'] == {'mean': stored['mean'],
                                       'std': stored['std']}
-  assert experiment.load_config(workdir).dataset.mean == tuple(stored['mean'])
+  assert experiment.load_run_config(workdir).dataset.mean == tuple(stored['mean'])
 
 
 def test_explicit_and_bad_normalization(mnist_dir):
@@ -402,9 +402,9 @@ def test_model_factory_from_a_workdir_needs_trust(finished_run, tmp_path,
   with pytest.raises(experiment.UntrustedCodeError,
                      match="'untrusted_factory_mod:make', which would import "
                      ".*--trust_workdir_code"):
-    experiment.load_config(str(copy))
+    experiment.load_run_config(str(copy))
   assert not marker.exists()
-  config = experiment.load_config(str(copy), trust_code=True)
+  config = experiment.load_run_config(str(copy), trust_code=True)
   experiment.create_model(config.model, 10)
   assert marker.exists()
 
@@ -419,7 +419,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   config = tiny_config(mnist_dir, checkpoint_every_steps=2, log_every_steps=1)
   config.optimizer.learning_rate = 1e6
   with pytest.raises(SystemExit) as e:
-    main_lib.run_reporting_errors(
+    cli.run_reporting_errors(
         lambda: train.train_and_evaluate(config, workdir), False)
   assert e.value.code == errors.EXIT_DIVERGED == 3
   err = capsys.readouterr().err.strip().splitlines()
@@ -456,15 +456,15 @@ def test_user_errors_are_one_line_unless_traceback_is_asked(capsys,
   def fail():
     raise checkpointing.WorkdirMismatchError('the workdir holds\na run.')
   with pytest.raises(SystemExit) as e:
-    main_lib.run_reporting_errors(fail, False)
+    cli.run_reporting_errors(fail, False)
   assert e.value.code == errors.EXIT_USER_ERROR == 2
   assert capsys.readouterr().err == 'error: the workdir holds a run.\n'
   with pytest.raises(checkpointing.WorkdirMismatchError):
-    main_lib.run_reporting_errors(fail, True)
+    cli.run_reporting_errors(fail, True)
   monkeypatch.setenv(errors.TRACEBACK_ENV, '1')
   assert errors.traceback_requested(False)
   with pytest.raises(SystemExit) as e:
-    main_lib.run_reporting_errors(
+    cli.run_reporting_errors(
         lambda: (_ for _ in ()).throw(errors.Preempted(15, 7, 'saved 7')),
         False)
   assert e.value.code == 143
@@ -490,10 +490,39 @@ def test_cli_bad_values_and_help(mnist_dir, tmp_path):
       'error: batch_size must be a positive int, got -4.')
   assert 'Traceback' not in bad_value.stderr
   assert not workdir.exists()
+  # A value only the library checks (the optimizer), a workdir that is a
+  # file, a config file that does not exist: one line each, exit 2.
+  afile = tmp_path / 'afile'
+  afile.write_text('')
+  for extra, message in (
+      (['--workdir', str(workdir), '--config.optimizer.momentum=1.5',
+        f'--config.dataset.data_dir={mnist_dir}'],
+       'error: optimizer.momentum must be in [0, 1)'),
+      (['--workdir', str(afile)],
+       f'error: --workdir {afile} is a file, not a directory.'),
+      (['--workdir', str(afile / 'run')],
+       f'error: --workdir {afile / "run"}: {afile} is a file'),
+  ):
+    proc = subprocess.run(base + extra, cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors_printed = [line for line in proc.stderr.splitlines()
+                      if not line[:1] in 'IWD']  # absl log lines
+    assert len(errors_printed) == 1 and errors_printed[0].startswith(
+        message), proc.stderr
+  assert not workdir.exists()
+  missing = subprocess.run(
+      [sys.executable, '-m', 'experiments.main', '--config',
+       'experiments/configs/nothing.py', '--workdir', str(workdir)],
+      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+  assert (missing.returncode, missing.stderr) == (
+      2, "error: config file 'experiments/configs/nothing.py' does not "
+      'exist.\n')
   helped = subprocess.run(base[:3] + ['--help'], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=120)
   for key in ('optimizer.learning_rate = 0.1', "dataset.name = 'mnist'",
-              'dataset.mean = None', 'checkpoint_every_steps = -1'):
+              'dataset.mean = None', 'checkpoint_every_steps = -1',
+              '--workdir: Directory for checkpoints', '--[no]traceback'):
     assert key in helped.stdout
 
 

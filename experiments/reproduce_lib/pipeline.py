@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from importlib import metadata
 import json
 import os
 import platform
@@ -61,7 +62,6 @@ def _git(*args) -> str:
 
 def environment() -> dict[str, Any]:
   """Versions, git state and machine facts of this process."""
-  from importlib import metadata  # pylint: disable=g-import-not-at-top
   versions = {'python': platform.python_version()}
   for name in _PACKAGES:
     try:
