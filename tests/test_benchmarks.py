@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from experiments.benchmarks import floor
 from experiments.benchmarks import kernels
 from experiments.benchmarks import layers
@@ -171,8 +172,8 @@ class KernelsBenchmarkTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, 'kernels.json')
       with contextlib.redirect_stdout(out):
-        rc = kernels.main(['--quick', '--layers', 'stage2 3x3/2', '--json',
-                           path])
+        rc = cli.call(kernels.main, kernels.define_flags,
+                      ['--quick', '--layers', 'stage2 3x3/2', '--json', path])
       with open(path) as f:
         data = json.load(f)
     self.assertEqual(rc, 0)
@@ -221,9 +222,12 @@ class KernelsBenchmarkTest(absltest.TestCase):
                       (['--parts', 'layers,kernels'], 'kernels'),
                       (['--step-batch-cifar', '0'], '0')):
       err = io.StringIO()
-      with contextlib.redirect_stderr(err), self.assertRaises(SystemExit):
-        kernels.main(argv)
+      with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as e:
+        cli.call(kernels.main, kernels.define_flags, argv)
+      self.assertEqual(e.exception.code, 2)
       self.assertIn(bad, err.getvalue())
+      self.assertTrue(err.getvalue().startswith('error: '))
+      self.assertEqual(err.getvalue().count('\n'), 1)
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ import io
 
 import pytest
 
+from experiments import cli
 from experiments.benchmarks import kernels
 
 
@@ -23,7 +24,8 @@ def test_cpu_run_times_conv_and_xla_and_says_pallas_needs_accelerator(capsys):
   assert 'xla/conv' in out.getvalue()
   # The (M, K, T) bookkeeping: 3x3 stride-2 layer on a 32x32x16 input.
   assert (rows[2]['m'], rows[2]['k'], rows[2]['t']) == (256, 144, 32)
-  assert kernels.main(['--roofline', '--nets', 'resnet50']) == 0
+  assert cli.call(kernels.main, kernels.define_flags,
+                  ['--roofline', '--nets', 'resnet50']) == 0
   text = capsys.readouterr().out
   assert 'roofline, H100' in text and 'roofline, TPU v5e' in text
 

@@ -26,14 +26,14 @@ weight gradient is a matmul, like all three conv passes).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from collections.abc import Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from experiments.benchmarks import common
 
 _U = 36  # terms per fused step
@@ -118,14 +118,19 @@ def report(fl: Floor) -> str:
           f'{fl.fwd_bwd_ratio():.2f}x\n')
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--repeats', type=int, default=9)
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this program's flags on ``flag_values``."""
+  flags.DEFINE_integer('repeats', 9, 'Timed rounds (median).', lower_bound=1,
+                       flag_values=flag_values)
+
+
+def main(flag_values: flags.FlagValues, args: list[str]) -> None:
+  """Measures and prints the floor."""
+  cli.no_arguments(args)
   print(common.machine_line(), flush=True)
   print('\n## Machine floor (G terms/s, cache-resident)\n')
-  print(report(measure(repeats=args.repeats)))
+  print(report(measure(repeats=flag_values.repeats)))
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main, define_flags)

@@ -42,7 +42,6 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
@@ -51,12 +50,16 @@ import sys
 import time
 from collections.abc import Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 import adderjax
+from experiments import aot
+from experiments import cli
+from experiments import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,8 +380,6 @@ def time_train_step(config, repeats: int, devices=None) -> dict[str, float]:
     of the compiled step (``temp_mb``, ``argument_mb``, ``output_mb``,
     ``gflops``, ``bytes_accessed_gb``, ...; per device).
   """
-  # Imported here: the layer benchmark does not need the experiments stack.
-  from experiments import aot  # pylint: disable=g-import-not-at-top
   spec = aot.train_step_spec(config, devices)
   runner, exp = spec.runner, spec.experiment
   ds = config.dataset
@@ -484,86 +485,115 @@ def interpret_check(out=None) -> float:
   return worst
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m experiments.benchmarks.kernels',
-      description=__doc__.split('\n\n')[0])
-  platform = jax.default_backend()
-  accel = platform in ('gpu', 'tpu')
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this program's flags on ``flag_values`` (defaults per device)."""
+  fv = flag_values
+  accel = jax.default_backend() in ('gpu', 'tpu')
   n_dev = jax.device_count()
-  parser.add_argument('--parts', default='layers,steps',
-                      help='comma-separated: layers (per conv layer), steps '
-                      '(per train step)')
-  parser.add_argument('--quick', action='store_true',
-                      help='ResNet-20 only, tiny batches, one repeat, and '
-                      'for the steps the config\'s runlocal model (3 blocks, '
-                      'width 8): a CPU smoke run; overrides the batch and '
-                      'repeat flags')
-  parser.add_argument('--nets', default='resnet20,resnet50',
-                      help='comma-separated: resnet20, resnet50')
-  parser.add_argument('--layers', default=None,
-                      help='comma-separated layer names to time (e.g. '
-                      '"stage1 3x3,conv5 3x3"; default: every layer)')
-  parser.add_argument('--batch-cifar', type=int, default=128 if accel else 8,
-                      help='ResNet-20 layer batch (default 128; 8 on CPU)')
-  parser.add_argument('--batch-imagenet', type=int, default=64 if accel else 1,
-                      help='ResNet-50 layer batch (default 64; 1 on CPU)')
-  parser.add_argument('--step-batch-cifar', type=int, default=128 * n_dev,
-                      help='ResNet-20 train step global batch (default 128 '
-                      'per device)')
-  parser.add_argument('--step-batch-imagenet', type=int, default=32 * n_dev,
-                      help='ResNet-50 train step global batch (default 32 '
-                      'per device)')
-  parser.add_argument('--repeats', type=int, default=20 if accel else 3,
-                      help='timed calls per layer measurement (median)')
-  parser.add_argument('--step-repeats', type=int, default=10 if accel else 2,
-                      help='timed train steps per variant (median)')
-  parser.add_argument('--dtype', default='float32',
-                      choices=('float32', 'bfloat16'),
-                      help='layer inputs dtype (steps use the config\'s)')
-  parser.add_argument('--no-backward', action='store_true',
-                      help='layers: time the forward pass only')
-  parser.add_argument('--json', metavar='PATH', default=None,
-                      help='also write every measured number to PATH (JSON)')
-  parser.add_argument('--roofline', action='store_true',
-                      help='print the roofline model of docs/roofline.md '
-                      '(H100, TPU v5e) for the chosen batches and exit')
-  parser.add_argument('--interpret', action='store_true',
-                      help='also run the Pallas kernels in interpret mode on '
-                      'one tiny shape (a correctness check, any platform)')
-  args = parser.parse_args(argv)
-  nets = [n.strip() for n in args.nets.split(',') if n.strip()]
+  flags.DEFINE_string('parts', 'layers,steps', 'Comma-separated: layers (per '
+                      'conv layer), steps (per train step).', flag_values=fv)
+  flags.DEFINE_bool('quick', False, 'ResNet-20 only, tiny batches, one '
+                    "repeat, and for the steps the config's runlocal model "
+                    '(3 blocks, width 8): a CPU smoke run; overrides the '
+                    'batch and repeat flags.', flag_values=fv)
+  flags.DEFINE_string('nets', 'resnet20,resnet50',
+                      'Comma-separated: resnet20, resnet50.', flag_values=fv)
+  flags.DEFINE_string('layers', None, 'Comma-separated layer names to time '
+                      '(e.g. "stage1 3x3,conv5 3x3"; default: every layer).',
+                      flag_values=fv)
+  flags.DEFINE_integer('batch-cifar', 128 if accel else 8,
+                       'ResNet-20 layer batch (default 128; 8 on CPU).',
+                       flag_values=fv)
+  flags.DEFINE_integer('batch-imagenet', 64 if accel else 1,
+                       'ResNet-50 layer batch (default 64; 1 on CPU).',
+                       flag_values=fv)
+  flags.DEFINE_integer('step-batch-cifar', 128 * n_dev,
+                       'ResNet-20 train step global batch (default 128 per '
+                       'device).', flag_values=fv)
+  flags.DEFINE_integer('step-batch-imagenet', 32 * n_dev,
+                       'ResNet-50 train step global batch (default 32 per '
+                       'device).', flag_values=fv)
+  flags.DEFINE_integer('repeats', 20 if accel else 3,
+                       'Timed calls per layer measurement (median).',
+                       flag_values=fv)
+  flags.DEFINE_integer('step-repeats', 10 if accel else 2,
+                       'Timed train steps per variant (median).',
+                       flag_values=fv)
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                    "Layer inputs dtype (steps use the config's).",
+                    flag_values=fv)
+  flags.DEFINE_bool('no-backward', False,
+                    'Layers: time the forward pass only.', flag_values=fv)
+  flags.DEFINE_string('json', None, 'Also write every measured number to '
+                      'this path (JSON).', flag_values=fv)
+  flags.DEFINE_bool('roofline', False, 'Print the roofline model of '
+                    'docs/roofline.md (H100, TPU v5e) for the chosen batches '
+                    'and exit.', flag_values=fv)
+  flags.DEFINE_bool('interpret', False, 'Also run the Pallas kernels in '
+                    'interpret mode on one tiny shape (a correctness check, '
+                    'any platform).', flag_values=fv)
+
+
+def _options(fv: flags.FlagValues):
+  """``(options, nets, layer names, parts)``: the flags' values, checked.
+
+  ``options`` holds every flag (``--quick`` applied), keyed by its name
+  with ``_`` for ``-``.
+
+  Raises:
+    experiments.errors.UsageError: a value out of range.
+  """
+  n_dev = jax.device_count()
+  opts = {name.replace('-', '_'): fv[name].value for name in (
+      'parts', 'quick', 'nets', 'layers', 'batch-cifar', 'batch-imagenet',
+      'step-batch-cifar', 'step-batch-imagenet', 'repeats', 'step-repeats',
+      'dtype', 'no-backward', 'json', 'roofline', 'interpret')}
+  nets = [n.strip() for n in opts['nets'].split(',') if n.strip()]
   unknown = set(nets) - {'resnet20', 'resnet50'}
   if unknown:
-    parser.error(f'unknown --nets {sorted(unknown)}; choose resnet20, '
-                 'resnet50')
-  if args.quick:
+    raise errors.UsageError(f'unknown --nets {sorted(unknown)}; choose '
+                            'resnet20, resnet50')
+  if opts['quick']:
     nets = ['resnet20']
-    args.batch_cifar, args.repeats, args.step_repeats = 1, 1, 1
-    args.step_batch_cifar = 2 * n_dev
+    opts.update(batch_cifar=1, repeats=1, step_repeats=1,
+                step_batch_cifar=2 * n_dev)
   names = None
-  if args.layers:
-    names = [n.strip() for n in args.layers.split(',') if n.strip()]
+  if opts['layers']:
+    names = [n.strip() for n in opts['layers'].split(',') if n.strip()]
     known = [layer.name for layer in LAYERS if layer.net in nets]
     bad = [n for n in names if n not in known]
     if bad:
-      parser.error(f'unknown --layers {bad} for {nets}; choose from {known}')
-  parts = [p.strip() for p in args.parts.split(',') if p.strip()]
+      raise errors.UsageError(f'unknown --layers {bad} for {nets}; choose '
+                              f'from {known}')
+  parts = [p.strip() for p in opts['parts'].split(',') if p.strip()]
   if not parts or set(parts) - {'layers', 'steps'}:
-    parser.error(f'--parts {args.parts!r}: choose layers and/or steps')
+    raise errors.UsageError(f'--parts {opts["parts"]!r}: choose layers '
+                            'and/or steps')
   for flag in ('batch_cifar', 'batch_imagenet', 'repeats', 'step_repeats'):
-    if getattr(args, flag) < 1:
-      parser.error(f'--{flag.replace("_", "-")} must be >= 1, got '
-                   f'{getattr(args, flag)}')
+    if opts[flag] < 1:
+      raise errors.UsageError(f'--{flag.replace("_", "-")} must be >= 1, '
+                              f'got {opts[flag]}')
   for flag in ('step_batch_cifar', 'step_batch_imagenet'):
-    value = getattr(args, flag)
+    value = opts[flag]
     if value < 1 or value % n_dev:
-      parser.error(f'--{flag.replace("_", "-")} {value}: must be a positive '
-                   f'multiple of the device count {n_dev}')
-  batches = {'resnet20': args.batch_cifar, 'resnet50': args.batch_imagenet}
-  if args.roofline:
+      raise errors.UsageError(f'--{flag.replace("_", "-")} {value}: must be '
+                              'a positive multiple of the device count '
+                              f'{n_dev}')
+  return opts, nets, names, parts
+
+
+def main(flag_values: flags.FlagValues, args: list[str]) -> None:
+  """Runs the parts asked for and prints their tables."""
+  cli.no_arguments(args)
+  platform = jax.default_backend()
+  accel = platform in ('gpu', 'tpu')
+  n_dev = jax.device_count()
+  opts, nets, names, parts = _options(flag_values)
+  batches = {'resnet20': opts['batch_cifar'],
+             'resnet50': opts['batch_imagenet']}
+  if opts['roofline']:
     print_roofline(nets, batches)
-    return 0
+    return
   print(f'platform: {platform} ({jax.devices()[0].device_kind} x {n_dev}), '
         f'jax {jax.__version__}')
   kinds = ['conv', 'xla']
@@ -576,29 +606,28 @@ def main(argv: Sequence[str] | None = None) -> int:
           'the kernels in interpret mode on a tiny shape.')
   results = dict(platform=platform, device_kind=jax.devices()[0].device_kind,
                  device_count=n_dev, jax_version=jax.__version__,
-                 args=vars(args), layers_forward=[], layers_forward_backward=[],
+                 args=opts, layers_forward=[], layers_forward_backward=[],
                  steps=[])
   if 'layers' in parts:
-    dtype = jnp.dtype(args.dtype)
-    results['layers_forward'] = run(nets, batches, kinds, args.repeats, dtype,
-                                    backward=False, names=names)
-    if not args.no_backward:
+    dtype = jnp.dtype(opts['dtype'])
+    results['layers_forward'] = run(nets, batches, kinds, opts['repeats'],
+                                    dtype, backward=False, names=names)
+    if not opts['no_backward']:
       results['layers_forward_backward'] = run(
-          nets, batches, kinds, args.repeats, dtype, backward=True,
+          nets, batches, kinds, opts['repeats'], dtype, backward=True,
           names=names)
   if 'steps' in parts:
-    step_batches = {'resnet20': args.step_batch_cifar,
-                    'resnet50': args.step_batch_imagenet}
-    results['steps'] = run_steps(nets, step_batches, args.step_repeats,
-                                 accel, 'runlocal' if args.quick else None)
-  if args.interpret:
+    step_batches = {'resnet20': opts['step_batch_cifar'],
+                    'resnet50': opts['step_batch_imagenet']}
+    results['steps'] = run_steps(nets, step_batches, opts['step_repeats'],
+                                 accel, 'runlocal' if opts['quick'] else None)
+  if opts['interpret']:
     results['interpret_max_abs_diff'] = interpret_check()
-  if args.json:
-    with open(args.json, 'w') as f:
+  if opts['json']:
+    with open(opts['json'], 'w') as f:
       json.dump(results, f, indent=1)
-    print(f'\nraw numbers: {args.json}')
-  return 0
+    print(f'\nraw numbers: {opts["json"]}')
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main, define_flags)

@@ -26,17 +26,18 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from collections.abc import Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 import adderjax
+from experiments import cli
 from experiments.benchmarks import common
 from experiments.benchmarks import unfold
 
@@ -283,25 +284,35 @@ def run_suite(cases: Sequence[LayerCase], *, repeats: int, with_unfold: bool,
   return results
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batch', type=int, default=64,
-                      help='ResNet-20 batch (default 64)')
-  parser.add_argument('--lenet-batch', type=int, default=256)
-  parser.add_argument('--repeats', type=int, default=9)
-  parser.add_argument('--quick', action='store_true',
-                      help='3 repeats, 1 unfold repeat')
-  parser.add_argument('--no-unfold', action='store_true')
-  args = parser.parse_args(argv)
-  repeats = 3 if args.quick else args.repeats
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this program's flags on ``flag_values``."""
+  fv = flag_values
+  flags.DEFINE_integer('batch', 64, 'ResNet-20 batch.', lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer('lenet-batch', 256, 'LeNet-5 batch.', lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer('repeats', 9, 'Timed rounds (median).', lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_bool('quick', False, '3 repeats, 1 unfold repeat.',
+                    flag_values=fv)
+  flags.DEFINE_bool('no-unfold', False, 'Skip the official unfold '
+                    'algorithm.', flag_values=fv)
+
+
+def main(flag_values: flags.FlagValues, args: list[str]) -> None:
+  """Times the layers and prints the tables."""
+  cli.no_arguments(args)
+  fv = flag_values
+  repeats = 3 if fv.quick else fv.repeats
   print(common.machine_line(), flush=True)
-  cases = resnet20_cases(args.batch) + lenet_cases(args.lenet_batch)
-  results = run_suite(cases, repeats=repeats, with_unfold=not args.no_unfold,
-                      unfold_repeats=1 if args.quick else 3)
+  cases = resnet20_cases(fv.batch) + lenet_cases(fv['lenet-batch'].value)
+  results = run_suite(cases, repeats=repeats,
+                      with_unfold=not fv['no-unfold'].value,
+                      unfold_repeats=1 if fv.quick else 3)
   print()
   print(report(results, title='Adder layers'))
   print(common.machine_line())
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main, define_flags)

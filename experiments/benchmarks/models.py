@@ -17,16 +17,19 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from collections.abc import Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adderjax import models
+from adderjax import optim
+from experiments import cli
 from experiments.benchmarks import common
 
 
@@ -49,8 +52,6 @@ def make_train_step(model_name: str, kind: str, batch: int, dtype: str,
     ``(step, args)`` with ``step(params, batch_stats, opt_state, x, y) ->
     (params, batch_stats, opt_state, loss)``.
   """
-  import adderjax  # pylint: disable=import-outside-toplevel
-  from adderjax import models  # pylint: disable=import-outside-toplevel
   model = models.create_model(model_name, kind=kind, num_classes=num_classes,
                               dtype=jnp.dtype(dtype))
   h, w, c = models.INPUT_SHAPES[model_name]
@@ -63,10 +64,10 @@ def make_train_step(model_name: str, kind: str, batch: int, dtype: str,
   if kind == 'adder':
     # The paper's optimiser: eq. 13's adaptive learning rate on the adder
     # kernels, then the SGD + momentum + weight decay the CNN also gets.
-    mask = adderjax.optim.adder_mask(model, x, train=False)
-    tx = adderjax.optim.addernet_sgd(0.1, mask=mask)
+    mask = optim.adder_mask(model, x, train=False)
+    tx = optim.addernet_sgd(0.1, mask=mask)
   else:
-    tx = adderjax.optim.addernet_sgd(0.1, scaling='none')
+    tx = optim.addernet_sgd(0.1, scaling='none')
   opt_state = tx.init(params)
 
   def step(params, batch_stats, opt_state, x, y):
@@ -153,27 +154,37 @@ def run_suite(cases: Sequence[ModelCase], *, repeats: int,
   return results
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--models', nargs='*',
-                      default=None, help='subset of model names')
-  parser.add_argument('--batches', nargs='*', type=int, default=None)
-  parser.add_argument('--dtypes', nargs='*', default=None)
-  parser.add_argument('--repeats', type=int, default=7)
-  parser.add_argument('--quick', action='store_true')
-  args = parser.parse_args(argv)
-  cases = default_cases(args.quick)
-  if args.models:
-    cases = [c for c in cases if c.model in args.models]
-  if args.batches:
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this program's flags on ``flag_values``."""
+  fv = flag_values
+  cli.define_list('models', None, 'Subset of the model names (default: '
+                  'all).', fv)
+  cli.define_list('batches', None, 'Batch sizes (default: each case\'s).',
+                  fv, item=int)
+  cli.define_list('dtypes', None, 'Compute dtypes (default: each case\'s).',
+                  fv)
+  flags.DEFINE_integer('repeats', 7, 'Timed rounds (median).', lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_bool('quick', False, 'Fewer cases, 3 repeats.',
+                    flag_values=fv)
+
+
+def main(flag_values: flags.FlagValues, args: list[str]) -> None:
+  """Times the train steps and prints the table."""
+  cli.no_arguments(args)
+  fv = flag_values
+  cases = default_cases(fv.quick)
+  if fv.models:
+    cases = [c for c in cases if c.model in fv.models]
+  if fv.batches:
     cases = [dataclasses.replace(c, batch=b) for c in cases
-             for b in args.batches]
+             for b in fv.batches]
     cases = list(dict.fromkeys(cases))
-  if args.dtypes:
+  if fv.dtypes:
     cases = list(dict.fromkeys(dataclasses.replace(c, dtype=d)
-                               for c in cases for d in args.dtypes))
+                               for c in cases for d in fv.dtypes))
   print(common.machine_line(), flush=True)
-  results = run_suite(cases, repeats=3 if args.quick else args.repeats)
+  results = run_suite(cases, repeats=3 if fv.quick else fv.repeats)
   print()
   print('## Train step (forward + backward + SGD momentum/weight decay '
         '(+ adaptive LR for AddNN), BN train mode)\n')
@@ -182,4 +193,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main, define_flags)

@@ -26,13 +26,18 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
+from absl import flags
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from adderjax import adder_conv
+from adderjax import models
+from adderjax import quant
+from experiments import cli
 from experiments.benchmarks import common
 
 CANDIDATES = ('conv', 'adder f32', 'adder int8', 'int8 abs/i16',
@@ -55,8 +60,6 @@ def _variables(model, x):
 
 def model_candidates(name: str, batch: int, seed: int = 0):
   """The four forward passes of one zoo model at one batch size."""
-  from adderjax import models  # pylint: disable=import-outside-toplevel
-  from adderjax import quant  # pylint: disable=import-outside-toplevel
   h, w, c = models.INPUT_SHAPES[name]
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(batch, h, w, c)), jnp.float32)
@@ -81,9 +84,6 @@ def model_candidates(name: str, batch: int, seed: int = 0):
 
 def layer_candidates(batch: int, seed: int = 0):
   """One ResNet-20 3x3 layer (16 -> 16, 32x32, padding 1)."""
-  from jax import lax  # pylint: disable=import-outside-toplevel
-  from adderjax import adder_conv  # pylint: disable=import-outside-toplevel
-  from adderjax import quant  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(batch, 32, 32, 16)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(3, 3, 16, 16)), jnp.float32)
@@ -128,24 +128,30 @@ def report(rows: Sequence[tuple[str, int, Sequence[common.Candidate]]]
   return text + '\n'
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--models', nargs='*',
-                      default=['lenet5_bn', 'resnet20'])
-  parser.add_argument('--batches', nargs='*', type=int, default=[64, 256])
-  parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--no_layer', action='store_true',
-                      help='skip the single-layer rows')
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this program's flags on ``flag_values``."""
+  fv = flag_values
+  cli.define_list('models', ['lenet5_bn', 'resnet20'], 'Zoo models.', fv)
+  cli.define_list('batches', [64, 256], 'Batch sizes.', fv, item=int)
+  flags.DEFINE_integer('repeats', 5, 'Timed rounds (median).', lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_bool('no_layer', False, 'Skip the single-layer rows.',
+                    flag_values=fv)
+
+
+def main(flag_values: flags.FlagValues, args: list[str]) -> None:
+  """Times the forward passes and prints the table."""
+  cli.no_arguments(args)
+  fv = flag_values
   print(common.machine_line(), flush=True)
   rows = []
-  cases = [(m, b) for m in args.models for b in args.batches]
-  if not args.no_layer:
-    cases += [('resnet20 3x3 layer 16->16 32x32', b) for b in args.batches]
+  cases = [(m, b) for m in fv.models for b in fv.batches]
+  if not fv.no_layer:
+    cases += [('resnet20 3x3 layer 16->16 32x32', b) for b in fv.batches]
   for label, batch in cases:
     cands = (layer_candidates(batch) if 'layer' in label
              else model_candidates(label, batch))
-    common.run_group(cands, repeats=args.repeats, warmup=2, min_time=0.05)
+    common.run_group(cands, repeats=fv.repeats, warmup=2, min_time=0.05)
     print(f'  {label} b{batch}: ' + ', '.join(
         f'{c.name} {common.fmt_ms(c.median_s)} ms' for c in cands),
           flush=True)
@@ -157,4 +163,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main, define_flags)

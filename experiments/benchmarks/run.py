@@ -31,12 +31,14 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 from collections.abc import Sequence
 
+from absl import flags
+
+from experiments import cli
 from experiments.benchmarks import common
 from experiments.benchmarks import floor
 from experiments.benchmarks import layers
@@ -140,17 +142,28 @@ def targets(layer_results, model_results) -> tuple[str, dict]:
   return head + '\n' + '\n'.join(lines) + '\n', data
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--quick', action='store_true',
-                      help='fewer repeats and cases (about 4 minutes idle)')
-  parser.add_argument('--skip-layers', action='store_true')
-  parser.add_argument('--skip-models', action='store_true')
-  parser.add_argument('--skip-unfold', action='store_true')
-  parser.add_argument('--json', default=None, help='also write raw numbers')
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this program's flags on ``flag_values``."""
+  fv = flag_values
+  flags.DEFINE_bool('quick', False, 'Fewer repeats and cases (about 4 '
+                    'minutes idle).', flag_values=fv)
+  flags.DEFINE_bool('skip-layers', False, 'Skip the layer level.',
+                    flag_values=fv)
+  flags.DEFINE_bool('skip-models', False, 'Skip the model level.',
+                    flag_values=fv)
+  flags.DEFINE_bool('skip-unfold', False, 'Skip the official unfold '
+                    'algorithm.', flag_values=fv)
+  flags.DEFINE_string('json', None, 'Also write the raw numbers to this '
+                      'file.', flag_values=fv)
+
+
+def main(flag_values: flags.FlagValues, args: list[str]) -> None:
+  """Runs the benchmarks and prints the tables."""
+  cli.no_arguments(args)
+  fv = flag_values
+  quick = fv.quick
   t_start = time.perf_counter()
-  reps = 3 if args.quick else 7
+  reps = 3 if quick else 7
   print(common.machine_line(), flush=True)
   load_before = common.load_average()
 
@@ -159,30 +172,30 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(floor.report(fl), flush=True)
 
   layer_results = []
-  if not args.skip_layers:
+  if not fv['skip-layers'].value:
     print('# 2. Layer level\n', flush=True)
-    with_unfold = not args.skip_unfold
+    with_unfold = not fv['skip-unfold'].value
     suites = [(layers.resnet20_cases(64), with_unfold)]
-    if not args.quick:
+    if not quick:
       suites.append((layers.resnet20_cases(128), False))
     suites.append((layers.lenet_cases(256), with_unfold))
-    suites.append((layers.vgg_small_cases(16)[:1 if args.quick else None],
+    suites.append((layers.vgg_small_cases(16)[:1 if quick else None],
                    False))
     suites.append((layers.resnet50_bottleneck_cases(16), False))
     for cases, unf in suites:
       layer_results += layers.run_suite(
           cases, repeats=reps, with_unfold=unf,
-          unfold_repeats=1 if args.quick else 2)
+          unfold_repeats=1 if quick else 2)
     print()
     print(layers.report(layer_results, title='Layers'))
     print('## Layers: rates vs the machine floor\n')
     print(efficiency_table(layer_results, fl) + '\n', flush=True)
 
   model_results = []
-  if not args.skip_models:
+  if not fv['skip-models'].value:
     print('# 3. Model level\n', flush=True)
-    cases = models.default_cases(args.quick)
-    model_results = models.run_suite(cases, repeats=3 if args.quick else 5)
+    cases = models.default_cases(quick)
+    model_results = models.run_suite(cases, repeats=3 if quick else 5)
     print()
     print('## Train step (forward + backward + SGD momentum, BN train '
           'mode)\n')
@@ -196,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f'{load_after[0]:.2f}; total {time.perf_counter() - t_start:.0f} s')
   print(common.machine_line())
 
-  if args.json:
+  if fv.json:
     out = {
         'machine': common.machine_info(),
         'floor': fl.rates,
@@ -214,9 +227,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         } for r in model_results],
         'targets': data,
     }
-    with open(args.json, 'w') as f:
+    with open(fv.json, 'w') as f:
       json.dump(out, f, indent=1, default=float)
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main, define_flags)
