@@ -1,11 +1,11 @@
 """Train-step speed and memory of AddNN vs CNN models of the zoo.
 
-``python -m experiments.benchmarks.models`` times one SGD train step (forward,
-backward, :func:`adderjax.optim.addernet_sgd` update: momentum 0.9 and weight decay
-for both kinds, plus the paper's adaptive learning rate on the AddNN's adder
-kernels; BatchNorm in train mode) of the
-adder and the CNN version of LeNet-5-BN, ResNet-20 and VGG-small
-(:func:`adderjax.models.create_model`), in float32 and bfloat16 compute, and
+``python -m experiments.benchmarks.models`` times the experiments' train step
+(:class:`experiments.experiment.Experiment` of each model's config: forward,
+backward, :func:`adderjax.optim.addernet_sgd` update with momentum 0.9 and
+weight decay for both kinds, plus the paper's adaptive learning rate on the
+AddNN's adder kernels; BatchNorm in train mode) of the
+adder and the CNN version of LeNet-5-BN, ResNet-20 and VGG-small, in float32 and bfloat16 compute, and
 prints median step time, images/s, compile time and peak memory (XLA buffer
 assignment), with the AddNN/CNN ratios. The two kinds of one model are timed
 interleaved in one process (see :mod:`experiments.benchmarks.common`).
@@ -25,12 +25,16 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from adderjax import models
-from adderjax import optim
 from experiments import cli
+from experiments import experiment
 from experiments.benchmarks import common
+from experiments.configs import lenet5_mnist
+from experiments.configs import resnet18_imagenet
+from experiments.configs import resnet20_cifar10
+from experiments.configs import resnet32_cifar10
+from experiments.configs import resnet50_imagenet
+from experiments.configs import vgg_small_cifar10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,44 +48,43 @@ class ModelCase:
     return f'{self.model} b{self.batch} {self.dtype}'
 
 
+#: The experiment config of each zoo model (its dataset's shapes).
+CONFIGS = {'lenet5_bn': lenet5_mnist, 'resnet20': resnet20_cifar10,
+           'resnet32': resnet32_cifar10, 'vgg_small': vgg_small_cifar10,
+           'resnet18': resnet18_imagenet, 'resnet50': resnet50_imagenet}
+
+
 def make_train_step(model_name: str, kind: str, batch: int, dtype: str,
-                    num_classes: int = 10, seed: int = 0):
-  """A jittable train step and its arguments for one model kind.
+                    seed: int = 0):
+  """The experiments' train step of one model kind, and its arguments.
+
+  The step is the one :func:`experiments.train.train_and_evaluate` runs
+  (:class:`experiments.experiment.Experiment` of the model's config: the
+  paper's optimizer with the adaptive learning rate on the adder kernels,
+  the CNN without it; BatchNorm in train mode; ``uint8`` images normalised in
+  the step), on one device, uncompiled.
 
   Returns:
-    ``(step, args)`` with ``step(params, batch_stats, opt_state, x, y) ->
-    (params, batch_stats, opt_state, loss)``.
+    ``(step, args)`` with ``step(state, batch) -> (state, metric sums)``.
+
+  Raises:
+    ValueError: a model without an experiment config.
   """
-  model = models.create_model(model_name, kind=kind, num_classes=num_classes,
-                              dtype=jnp.dtype(dtype))
-  h, w, c = models.INPUT_SHAPES[model_name]
+  if model_name not in CONFIGS:
+    raise ValueError(f'model {model_name!r}: use one of {sorted(CONFIGS)}.')
+  config = CONFIGS[model_name].get_config(kind)
+  config.batch_size = batch
+  config.model.dtype = dtype
+  config.parallelism = 'jit'
+  config.seed = seed
+  exp = experiment.Experiment.from_config(config, devices=jax.devices()[:1],
+                                          data=False)
   rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(batch, h, w, c)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, num_classes, size=(batch,)), jnp.int32)
-  variables = jax.jit(lambda k, x: model.init(k, x, train=False))(
-      jax.random.key(seed), x)
-  params, batch_stats = variables['params'], variables['batch_stats']
-  if kind == 'adder':
-    # The paper's optimiser: eq. 13's adaptive learning rate on the adder
-    # kernels, then the SGD + momentum + weight decay the CNN also gets.
-    mask = optim.adder_mask(model, x, train=False)
-    tx = optim.addernet_sgd(0.1, mask=mask)
-  else:
-    tx = optim.addernet_sgd(0.1, scaling='none')
-  opt_state = tx.init(params)
-
-  def step(params, batch_stats, opt_state, x, y):
-    def loss_fn(p):
-      logits, updates = model.apply({'params': p, 'batch_stats': batch_stats},
-                                    x, train=True, mutable=['batch_stats'])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-      return jnp.mean(loss), updates['batch_stats']
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-  return step, (params, batch_stats, opt_state, x, y)
+  images = rng.integers(0, 256, (batch,) + exp.image_shape, dtype=np.uint8)
+  labels = rng.integers(0, exp.num_classes, (batch,), dtype=np.int32)
+  state = jax.tree.map(jnp.asarray, exp.init_host_state())
+  return exp.train_step_fn(), (state, {'image': jnp.asarray(images),
+                                       'label': jnp.asarray(labels)})
 
 
 @dataclasses.dataclass
