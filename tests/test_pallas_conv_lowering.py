@@ -86,33 +86,36 @@ def test_gpu_conv_kernels_export_for_cuda(dtype_name):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax import export  # pylint: disable=g-import-not-at-top
   from pallas_kernels import conv_gpu  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import gpu_lowering  # pylint: disable=g-import-not-at-top
 
   checks = [export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
   dtype = jnp.dtype(dtype_name)
   variants = VARIANTS if dtype_name == 'float32' else VARIANTS[:1]
-  for x_shape, w_shape, *geometry in variants:
-    spec = _spec(*geometry)
-    x = jax.ShapeDtypeStruct(x_shape, dtype)
-    w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
-    y = jax.eval_shape(lambda x, w, s=spec: conv_gpu.l1_conv_forward(x, w, s),
-                       x, w)
-    g = jax.ShapeDtypeStruct(y.shape, jnp.float32)
-    fwd = export.export(
-        jax.jit(lambda x, w, s=spec: conv_gpu.l1_conv_forward(x, w, s)),
-        platforms=['cuda'], disabled_checks=checks)(x, w)
-    assert fwd.platforms == ('cuda',)
-    assert fwd.mlir_module().count('__gpu$xla.gpu.triton') == 1
-    sh, sw = spec.as_2d().strides
-    dh, dw = spec.as_2d().dilation
-    kh, kw = (1,) + w_shape[:1] if len(x_shape) == 3 else w_shape[:2]
-    phases = len({((i * dh) % sh, (j * dw) % sw) for i in range(kh)
-                  for j in range(kw)})
-    for mode in MODES:
-      dx = export.export(
-          jax.jit(lambda x, w, g, s=spec, m=mode: conv_gpu.l1_conv_input_grad(
-              x, w, g, s, mode=m)),
-          platforms=['cuda'], disabled_checks=checks)(x, w, g)
-      assert dx.mlir_module().count('__gpu$xla.gpu.triton') == phases
+  # The kernels used directly: the caller names the GPU to lower for.
+  with gpu_lowering.gpu_lowering('cuda'):
+    for x_shape, w_shape, *geometry in variants:
+      spec = _spec(*geometry)
+      x = jax.ShapeDtypeStruct(x_shape, dtype)
+      w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
+      y = jax.eval_shape(lambda x, w, s=spec: conv_gpu.l1_conv_forward(x, w, s),
+                         x, w)
+      g = jax.ShapeDtypeStruct(y.shape, jnp.float32)
+      fwd = export.export(
+          jax.jit(lambda x, w, s=spec: conv_gpu.l1_conv_forward(x, w, s)),
+          platforms=['cuda'], disabled_checks=checks)(x, w)
+      assert fwd.platforms == ('cuda',)
+      assert fwd.mlir_module().count('__gpu$xla.gpu.triton') == 1
+      sh, sw = spec.as_2d().strides
+      dh, dw = spec.as_2d().dilation
+      kh, kw = (1,) + w_shape[:1] if len(x_shape) == 3 else w_shape[:2]
+      phases = len({((i * dh) % sh, (j * dw) % sw) for i in range(kh)
+                    for j in range(kw)})
+      for mode in MODES:
+        dx = export.export(
+            jax.jit(lambda x, w, g, s=spec, m=mode: conv_gpu.l1_conv_input_grad(
+                x, w, g, s, mode=m)),
+            platforms=['cuda'], disabled_checks=checks)(x, w, g)
+        assert dx.mlir_module().count('__gpu$xla.gpu.triton') == phases
 
 
 # --- TPU: deviceless compile through libtpu, in its own process ------------
