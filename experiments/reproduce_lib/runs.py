@@ -196,13 +196,12 @@ def test_features(config: ml_collections.ConfigDict, result: RunResult,
   Returns:
     ``{'features': [N, D], 'labels': [N], 'predictions': [N]}``.
   """
-  model = experiment.create_model(config.model, config.dataset.num_classes)
+  # The model and the normalisation the run trained with (MNIST's, or the
+  # training set's own for other IDX data).
+  norm = experiment.Experiment.from_config(config)
+  model = norm.model
   images, labels = _test_images(config)
   variables = {'params': result.params, 'batch_stats': result.batch_stats}
-  # The normalisation the run trained with (MNIST's, or the training set's
-  # own for other IDX data).
-  norm = data_lib.build_datasets(config.dataset, seed=0, global_batch_size=1,
-                                 eval_batch_size=1)
 
   @jax.jit
   def apply(variables, x):
