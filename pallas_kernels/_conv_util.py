@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _util
 from pallas_kernels.conv_spec import ConvSpec
+from pallas_kernels.conv_spec import ConvSpecLike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +28,9 @@ class Geometry:
   spec: ConvSpec  # always 2-D
 
 
-def check_conv_args(x, w, spec, g=None) -> tuple[jax.Array, jax.Array,
-                                                   jax.Array | None, Geometry,
-                                                   bool]:
+def check_conv_args(x, w, spec: ConvSpecLike, g=None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array | None,
+                               Geometry, bool]:
   """Validates ``x``, ``w`` (and the cotangent ``g``); lifts 1-D to 2-D.
 
   Returns:
@@ -37,13 +38,12 @@ def check_conv_args(x, w, spec, g=None) -> tuple[jax.Array, jax.Array,
     ``(KH, KW, C // groups, T)`` and ``g`` ``(N, OH, OW, T)``.
 
   Raises:
-    TypeError: ``spec`` is not a :class:`ConvSpec`, or non-float operands.
+    TypeError: ``spec`` is neither a :class:`ConvSpec` nor a geometry with
+      its attributes (:meth:`ConvSpec.of`), or non-float operands.
     ValueError: ranks, channel counts or cotangent shape that do not match.
     NotImplementedError: 3-D (or higher) convolutions.
   """
-  if not isinstance(spec, ConvSpec):
-    raise TypeError(f'spec must be a pallas_kernels.conv_spec.ConvSpec, got '
-                    f'{spec!r}.')
+  spec = ConvSpec.of(spec)
   nsp = spec.ndim
   if x.ndim != nsp + 2 or w.ndim != nsp + 2:
     raise ValueError(f'a {nsp}-D spec takes x (N, *spatial, C) and w '

@@ -51,7 +51,7 @@ from pallas_kernels import _conv_util
 from pallas_kernels import _util
 from pallas_kernels.conv_gpu_config import ForwardConfig
 from pallas_kernels.conv_gpu_config import InputGradConfig
-from pallas_kernels.conv_spec import ConvSpec
+from pallas_kernels.conv_spec import ConvSpecLike
 
 _F32 = jnp.float32
 
@@ -106,7 +106,7 @@ def _forward_kernel(x_ref, w_ref, o_ref, *, taps, c_count, oh_count):
 
 @functools.partial(jax.jit, static_argnames=('spec', 'interpret', 'config',
                                              'generation'))
-def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
+def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpecLike, *,
                     interpret: bool = False,
                     config: ForwardConfig | None = None,
                     generation: str | None = None) -> jax.Array:
@@ -121,7 +121,9 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpec, *,
     x: ``(N, H, W, C)`` (or ``(N, W, C)`` with a 1-D spec), float32, bfloat16
       or float16; read as is and upcast in-kernel.
     w: ``(KH, KW, C // groups, T)`` (flax Conv layout); read as float32.
-    spec: strides, padding, dilation and groups.
+    spec: strides, padding, dilation and groups: a
+      :class:`~pallas_kernels.conv_spec.ConvSpec` or a geometry with those
+      attributes (``adderjax.ops.geometry.ConvGeometry``).
     interpret: run the kernel in the Pallas interpreter (any backend).
     config: block sizes; ``None`` uses :meth:`ForwardConfig.get_default`.
     generation: GPU generation for the default config (``'a100'``,
@@ -244,7 +246,7 @@ def _input_grad_kernel(x_ref, w_ref, g_ref, o_ref, *, taps, t_count, hq,
 @functools.partial(jax.jit, static_argnames=('spec', 'mode', 'interpret',
                                              'config', 'generation'))
 def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
-                       spec: ConvSpec, *, mode: str,
+                       spec: ConvSpecLike, *, mode: str,
                        interpret: bool = False,
                        config: InputGradConfig | None = None,
                        generation: str | None = None) -> jax.Array:
@@ -260,7 +262,9 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
     x: ``(N, H, W, C)`` (or ``(N, W, C)``), float32 / bfloat16 / float16.
     w: ``(KH, KW, C // groups, T)``; read as float32.
     g: output cotangent ``(N, OH, OW, T)``; read as float32.
-    spec: strides, padding, dilation and groups of the forward.
+    spec: strides, padding, dilation and groups of the forward (a
+      :class:`~pallas_kernels.conv_spec.ConvSpec` or a geometry with those
+      attributes).
     mode: ``'full_precision'``, ``'sign'`` or ``'unclipped'``.
     interpret: run the kernel in the Pallas interpreter (any backend).
     config: block sizes; ``None`` uses :meth:`InputGradConfig.get_default`.

@@ -7,11 +7,31 @@ feature-last layout ``(N, *spatial, C)`` and the kernel in flax's Conv layout
 the geometry, already canonical (explicit ``(lo, hi)`` padding pairs, one
 stride and dilation per spatial dim), so that it is hashable and can be a
 static argument of ``jax.jit``.
+
+The kernels take any :class:`ConvSpecLike`: a :class:`ConvSpec`, or a richer
+geometry that carries the same four attributes, such as the one geometry type
+of the adder op, ``adderjax.ops.geometry.ConvGeometry``, which the op passes
+as it is; the kernels read their :class:`ConvSpec` from it
+(:meth:`ConvSpec.of`). This leaf package does not import ``adderjax``, so it
+reads the attributes rather than the type; ``ConvSpec`` is what a direct
+caller of the kernels, who has no ``adderjax`` geometry, writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
+
+#: The attributes a geometry needs for the kernels (:meth:`ConvSpec.of`).
+SPEC_FIELDS = ('strides', 'padding', 'dilation', 'groups')
+
+
+class ConvSpecLike(Protocol):
+  """Any geometry the kernels take: these four attributes, canonical."""
+  strides: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]
+  dilation: tuple[int, ...]
+  groups: int
 
 
 def _int_tuple(name: str, value, n: int | None = None) -> tuple[int, ...]:
@@ -90,6 +110,40 @@ class ConvSpec:
     object.__setattr__(self, 'strides', strides)
     object.__setattr__(self, 'dilation', dilation)
     object.__setattr__(self, 'padding', padding)
+
+  @classmethod
+  def of(cls, geometry: ConvSpecLike) -> ConvSpec:
+    """The spec of ``geometry``: itself if a :class:`ConvSpec`, else the spec
+    of its ``strides``, ``padding``, ``dilation`` and ``groups``.
+
+    Raises:
+      TypeError: ``geometry`` lacks one of those attributes, or holds
+        non-integers.
+      ValueError: values that make no valid spec.
+
+    Examples:
+      >>> import collections
+      >>> from pallas_kernels.conv_spec import ConvSpec
+      >>> Geo = collections.namedtuple('Geo', 'in_shape strides padding '
+      ...                              'dilation groups')
+      >>> geo = Geo((2, 9, 9, 4), (2, 2), ((1, 1), (1, 1)), (1, 1), 2)
+      >>> ConvSpec.of(geo) == ConvSpec((2, 2), ((1, 1), (1, 1)), (1, 1), 2)
+      True
+      >>> ConvSpec.of((1, 1))  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      TypeError: spec must be a pallas_kernels.conv_spec.ConvSpec or a ...
+    """
+    if isinstance(geometry, cls):
+      return geometry
+    try:
+      fields = {name: getattr(geometry, name) for name in SPEC_FIELDS}
+    except AttributeError:
+      raise TypeError(
+          f'spec must be a pallas_kernels.conv_spec.ConvSpec or a geometry '
+          f'with strides, padding, dilation and groups (such as '
+          f'adderjax.ops.geometry.ConvGeometry), got {geometry!r}.') from None
+    return cls(**fields)
 
   @property
   def ndim(self) -> int:

@@ -2,8 +2,11 @@
 
 Everything here is shape bookkeeping shared by every backend: it turns the
 user-facing ``strides`` / ``padding`` / ``kernel_dilation`` arguments into a
-frozen, hashable :class:`ConvGeometry`, and moves between the feature-last
-input layout and the canonical *patch layout* that the l1 kernels work on:
+frozen, hashable :class:`ConvGeometry`, the one type that describes a
+convolution (its output shape, its patch sizes and the flat shifted-phase
+layout of the patch-free XLA kernels are derived properties of it; the Pallas
+kernels read their spec from it), and moves between the feature-last input
+layout and the canonical *patch layout* that the l1 kernels work on:
 
 * ``P``: ``[G, K, M]`` patches, ``G`` groups, ``K = prod(kernel_size) * C_in/G``
   (taps-major, channel-minor, the row-major order of a flax kernel), ``M`` the
@@ -131,6 +134,12 @@ def canonicalize_padding(padding: PaddingLike, kernel_size: Sequence[int],
 class ConvGeometry:
   """Static description of one adder convolution (hashable, jit-static).
 
+  The one geometry type of the op: the output shape, the patch sizes
+  (``k``, ``m``) and the flat shifted-phase layout of the XLA kernels
+  (``phase_grid``, ``tap_offsets``, ...) are derived from the fields, and
+  the Pallas kernels take it as their spec (they read ``strides``,
+  ``padding``, ``dilation`` and ``groups``).
+
   Attributes:
     in_shape: input shape ``(N, *spatial, C_in)``.
     kernel_size: spatial kernel shape.
@@ -180,6 +189,74 @@ class ConvGeometry:
   def m(self) -> int:
     """Number of output positions (batch included)."""
     return self.batch * math.prod(self.out_spatial)
+
+  # The flat shifted-phase layout of the patch-free XLA kernels (see the
+  # comment above :func:`to_flat`).
+
+  @functools.cached_property
+  def phase_grid(self) -> tuple[int, ...]:
+    """Phase-grid shape ``Q_d = ceil(padded_d / s_d)`` per spatial dim."""
+    return tuple(-(-(size + lo + hi) // s) for size, (lo, hi), s in
+                 zip(self.in_shape[1:-1], self.padding, self.strides))
+
+  @property
+  def ext_grid(self) -> tuple[int, ...]:
+    """Extended output grid ``(O_0, Q_1, ..., Q_{D-1})`` of the flat layout."""
+    return (self.out_spatial[0],) + self.phase_grid[1:]
+
+  @functools.cached_property
+  def phases(self) -> tuple[tuple[int, ...], ...]:
+    """Phase multi-indices, row-major over ``strides``."""
+    return tuple(itertools.product(*[range(s) for s in self.strides]))
+
+  @functools.cached_property
+  def tap_offsets(self) -> tuple[tuple[int, int], ...]:
+    """Per kernel tap (row-major over ``kernel_size``, the order of a flax
+    kernel), the ``(phase index, flat offset)`` it reads."""
+    grid = self.phase_grid
+    flat_strides = [math.prod(grid[d + 1:]) for d in range(len(grid))]
+    taps = []
+    for tap in itertools.product(*[range(k) for k in self.kernel_size]):
+      pos = [t * d for t, d in zip(tap, self.dilation)]
+      phase = tuple(p % s for p, s in zip(pos, self.strides))
+      off = sum((p // s) * f for p, s, f in zip(pos, self.strides,
+                                                flat_strides))
+      taps.append((self.phases.index(phase), off))
+    return tuple(taps)
+
+  @property
+  def max_offset(self) -> int:
+    """Largest flat offset of a tap."""
+    return max(off for _, off in self.tap_offsets)
+
+  @property
+  def flat_length_out(self) -> int:
+    """Flat length of the extended output grid."""
+    return math.prod(self.ext_grid)
+
+  @property
+  def flat_length_in(self) -> int:
+    """Flat length of each input phase (``>= prod(phase_grid)``, zero tail)."""
+    return max(math.prod(self.phase_grid),
+               self.flat_length_out + self.max_offset)
+
+  def phase_interior(self, phase: int) -> tuple[int, int]:
+    """Flat range ``[q0, q1)`` of ``phase`` holding all its input positions.
+
+    Whole grid rows of the first spatial dim whose padded coordinate lies
+    in the input (not in the padding): the only rows whose gradient is kept.
+    """
+    a, s = self.phases[phase][0], self.strides[0]
+    lo, size = self.padding[0][0], self.in_shape[1]
+    r0 = max(0, -(-(lo - a) // s))
+    r1 = max(r0, -(-(lo + size - a) // s))
+    rest = math.prod(self.phase_grid[1:])
+    return r0 * rest, r1 * rest
+
+  def phase_taps(self, phase: int) -> tuple[tuple[int, int], ...]:
+    """``(tap index, offset)`` of the taps that read ``phase``."""
+    return tuple((i, off) for i, (ph, off) in enumerate(self.tap_offsets)
+                 if ph == phase)
 
 
 def make_geometry(x_shape, kernel_shape, strides, padding, kernel_dilation,
@@ -300,141 +377,124 @@ def output_to_canonical(y: jax.Array, geo: ConvGeometry) -> jax.Array:
 # Strides split the padded input into ``prod(strides)`` phases (sub-grids of
 # step ``s``); tap ``i`` reads phase ``(i * d) % s`` shifted by ``(i * d) // s``
 # grid steps, so strided and dilated convolutions become the same contiguous
-# slices of one phase each.
+# slices of one phase each. The layout's sizes are properties of
+# :class:`ConvGeometry` (``phase_grid``, ``ext_grid``, ``phases``,
+# ``tap_offsets``, ``flat_length_in``, ``flat_length_out``).
 
 
-@dataclasses.dataclass(frozen=True)
-class FlatLayout:
-  """Static description of the flat shifted-phase layout of one convolution.
-
-  Attributes:
-    geo: the convolution.
-    grid: phase-grid shape ``Q_d = ceil(padded_d / s_d)`` per spatial dim.
-    ext: extended output grid ``(O_0, Q_1, ..., Q_{D-1})``.
-    phases: phase multi-indices, row-major over ``strides``.
-    taps: per kernel tap (row-major over ``kernel_size``, the order of a flax
-      kernel), its ``(phase index, flat offset)``.
-    length_in: flat length of each phase (``>= prod(grid)``, zero tail).
-  """
-  geo: ConvGeometry
-  grid: tuple[int, ...]
-  ext: tuple[int, ...]
-  phases: tuple[tuple[int, ...], ...]
-  taps: tuple[tuple[int, int], ...]
-  length_in: int
-
-  @property
-  def length_out(self) -> int:
-    """Flat length of the extended output grid."""
-    return math.prod(self.ext)
-
-  @property
-  def max_offset(self) -> int:
-    return max(off for _, off in self.taps)
-
-  def interior(self, phase: int) -> tuple[int, int]:
-    """Flat range ``[q0, q1)`` of ``phase`` holding all its input positions.
-
-    Whole grid rows of the first spatial dim whose padded coordinate lies
-    in the input (not in the padding): the only rows whose gradient is kept.
-    """
-    geo = self.geo
-    a, s = self.phases[phase][0], geo.strides[0]
-    lo, size = geo.padding[0][0], geo.in_shape[1]
-    r0 = max(0, -(-(lo - a) // s))
-    r1 = max(r0, -(-(lo + size - a) // s))
-    rest = math.prod(self.grid[1:])
-    return r0 * rest, r1 * rest
-
-  def phase_taps(self, phase: int) -> tuple[tuple[int, int], ...]:
-    """``(tap index, offset)`` of the taps that read ``phase``."""
-    return tuple((i, off) for i, (ph, off) in enumerate(self.taps)
-                 if ph == phase)
-
-
-@functools.lru_cache(maxsize=None)
-def flat_layout(geo: ConvGeometry) -> FlatLayout:
-  """The :class:`FlatLayout` of ``geo`` (cached)."""
-  nsp = len(geo.kernel_size)
-  padded = [size + lo + hi for size, (lo, hi) in
-            zip(geo.in_shape[1:-1], geo.padding)]
-  grid = tuple(-(-p // s) for p, s in zip(padded, geo.strides))
-  ext = (geo.out_spatial[0],) + grid[1:]
-  flat_strides = [math.prod(grid[d + 1:]) for d in range(nsp)]
-  phases = tuple(itertools.product(*[range(s) for s in geo.strides]))
-  taps = []
-  for tap in itertools.product(*[range(k) for k in geo.kernel_size]):
-    pos = [t * d for t, d in zip(tap, geo.dilation)]
-    phase = tuple(p % s for p, s in zip(pos, geo.strides))
-    off = sum((p // s) * f for p, s, f in zip(pos, geo.strides, flat_strides))
-    taps.append((phases.index(phase), off))
-  max_off = max(off for _, off in taps)
-  length_in = max(math.prod(grid), math.prod(ext) + max_off)
-  return FlatLayout(geo, grid, ext, phases, tuple(taps), length_in)
-
-
-def to_flat(x: jax.Array, fl: FlatLayout) -> jax.Array:
+def to_flat(x: jax.Array, geo: ConvGeometry) -> jax.Array:
   """Feature-last input ``(N, *spatial, C)`` -> phases ``[PH, N, Lin, C]``.
 
   Zero padding (the convolution's, then up to a multiple of the stride, then
   a zero tail) is included. For stride 1 this is a pad and a reshape.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adderjax.ops import geometry
+    >>> geo = geometry.make_geometry((1, 4, 4, 1), (3, 3, 1, 1), 2, 1, 1, 1)
+    >>> geo.phase_grid, geo.tap_offsets[:3], geo.flat_length_in
+    ((3, 3), ((0, 0), (1, 0), (0, 1)), 10)
+    >>> geometry.to_flat(jnp.ones((1, 4, 4, 1)), geo).shape  # 4 phases
+    (4, 1, 10, 1)
   """
-  geo = fl.geo
-  nsp = len(fl.grid)
+  geo = _geometry_of(geo)
+  grid = geo.phase_grid
+  nsp = len(grid)
   n, c = geo.batch, geo.in_features
   pads = [(0, 0, 0)]
-  for (lo, hi), q, s, size in zip(geo.padding, fl.grid, geo.strides,
+  for (lo, hi), q, s, size in zip(geo.padding, grid, geo.strides,
                                   geo.in_shape[1:-1]):
     pads.append((lo, q * s - size - lo, 0))
   pads.append((0, 0, 0))
   x = lax.pad(x, jnp.zeros((), x.dtype), pads)
   if any(s > 1 for s in geo.strides):
     shape = [n]
-    for q, s in zip(fl.grid, geo.strides):
+    for q, s in zip(grid, geo.strides):
       shape += [q, s]
     x = x.reshape(*shape, c)
     perm = ([2 + 2 * d for d in range(nsp)] + [0] +
             [1 + 2 * d for d in range(nsp)] + [1 + 2 * nsp])
     x = x.transpose(perm)
-  lq = math.prod(fl.grid)
-  x = x.reshape(len(fl.phases), n, lq, c)
-  return jnp.pad(x, ((0, 0), (0, 0), (0, fl.length_in - lq), (0, 0)))
+  lq = math.prod(grid)
+  x = x.reshape(len(geo.phases), n, lq, c)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, geo.flat_length_in - lq), (0, 0)))
 
 
-def from_flat(xf: jax.Array, fl: FlatLayout) -> jax.Array:
+def from_flat(xf: jax.Array, geo: ConvGeometry) -> jax.Array:
   """Inverse of :func:`to_flat` on the valid region: ``[PH, N, Lin, C]`` ->
   ``(N, *spatial, C)`` (padding cropped)."""
-  geo = fl.geo
-  nsp = len(fl.grid)
+  geo = _geometry_of(geo)
+  grid = geo.phase_grid
+  nsp = len(grid)
   n, c = geo.batch, xf.shape[-1]
-  lq = math.prod(fl.grid)
-  x = xf[:, :, :lq].reshape(*geo.strides, n, *fl.grid, c)
+  lq = math.prod(grid)
+  x = xf[:, :, :lq].reshape(*geo.strides, n, *grid, c)
   if any(s > 1 for s in geo.strides):
     perm = [nsp]
     for d in range(nsp):
       perm += [nsp + 1 + d, d]
     perm.append(2 * nsp + 1)
     x = x.transpose(perm)
-  x = x.reshape(n, *[q * s for q, s in zip(fl.grid, geo.strides)], c)
+  x = x.reshape(n, *[q * s for q, s in zip(grid, geo.strides)], c)
   starts = [0] + [lo for lo, _ in geo.padding] + [0]
   limits = [n] + [lo + size for (lo, _), size in
                   zip(geo.padding, geo.in_shape[1:-1])] + [c]
   return lax.slice(x, starts, limits)
 
 
-def out_to_flat(y: jax.Array, fl: FlatLayout) -> jax.Array:
+def out_to_flat(y: jax.Array, geo: ConvGeometry) -> jax.Array:
   """Feature-last output (or its cotangent) ``(N, *out, C)`` -> ``[N, L, C]``
   on the extended grid, junk positions zero."""
-  geo = fl.geo
+  geo = _geometry_of(geo)
   pads = [(0, 0, 0)] + [(0, e - o, 0) for e, o in
-                        zip(fl.ext, geo.out_spatial)] + [(0, 0, 0)]
+                        zip(geo.ext_grid, geo.out_spatial)] + [(0, 0, 0)]
   y = lax.pad(y, jnp.zeros((), y.dtype), pads)
-  return y.reshape(geo.batch, fl.length_out, y.shape[-1])
+  return y.reshape(geo.batch, geo.flat_length_out, y.shape[-1])
 
 
-def out_from_flat(y: jax.Array, fl: FlatLayout) -> jax.Array:
+def out_from_flat(y: jax.Array, geo: ConvGeometry) -> jax.Array:
   """``[N, L, C]`` on the extended grid -> ``(N, *out, C)``."""
-  geo = fl.geo
-  y = y.reshape(geo.batch, *fl.ext, y.shape[-1])
+  geo = _geometry_of(geo)
+  y = y.reshape(geo.batch, *geo.ext_grid, y.shape[-1])
   return lax.slice(y, (0,) * y.ndim,
                    (geo.batch, *geo.out_spatial, y.shape[-1]))
+
+
+# --- Deprecated: the flat layout as a separate object -------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatLayout:
+  """Deprecated: the flat layout's sizes are :class:`ConvGeometry` properties.
+
+  A view of ``geo`` under the names of the former layout type, kept for
+  callers not yet moved (``adderjax.quant``); :func:`to_flat` and its
+  siblings take it as they take ``geo``.
+
+  Attributes:
+    geo: the convolution.
+  """
+  geo: ConvGeometry
+
+  grid = property(lambda self: self.geo.phase_grid)
+  ext = property(lambda self: self.geo.ext_grid)
+  phases = property(lambda self: self.geo.phases)
+  taps = property(lambda self: self.geo.tap_offsets)
+  length_in = property(lambda self: self.geo.flat_length_in)
+  length_out = property(lambda self: self.geo.flat_length_out)
+  max_offset = property(lambda self: self.geo.max_offset)
+
+  def interior(self, phase: int) -> tuple[int, int]:
+    return self.geo.phase_interior(phase)
+
+  def phase_taps(self, phase: int) -> tuple[tuple[int, int], ...]:
+    return self.geo.phase_taps(phase)
+
+
+def flat_layout(geo: ConvGeometry) -> FlatLayout:
+  """Deprecated: the layout is ``geo``'s (see :class:`FlatLayout`)."""
+  return FlatLayout(geo)
+
+
+def _geometry_of(geo: ConvGeometry | FlatLayout) -> ConvGeometry:
+  return geo.geo if isinstance(geo, FlatLayout) else geo

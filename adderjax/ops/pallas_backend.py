@@ -75,7 +75,6 @@ from pallas_kernels import adder_tpu
 from pallas_kernels import conv_gpu
 from pallas_kernels import conv_tpu
 from pallas_kernels import conv_tpu_config
-from pallas_kernels.conv_spec import ConvSpec
 
 #: ``jax.default_backend()`` names on which the compiled kernels run.
 ACCELERATOR_PLATFORMS = ('gpu', 'tpu')
@@ -121,15 +120,20 @@ class KernelSet:
       kwargs['generation'] = _target_tpu_generation()
     return kwargs
 
-  def conv_forward(self, x, w, spec: ConvSpec):
-    """Patch-free forward on ``(N, *spatial, C)`` (1-D or 2-D)."""
-    mod = conv_gpu if self.flavour == 'gpu' else conv_tpu
-    return mod.l1_conv_forward(x, w, spec, **self._conv_kwargs())
+  def conv_forward(self, x, w, geo: geometry.ConvGeometry):
+    """Patch-free forward on ``(N, *spatial, C)`` (1-D or 2-D).
 
-  def conv_input_grad(self, x, w, gy, spec: ConvSpec, mode: str):
+    The kernels take the geometry as their spec: they read its strides,
+    padding, dilation and groups
+    (:meth:`pallas_kernels.conv_spec.ConvSpec.of`).
+    """
+    mod = conv_gpu if self.flavour == 'gpu' else conv_tpu
+    return mod.l1_conv_forward(x, w, geo, **self._conv_kwargs())
+
+  def conv_input_grad(self, x, w, gy, geo: geometry.ConvGeometry, mode: str):
     """Patch-free input gradient (HardTanh or sign) on the conv's arrays."""
     mod = conv_gpu if self.flavour == 'gpu' else conv_tpu
-    return mod.l1_conv_input_grad(x, w, gy, spec, mode=mode,
+    return mod.l1_conv_input_grad(x, w, gy, geo, mode=mode,
                                   **self._conv_kwargs())
 
 
@@ -336,12 +340,6 @@ def input_grad_op(kernels: KernelSet, mode: str):
 XLA_CONFIG = xla_backend.XlaConfig(tile_bytes=None)
 
 
-def conv_spec(geo: geometry.ConvGeometry) -> ConvSpec:
-  """The kernels' description of an adder convolution."""
-  return ConvSpec(strides=geo.strides, padding=geo.padding,
-                  dilation=geo.dilation, groups=geo.groups)
-
-
 def _patch_free(geo: geometry.ConvGeometry, kernels: KernelSet,
                 itemsize: int) -> bool:
   """Whether a layer runs the patch-free kernels.
@@ -416,9 +414,8 @@ class PallasBackend(xla_backend.XlaBackend):
     if self._xla_instead(x, kernel):
       return super().forward(x, kernel, geo, precision=precision)
     if _patch_free(geo, self.kernels, x.dtype.itemsize):
-      spec = conv_spec(geo)
       run = _per_batch_shard(
-          lambda a, k: self.kernels.conv_forward(a, k, spec), 1)
+          lambda a, k: self.kernels.conv_forward(a, k, geo), 1)
       return run(x, kernel)
     p = geometry.extract_patches(x, geo)
     w = geometry.kernel_to_canonical(kernel, geo)
@@ -430,9 +427,8 @@ class PallasBackend(xla_backend.XlaBackend):
       # 'unclipped' is a matmul identity: leave it to the matrix units.
       return super().input_grad(x, kernel, gy, geo, mode, precision=precision)
     if _patch_free(geo, self.kernels, x.dtype.itemsize):
-      spec = conv_spec(geo)
       run = _per_batch_shard(
-          lambda a, g, k: self.kernels.conv_input_grad(a, k, g, spec, mode), 2)
+          lambda a, g, k: self.kernels.conv_input_grad(a, k, g, geo, mode), 2)
       # The kernel's copies of x (padding, phase split) wait for the
       # cotangent instead of being made in the forward pass and held.
       return run(xla_backend.after_cotangent(x, gy), gy, kernel)

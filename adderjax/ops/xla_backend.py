@@ -10,7 +10,8 @@ Patch-free kernels on the convolution's own arrays (feature-last input, flax
 kernel, output cotangent): :func:`conv_forward`, :func:`conv_input_grad`,
 :func:`conv_weight_grad` never build a patch matrix. Each kernel tap reads one
 contiguous slice of the flat shifted-phase layout of
-:func:`adderjax.ops.geometry.flat_layout`; the vector axis is the feature
+:func:`adderjax.ops.geometry.to_flat` (whose sizes are properties of the
+:class:`~adderjax.ops.geometry.ConvGeometry`); the vector axis is the feature
 axis. Design (see ``docs/performance.md`` for the measurements behind it):
 
 * Forward: the hot loop adds ``|x - w|`` for about 18 (tap, input feature)
@@ -61,7 +62,7 @@ from adderjax.ops.reference import l1_weight_grad
 # These take the convolution's own arrays (feature-last ``x``, flax kernel,
 # output cotangent) and never build the patch matrix: each kernel tap is a
 # contiguous slice of the flat shifted-phase layout of
-# :func:`adderjax.ops.geometry.flat_layout`. The vector axis of the inner
+# :func:`adderjax.ops.geometry.to_flat`. The vector axis of the inner
 # loops is the feature axis (output features in the forward pass, input
 # features in the input gradient), which is the contiguous axis of NHWC, so
 # no layout transpose is needed for stride 1.
@@ -184,18 +185,16 @@ TILE_BYTES = CONFIG.tile_bytes
 
 
 def _forward_bytes_per_example(geo: geometry.ConvGeometry) -> int:
-  fl = geometry.flat_layout(geo)
-  read = len({ph for ph, _ in fl.taps})  # phases some tap reads
-  return 4 * (read * fl.length_in * geo.in_features +
-              2 * fl.length_out * geo.out_features)
+  read = len({ph for ph, _ in geo.tap_offsets})  # phases some tap reads
+  return 4 * (read * geo.flat_length_in * geo.in_features +
+              2 * geo.flat_length_out * geo.out_features)
 
 
 def _input_grad_bytes_per_example(geo: geometry.ConvGeometry) -> int:
-  fl = geometry.flat_layout(geo)
-  rows = sum(fl.interior(p)[1] - fl.interior(p)[0]
-             for p in range(len(fl.phases)) if fl.phase_taps(p))
+  rows = sum(geo.phase_interior(p)[1] - geo.phase_interior(p)[0]
+             for p in range(len(geo.phases)) if geo.phase_taps(p))
   return 4 * (4 * rows * geo.in_features +
-              (fl.length_in + fl.max_offset) * geo.out_features)
+              (geo.flat_length_in + geo.max_offset) * geo.out_features)
 
 
 def _batch_tile(geo: geometry.ConvGeometry, per_example: int,
@@ -436,13 +435,12 @@ def conv_forward(x: jax.Array, kernel: jax.Array,
 
 def _forward_flat(x, kernel, geo, dt, terms):
   """:func:`conv_forward` of one batch tile (``x`` already in ``dt``)."""
-  fl = geometry.flat_layout(geo)
   g = geo.groups
   cg, tg = geo.in_features // g, geo.out_features // g
-  n, length = geo.batch, fl.length_out
-  nph, ntaps = len(fl.phases), len(fl.taps)
-  xf = geometry.to_flat(x, fl)
-  xf = xf.reshape(nph, n, fl.length_in, g, cg)
+  n, length = geo.batch, geo.flat_length_out
+  nph, ntaps = len(geo.phases), len(geo.tap_offsets)
+  xf = geometry.to_flat(x, geo)
+  xf = xf.reshape(nph, n, geo.flat_length_in, g, cg)
   w = kernel.astype(dt).reshape(ntaps, cg, g, tg)
 
   cu, cpad = _chunking(cg, ntaps, terms)
@@ -453,12 +451,13 @@ def _forward_flat(x, kernel, geo, dt, terms):
     xc = lax.dynamic_slice_in_dim(xf, i * cu, cu, axis=4)
     wc = lax.dynamic_slice_in_dim(wp, i * cu, cu, axis=1)
     parts = [jnp.abs(xc[ph, :, off:off + length, :, j, None] - wc[ti, j])
-             for ti, (ph, off) in enumerate(fl.taps) for j in range(cu)]
+             for ti, (ph, off) in enumerate(geo.tap_offsets)
+             for j in range(cu)]
     return acc + _tree_sum(parts)
 
   acc = _loop(cpad // cu, chunk, jnp.zeros((n, length, g, tg), dt))
   return geometry.out_from_flat(_negate_fenced(acc).reshape(n, length, g * tg),
-                                fl)
+                                geo)
 
 
 def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
@@ -521,26 +520,25 @@ def conv_input_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
 
 def _input_grad_flat(x, kernel, gy, geo, mode, dt, terms):
   """:func:`conv_input_grad` of one batch tile (``x`` already in ``dt``)."""
-  fl = geometry.flat_layout(geo)
   g = geo.groups
   cg, tg = geo.in_features // g, geo.out_features // g
-  n, length, lin = geo.batch, fl.length_out, fl.length_in
-  nph, ntaps = len(fl.phases), len(fl.taps)
-  mo = fl.max_offset
-  xf = geometry.to_flat(x, fl)
+  n, length, lin = geo.batch, geo.flat_length_out, geo.flat_length_in
+  nph, ntaps = len(geo.phases), len(geo.tap_offsets)
+  mo = geo.max_offset
+  xf = geometry.to_flat(x, geo)
   xf = xf.reshape(nph, n, lin, g, cg)
   w = kernel.astype(dt).reshape(ntaps, cg, g, tg).transpose(0, 3, 2, 1)
-  gf = geometry.out_to_flat(gy.astype(dt), fl).reshape(n, length, g, tg)
+  gf = geometry.out_to_flat(gy.astype(dt), geo).reshape(n, length, g, tg)
   # gbig[:, mo + l] = gy at extended output position l, zero elsewhere, so
   # input position q of a tap with offset `off` reads gbig[:, q - off + mo].
   gbig = jnp.pad(gf, ((0, 0), (mo, lin - length), (0, 0), (0, 0)))
 
   outs = []
   for p in range(nph):
-    ptaps = fl.phase_taps(p)
+    ptaps = geo.phase_taps(p)
     # Only the grid rows that hold input positions: the padding rows' gradient
     # is cropped anyway (a quarter of the work for 8x8 inputs).
-    q0, q1 = fl.interior(p)
+    q0, q1 = geo.phase_interior(p)
     lq = q1 - q0
     if not ptaps or not lq:  # Nothing reads this phase (strided 1x1 kernel).
       outs.append(jnp.zeros((n, lin, g, cg), dt))
@@ -567,7 +565,7 @@ def _input_grad_flat(x, kernel, gy, geo, mode, dt, terms):
     acc = _loop(tpad // tu, chunk, jnp.zeros((n, lq, g, cg), dt))
     outs.append(jnp.pad(acc, ((0, 0), (q0, lin - q1), (0, 0), (0, 0))))
   dxf = jnp.stack(outs).reshape(nph, n, lin, g * cg)
-  return geometry.from_flat(dxf, fl)
+  return geometry.from_flat(dxf, geo)
 
 
 def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
