@@ -49,7 +49,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from adderjax import _checks
 from adderjax import bnn
 from adderjax import introspect
 from adderjax import linen as adder_linen
@@ -335,6 +337,52 @@ def _accepts(fn, name: str) -> bool:
                                for p in params.values())
 
 
+_ONE_EXAMPLE = 'pass the shape of one example, without the batch axis'
+
+
+def _check_top_level_rank(model: nn.Module, shape: tuple[int, ...]) -> None:
+  """Refuses an ``input_shape`` whose rank does not fit a counted layer.
+
+  A plain layer given to :func:`count_ops` declares its example's rank: a
+  convolution with an n-D kernel takes ``n + 1`` axes (spatial axes and
+  channels), a dense layer one (the features). One more axis is a batch
+  axis, which would multiply every count.
+  """
+  kinds = _layer_kind(model)
+  if kinds is None:
+    return
+  if kinds[1] == 'conv':
+    kernel_size = getattr(model, 'kernel_size', None)
+    if isinstance(kernel_size, int) or kernel_size is None:
+      return  # 1-D int kernel_size: the rank follows from the input.
+    want = len(tuple(kernel_size)) + 1
+    axes = {2: '(L, C)', 3: '(H, W, C)', 4: '(D, H, W, C)'}.get(
+        want, '(spatial axes..., C)')
+  else:
+    want, axes = 1, '(features,)'
+  if len(shape) != want:
+    raise ValueError(
+        f'`input_shape` {shape} has {len(shape)} axes, but '
+        f'{type(model).__name__} takes examples of {want} axes {axes}'
+        + ('; ' + _ONE_EXAMPLE if len(shape) > want else '') + '.')
+
+
+def _check_conv_call_rank(call, kernel, shape) -> None:
+  """Refuses a conv call whose input is not ``[1, spatial..., C]``."""
+  want = len(kernel)  # batch + spatial axes + channels
+  got = call.input_shape
+  if got is None or len(got) == want:
+    return
+  more = len(got) > want
+  raise ValueError(
+      f'`input_shape` {shape} gives layer {call.name!r} '
+      f'({call.type.__name__}, a {want - 2}-D convolution) inputs of shape '
+      f'{got} (the batch of one included), where it takes [N, '
+      f'{", ".join(["S"] * (want - 2))}, C]'
+      + (f': {len(got) - want} axis too many; {_ONE_EXAMPLE}' if more else
+         ': an axis is missing (the channels?)') + '.')
+
+
 def count_ops(model: nn.Module, input_shape, *, dtype: Any = jnp.float32,
               **call_kwargs) -> OpsReport:
   """Counts #Mul / #Add / #XNOR per image, layer by layer.
@@ -357,7 +405,9 @@ def count_ops(model: nn.Module, input_shape, *, dtype: Any = jnp.float32,
     An :class:`OpsReport` (``str()`` of it is a readable table).
 
   Raises:
-    ValueError: a bad ``input_shape``.
+    ValueError: a bad ``input_shape``: not positive ints (``(28.9, 28, 1)``
+      is refused, never truncated), or an extra batch axis (``(4, 16, 16,
+      4)`` for a 2-D convolution) or a missing axis for the model's layers.
 
   Examples:
     >>> import flax.linen as nn
@@ -370,14 +420,12 @@ def count_ops(model: nn.Module, input_shape, *, dtype: Any = jnp.float32,
     >>> count_ops(nn.Dense(10), (84,)).total
     OpCounts(mul=840, add=850, xnor=0)
   """
-  try:
-    shape = tuple(int(d) for d in input_shape)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f'input_shape must be a sequence of ints (one example, '
-                     f'no batch dim), got {input_shape!r}.') from e
-  if not shape or any(d < 1 for d in shape):
-    raise ValueError(f'input_shape must be non-empty positive ints (one '
-                     f'example, no batch dim), got {input_shape!r}.')
+  hint = ''
+  if isinstance(input_shape, (int, np.integer)) and not isinstance(
+      input_shape, (bool, np.bool_)):
+    hint = f'for one vector write ({int(input_shape)},)'
+  shape = _checks.shape('input_shape', input_shape, hint=hint)
+  _check_top_level_rank(model, shape)
   if 'train' not in call_kwargs and _accepts(type(model).__call__, 'train'):
     call_kwargs['train'] = False
 
@@ -398,6 +446,8 @@ def count_ops(model: nn.Module, input_shape, *, dtype: Any = jnp.float32,
       continue
     kind, op = kinds
     kernel = call.kernel_shape
+    if op == 'conv':
+      _check_conv_call_rank(call, kernel, shape)
     has_bias = 'bias' in params
     out_shape = call.output_shape
     taps = _size(kernel[:-1]) if op == 'conv' else kernel[0]

@@ -1,0 +1,127 @@
+"""Every bad input at a public boundary is refused, named and explained.
+
+Issue 32: each table row is a wrong input, the exception type and the words
+the message must contain; the ``accepts`` tables hold legitimate NumPy / JAX
+scalar values that must give the same answer as Python numbers.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adderjax import _checks
+from adderjax import count_ops
+from adderjax.linen import AdderConv
+from adderjax.linen import AdderDense
+
+
+def _raises(fn, error, words):
+  with pytest.raises(error) as info:
+    fn()
+  message = str(info.value)
+  for word in words:
+    assert word in message, f'{word!r} not in {message!r}'
+  return message
+
+
+# ---------------------------------------------------------------------------
+# The helper itself.
+
+CHECK_CASES = [
+    (lambda: _checks.finite_number('eta', '0.2', low=0, low_open=True),
+     TypeError, ['`eta`', "'0.2' (str)", '> 0']),
+    (lambda: _checks.finite_number('eta', float('nan'), low=0, low_open=True),
+     ValueError, ['`eta`', 'nan', 'finite']),
+    (lambda: _checks.finite_number('x', True), TypeError, ['`x`', 'bool']),
+    (lambda: _checks.finite_number('x', np.ones(2)), TypeError,
+     ['`x`', 'shape (2,)']),
+    (lambda: _checks.finite_number('m', 1.0, low=0, high=1, high_open=True),
+     ValueError, ['`m`', '[0, 1)', '1.0']),
+    (lambda: _checks.positive_int('n', 2.0), TypeError,
+     ['`n`', 'positive int', '2.0 (float)']),
+    (lambda: _checks.positive_int('n', np.int64(0)), ValueError, ['`n`', '0']),
+    (lambda: _checks.positive_int('n', np.True_), TypeError, ['`n`', 'bool']),
+    (lambda: _checks.choice('kind', 'shift', ('cnn', 'adder')), ValueError,
+     ['`kind`', "'cnn', 'adder'", "'shift'"]),
+    (lambda: _checks.shape('s', (2, -1)), ValueError, ['`s`', 'item 1', '-1']),
+    (lambda: _checks.shape('s', '28'), TypeError, ['`s`', "'28' (str)"]),
+    (lambda: _checks.bool_mask('mask', {'a': {'kernel': 'yes'}}), TypeError,
+     ['`mask`', "'yes' (str)", "['a']['kernel']"]),
+    (lambda: _checks.structure_prefix('mask', {'a': True}, {'b': 1.0}),
+     ValueError, ['`mask`', "'a'", "'b'"]),
+]
+
+
+@pytest.mark.parametrize('fn,error,words', CHECK_CASES)
+def test_checks_refuse(fn, error, words):
+  _raises(fn, error, words)
+
+
+def test_argument_type_error_is_both():
+  assert issubclass(_checks.ArgumentTypeError, TypeError)
+  assert issubclass(_checks.ArgumentTypeError, ValueError)
+
+
+@pytest.mark.parametrize('value', [3, np.int8(3), np.int64(3), np.uint16(3),
+                                   jnp.int32(3), np.asarray(3)])
+def test_checks_accept_integer_scalars(value):
+  assert _checks.positive_int('n', value) == 3
+
+
+@pytest.mark.parametrize('value', [0.5, np.float32(0.5), np.float64(0.5),
+                                   jnp.float32(0.5), jnp.bfloat16(0.5), 1,
+                                   np.int64(1)])
+def test_checks_accept_real_scalars(value):
+  assert _checks.finite_number('x', value, low=0, high=1) == float(value)
+
+
+# ---------------------------------------------------------------------------
+# count_ops.
+
+COUNT_OPS_CASES = [
+    (AdderConv(8, (3, 3)), (4, 16, 16, 4), ValueError,
+     ['input_shape', '(4, 16, 16, 4)', 'without the batch axis']),
+    (nn.Conv(8, (3, 3)), (2, 16, 16, 4), ValueError,
+     ['input_shape', 'without the batch axis']),
+    (AdderConv(8, (3, 3)), (16, 16), ValueError,
+     ['input_shape', '(16, 16)', '3 axes']),
+    (AdderConv(8, (3, 3)), (28.9, 28, 1), TypeError,
+     ['input_shape', '28.9 (float)', 'item 0']),
+    (AdderConv(8, (3, 3)), (28.0, 28, 1), TypeError, ['input_shape', '28.0']),
+    (AdderConv(8, (3, 3)), (True, 28, 1), TypeError, ['input_shape', 'True']),
+    (nn.Dense(3), (4, 84), ValueError,
+     ['input_shape', '(4, 84)', 'without the batch axis']),
+    (nn.Dense(3), 84, TypeError, ['input_shape', '(84,)']),
+    (AdderDense(3), (0, 3), ValueError, ['input_shape', 'item 0']),
+]
+
+
+@pytest.mark.parametrize('model,shape,error,words', COUNT_OPS_CASES)
+def test_count_ops_refuses(model, shape, error, words):
+  _raises(lambda: count_ops(model, shape), error, words)
+
+
+class _TwoConvs(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(AdderConv(4, (3, 3))(x))
+    return AdderConv(4, (3, 3), name='second')(x)
+
+
+def test_count_ops_refuses_batch_axis_inside_a_model():
+  _raises(lambda: count_ops(_TwoConvs(), (2, 8, 8, 3)), ValueError,
+          ['input_shape', 'AdderConv', 'without the batch axis'])
+
+
+@pytest.mark.parametrize('shape', [(np.int64(16), 16, 4),
+                                   np.asarray([16, 16, 4]),
+                                   [jnp.int32(16), 16, np.uint8(4)]])
+def test_count_ops_accepts_numpy_ints(shape):
+  want = count_ops(AdderConv(8, (3, 3)), (16, 16, 4))
+  got = count_ops(AdderConv(8, (3, 3)), shape)
+  assert got.total == want.total and got.input_shape == (16, 16, 4)
