@@ -17,6 +17,8 @@ from adderjax import _checks
 from adderjax import count_ops
 from adderjax.linen import AdderConv
 from adderjax.linen import AdderDense
+from adderjax.models import create_model
+from adderjax.models import ResNet20
 
 
 def _raises(fn, error, words):
@@ -125,3 +127,66 @@ def test_count_ops_accepts_numpy_ints(shape):
   want = count_ops(AdderConv(8, (3, 3)), (16, 16, 4))
   got = count_ops(AdderConv(8, (3, 3)), shape)
   assert got.total == want.total and got.input_shape == (16, 16, 4)
+
+
+# ---------------------------------------------------------------------------
+# The model zoo.
+
+MODEL_CASES = [
+    (dict(bn_epsilon=-1.0), ValueError, ['bn_epsilon', '-1.0', '> 0']),
+    (dict(bn_epsilon=0.0), ValueError, ['bn_epsilon', '> 0']),
+    (dict(bn_epsilon='1e-5'), TypeError, ['bn_epsilon', "'1e-5' (str)"]),
+    (dict(bn_epsilon=float('nan')), ValueError, ['bn_epsilon', 'nan']),
+    (dict(bn_momentum=1.0), ValueError, ['bn_momentum', '[0, 1)', '1.0']),
+    (dict(bn_momentum=-0.1), ValueError, ['bn_momentum', '-0.1']),
+    (dict(num_classes=0), ValueError, ['num_classes', 'positive int', '0']),
+    (dict(num_classes=np.int64(-3)), ValueError, ['num_classes', '-3']),
+    (dict(num_classes=10.0), TypeError, ['num_classes', '10.0 (float)']),
+    (dict(num_classes='10'), TypeError, ['num_classes', "'10' (str)"]),
+    (dict(width=0), ValueError, ['width', 'positive int', '0']),
+    (dict(width=16.5), TypeError, ['width', '16.5']),
+    (dict(stage_sizes=(3, 0, 3)), ValueError, ['stage_sizes', 'item 1']),
+    (dict(stage_sizes=()), ValueError, ['stage_sizes', 'non-empty']),
+    (dict(stem='tiny'), ValueError, ['stem', "'tiny'", "'cifar'"]),
+    (dict(remat_blocks='yes'), TypeError, ['remat_blocks', 'bool']),
+    (dict(name='resnet110'), ValueError, ['name', "'resnet110'", 'resnet20']),
+    (dict(kind='shift'), ValueError, ['kind', "'shift'", "'adder'"]),
+    (dict(name='vgg_small', widths=(8, 8)), ValueError, ['widths', '3']),
+    (dict(name='vgg_small', widths=(8, 0, 8)), ValueError, ['widths', '0']),
+    (dict(name='lenet5_bn', pool='sum'), ValueError, ['pool', "'sum'"]),
+]
+
+
+@pytest.mark.parametrize('overrides,error,words', MODEL_CASES)
+def test_create_model_refuses(overrides, error, words):
+  kwargs = dict(name='resnet20', num_classes=10)
+  kwargs.update(overrides)
+  _raises(lambda: create_model(kwargs.pop('name'), **kwargs), error, words)
+
+
+def test_zoo_model_refuses_at_call_when_built_directly():
+  model = ResNet20(num_classes=10, bn_epsilon=-1.0)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  _raises(lambda: jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), x),
+          ValueError, ['bn_epsilon', '-1.0'])
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(num_classes=np.int64(10)), dict(num_classes=jnp.int32(10)),
+    dict(bn_epsilon=np.float32(1e-5), bn_momentum=np.float64(0.9)),
+    dict(width=np.int64(4), stage_sizes=(np.int64(1), 1, 1)),
+])
+def test_create_model_accepts_numpy_scalars(overrides):
+  plain = {k: (v.item() if hasattr(v, 'item') else
+               tuple(int(i) for i in v) if isinstance(v, tuple) else v)
+           for k, v in overrides.items()}
+  base = dict(num_classes=10, stage_sizes=(1, 1, 1), width=4)
+  x = jnp.linspace(-1, 1, 2 * 8 * 8 * 3).reshape(2, 8, 8, 3)
+
+  def logits(kwargs):
+    model = create_model('resnet20', kind='adder', **{**base, **kwargs})
+    variables = model.init(jax.random.key(0), x, train=False)
+    return model.apply(variables, x, train=False)
+
+  np.testing.assert_array_equal(logits(overrides), logits(plain))

@@ -143,8 +143,10 @@ def test_create_model_errors():
   model = create_model('lenet5_bn', num_classes=10)
   with pytest.raises(ValueError, match=r'\(28, 28\)'):
     _abstract_init(model, (28, 28))
-  model = create_model('resnet20', num_classes=10, bn_momentum=1.5)
-  with pytest.raises(ValueError, match='bn_momentum'):
+  with pytest.raises(ValueError, match='bn_momentum'):  # at construction
+    create_model('resnet20', num_classes=10, bn_momentum=1.5)
+  model = resnet.ResNet20(num_classes=10, bn_momentum=1.5)
+  with pytest.raises(ValueError, match='bn_momentum'):  # or at the call
     _abstract_init(model, (1, 32, 32, 3))
 
 

@@ -52,6 +52,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from adderjax import _checks
 from adderjax.models.common import FirstConv
 from adderjax.models.common import HE_NORMAL
 from adderjax.models.common import KINDS
@@ -118,8 +119,11 @@ def create_model(name: str, *, kind: str = 'adder', num_classes: int,
     An unbound ``flax.linen.Module``.
 
   Raises:
-    ValueError: an unknown name, kind or override field, or a non-positive
-      ``num_classes``.
+    ValueError: an unknown name, kind or override field, or a field value the
+      model cannot run with (``num_classes`` not a positive int,
+      ``bn_epsilon <= 0``, ``bn_momentum`` outside [0, 1), ``width < 1``, ...;
+      see ``ZooModel.check_fields``). NumPy integers and floats are accepted
+      as Python numbers.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -131,14 +135,9 @@ def create_model(name: str, *, kind: str = 'adder', num_classes: int,
     >>> shapes['params']['fc']['kernel'].shape
     (64, 100)
   """
-  if name not in _REGISTRY:
-    raise ValueError(f'name must be one of {MODEL_NAMES}, got {name!r}.')
-  if kind not in KINDS:
-    raise ValueError(f'kind must be one of {KINDS}, got {kind!r}.')
-  if (not isinstance(num_classes, int) or isinstance(num_classes, bool)
-      or num_classes < 1):
-    raise ValueError(f'num_classes must be a positive int, got '
-                     f'{num_classes!r}.')
+  _checks.choice('name', name, MODEL_NAMES)
+  _checks.choice('kind', kind, KINDS)
+  num_classes = _checks.positive_int('num_classes', num_classes)
   builder = _REGISTRY[name]
   fields = {f.name for f in dataclasses.fields(_model_class(builder))
             if f.name not in ('parent', 'name')}
@@ -149,7 +148,9 @@ def create_model(name: str, *, kind: str = 'adder', num_classes: int,
   conv, dense = layers_for_kind(kind)
   kwargs = dict(conv=conv, dense=dense, dtype=dtype)
   kwargs.update(overrides)
-  return builder(num_classes=num_classes, **kwargs)
+  model = builder(num_classes=num_classes, **kwargs)
+  model.check_fields()
+  return model
 
 
 __all__ = [

@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from adderjax import _checks
 from adderjax import bnn
 from adderjax import linen as adder_linen
 
@@ -146,9 +147,7 @@ class ZooModel(nn.Module):
 
   def norm(self, train: bool) -> ModuleDef:
     """BatchNorm in training (batch statistics) or eval (running) mode."""
-    if not 0.0 <= self.bn_momentum <= 1.0:
-      raise ValueError(f'bn_momentum must be in [0, 1] (Flax convention: '
-                       f'PyTorch 0.1 is Flax 0.9), got {self.bn_momentum!r}.')
+    self._check_batch_norm()
     # Two-pass variance: an adder layer's outputs -sum|x - w| have a mean
     # that grows with the kernel norm (hundreds of standard deviations late
     # in training), and flax's default E[y^2] - E[y]^2 then cancels in
@@ -160,10 +159,32 @@ class ZooModel(nn.Module):
         dtype=self.dtype, axis_name=self.bn_axis_name,
         use_fast_variance=False)
 
+  def _check_batch_norm(self) -> None:
+    _checks.finite_number(
+        'bn_momentum', self.bn_momentum, low=0, high=1, high_open=True,
+        hint='Flax convention: PyTorch 0.1 is Flax 0.9, and 1 would never '
+        'update the running statistics')
+    _checks.finite_number('bn_epsilon', self.bn_epsilon, low=0,
+                          low_open=True,
+                          hint='PyTorch and the paper use 1e-5')
+
+  def check_fields(self) -> None:
+    """Refuses a field value the model cannot run with, naming the field.
+
+    Called by every ``__call__`` and by
+    :func:`adderjax.models.create_model`; subclasses extend it with their own
+    fields.
+
+    Raises:
+      ValueError: (or :class:`TypeError`) naming the field and its value.
+    """
+    _checks.positive_int('num_classes', self.num_classes)
+    self._check_batch_norm()
+
   def check_input(self, x, name: str) -> None:
+    self.check_fields()
     if x.ndim != 4:
+      extra = ('; to count operations, pass the shape of one example, '
+               'without the batch axis' if x.ndim == 5 else '')
       raise ValueError(f'{name} expects NHWC images [N, H, W, C], got an '
-                       f'input of shape {x.shape}.')
-    if self.num_classes < 1:
-      raise ValueError(f'num_classes must be positive, got '
-                       f'{self.num_classes!r}.')
+                       f'input of shape {x.shape}{extra}.')

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adderjax import _checks
 from adderjax.models.common import ZooModel
 
 POOLS = ('max', 'avg')
@@ -56,12 +57,14 @@ class LeNet5BN(ZooModel):
   """
   pool: str = 'max'
 
+  def check_fields(self) -> None:
+    super().check_fields()
+    _checks.choice('pool', self.pool, POOLS)
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = jnp.asarray(x)
     self.check_input(x, 'LeNet5BN')
-    if self.pool not in POOLS:
-      raise ValueError(f'pool must be one of {POOLS}, got {self.pool!r}.')
     pool = nn.max_pool if self.pool == 'max' else nn.avg_pool
     norm = self.norm(train)
     conv = self.body_conv()

@@ -30,7 +30,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from adderjax import _checks
 from adderjax.models.common import ModuleDef
 from adderjax.models.common import ZooModel
 
@@ -154,18 +156,22 @@ class ResNet(ZooModel):
   classifier_bias: bool = False
   remat_blocks: bool = False
 
+  def check_fields(self) -> None:
+    super().check_fields()
+    _checks.choice('stem', self.stem, STEMS)
+    _checks.shape('stage_sizes', self.stage_sizes,
+                  hint='blocks per stage, each at least 1')
+    _checks.positive_int('width', self.width)
+    for name in ('remat_blocks', 'classifier_bias'):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise _checks.ArgumentTypeError(
+            f'`{name}` must be a bool, got '
+            f'{_checks.describe(getattr(self, name))}.')
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = jnp.asarray(x)
     self.check_input(x, 'ResNet')
-    if self.stem not in STEMS:
-      raise ValueError(f'stem must be one of {STEMS}, got {self.stem!r}.')
-    if not self.stage_sizes or any(n < 1 for n in self.stage_sizes):
-      raise ValueError(f'stage_sizes must be positive ints, got '
-                       f'{self.stage_sizes!r}.')
-    if not isinstance(self.remat_blocks, bool):
-      raise ValueError(f'remat_blocks must be a bool, got '
-                       f'{self.remat_blocks!r}.')
     norm = self.norm(train)
     conv = self.body_conv()
     block_cls = nn.remat(self.block_cls) if self.remat_blocks else self.block_cls

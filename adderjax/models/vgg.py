@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adderjax import _checks
 from adderjax.models.common import ZooModel
 
 _PAD = ((1, 1), (1, 1))
@@ -54,12 +55,17 @@ class VGGSmall(ZooModel):
   """
   widths: tuple[int, int, int] = (128, 256, 512)
 
+  def check_fields(self) -> None:
+    super().check_fields()
+    widths = _checks.shape('widths', self.widths)
+    if len(widths) != 3:
+      raise ValueError(f'`widths` must have 3 entries (one per conv pair), '
+                       f'got {self.widths!r}.')
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = jnp.asarray(x)
     self.check_input(x, 'VGGSmall')
-    if len(self.widths) != 3:
-      raise ValueError(f'widths must have 3 entries, got {self.widths!r}.')
     norm = self.norm(train)
     conv = self.body_conv()
 
