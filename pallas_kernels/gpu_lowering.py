@@ -63,10 +63,12 @@ def target_mesh(platform: str = 'cuda',
                 ) -> jax.sharding.AbstractMesh:
   """``mesh`` (default: the current abstract mesh) with a GPU to lower for.
 
-  Unchanged when it already names an abstract device, when the default
-  backend is a GPU (its device is the target), and for ``rocm`` (no
-  default architecture is assumed there). Otherwise the same axes with an
-  abstract ``device_kind`` GPU.
+  Unchanged when it already names an abstract GPU, when it names none and
+  the default backend is a GPU (its device is the target), and for ``rocm``
+  (no default architecture is assumed there). Otherwise (no device, or the
+  CPU devices of a mesh built on this host) the same axes with an abstract
+  GPU: the local one where the default backend is a GPU, else
+  ``device_kind``.
 
   Args:
     platform: ``'cuda'`` or ``'rocm'``.
@@ -80,20 +82,28 @@ def target_mesh(platform: str = 'cuda',
     ValueError: ``platform`` is not a GPU platform.
 
   Examples:
+    >>> import jax
     >>> from pallas_kernels import gpu_lowering
     >>> gpu_lowering.target_mesh('cuda').abstract_device.device_kind
     'NVIDIA H100'
     >>> gpu_lowering.target_mesh('rocm').abstract_device is None
     True
+    >>> mesh = jax.make_mesh((1,), ('data',))  # this host's CPU device
+    >>> gpu_lowering.target_mesh('cuda', mesh.abstract_mesh).axis_names
+    ('data',)
   """
   if platform not in GPU_PLATFORMS:
     raise ValueError(f'platform must be one of {GPU_PLATFORMS}, got '
                      f'{platform!r}')
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
-  if (platform != 'cuda' or mesh.abstract_device is not None
-      or jax.default_backend() == 'gpu'):
+  current = mesh.abstract_device
+  if platform != 'cuda' or (current is not None and current.platform == 'gpu'):
     return mesh
+  if jax.default_backend() == 'gpu':
+    if current is None:
+      return mesh
+    device_kind = jax.devices()[0].device_kind
   device = jax.sharding.AbstractDevice(device_kind=device_kind,
                                        num_cores=None, platform='gpu')
   return mesh.update(abstract_device=device)
