@@ -62,6 +62,7 @@ import os
 import pickle
 import re
 import zipfile
+import zlib
 from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
@@ -145,8 +146,9 @@ def load_state_dict(path: str, *,
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: an unknown suffix or reader, or a file that is not a state
-      dict (names to tensors).
+    ValueError: an unknown suffix or reader, a file that is not a state
+      dict (names to tensors), or one that is not a valid checkpoint (empty,
+      truncated, corrupt, or of another format): the message names the file.
     ImportError: ``reader='torch'`` without PyTorch.
 
   Examples:
@@ -162,19 +164,61 @@ def load_state_dict(path: str, *,
   if not os.path.isfile(path):
     raise FileNotFoundError(f'checkpoint {path!r} not found.')
   suffix = os.path.splitext(path)[1].lower()
+  formats = {'.npz': 'NumPy .npz', '.safetensors': 'safetensors',
+             '.pth': 'PyTorch', '.pt': 'PyTorch', '.bin': 'PyTorch',
+             '.tar': 'PyTorch'}
+  if suffix not in formats:
+    raise ValueError(f'checkpoint {path!r}: unknown suffix {suffix!r}; use '
+                     '.pth/.pt (PyTorch), .npz or .safetensors.')
+  if os.path.getsize(path) == 0:
+    raise ValueError(f'{path!r} is not a valid {formats[suffix]} checkpoint: '
+                     'the file is empty (0 bytes).')
   if suffix == '.npz':
-    with np.load(path, allow_pickle=False) as f:
-      return {k: np.asarray(f[k]) for k in f.files}
+    return _read_npz(path)
   if suffix == '.safetensors':
     return read_safetensors(path)
-  if suffix in ('.pth', '.pt', '.bin', '.tar'):
-    if reader == 'auto':
-      reader = 'torch' if _torch_available() else 'zip'
+  if reader == 'auto':
+    reader = 'torch' if _torch_available() else 'zip'
+  try:
     if reader == 'torch':
       return _read_with_torch(path)
     return read_torch_zip(path)
-  raise ValueError(f'checkpoint {path!r}: unknown suffix {suffix!r}; use '
-                   '.pth/.pt (PyTorch), .npz or .safetensors.')
+  except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+    raise _not_valid(path, 'PyTorch', e) from None
+
+
+def _not_valid(path: str, fmt: str, cause: BaseException,
+               reason: str = '') -> ValueError:
+  """The error of a checkpoint file that cannot be read (corrupt, cut)."""
+  if not reason:
+    first = str(cause).strip().splitlines()
+    first = first[0].split('. ')[0].rstrip('.') if first else ''
+    reason = (f'{type(cause).__name__}: {first}' if first
+              else type(cause).__name__)
+  return ValueError(f'{path!r} is not a valid {fmt} checkpoint (truncated or '
+                    f'corrupt?): {reason}.')
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """An ``.npz`` archive as ``{name: array}``; pickled data never loaded."""
+  try:
+    f = np.load(path, allow_pickle=False)
+    if not isinstance(f, np.lib.npyio.NpzFile):
+      raise _not_valid(path, 'NumPy .npz', None,
+                       'it holds a single .npy array, not a zip archive '
+                       'of named arrays')
+    with f:
+      return {k: np.asarray(f[k]) for k in f.files}
+  except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+    raise _not_valid(path, 'NumPy .npz', e) from None
+  except ValueError as e:
+    if 'is not a valid' in str(e):
+      raise
+    if 'pickle' in str(e):  # numpy's advice to allow pickles: never taken
+      raise _not_valid(path, 'NumPy .npz', e,
+                       'not a zip archive of arrays (numpy would read it as '
+                       'pickled data, which is never loaded)') from None
+    raise _not_valid(path, 'NumPy .npz', e) from None
 
 
 def _torch_available() -> bool:
@@ -192,7 +236,22 @@ def _read_with_torch(path: str) -> dict[str, np.ndarray]:
     raise ImportError(
         f"reading {path!r} with reader='torch' needs PyTorch (pip install "
         "torch); reader='zip' reads zip-format .pth files without it.") from e
-  obj = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    # torch's message advises weights_only=False (running the file's code):
+    # never give that advice; keep the line that names the refused global.
+    text = str(e)
+    detail = text.split('WeightsUnpickler error:', 1)[-1] if (
+        'WeightsUnpickler error:' in text) else ''
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    reason = 'torch.load(weights_only=True) could not unpickle it' + (
+        f' ({lines[0]})' if lines else '') + (
+                  '; only a state_dict of tensors is read (loading with '
+                  'weights_only=False would run code from the file)')
+    raise _not_valid(path, 'PyTorch', e, reason) from None
+  except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    raise _not_valid(path, 'PyTorch', e) from None
   if not isinstance(obj, Mapping):
     raise ValueError(f'{path!r} holds a {type(obj).__name__}, not a '
                      'state_dict (a mapping of names to tensors).')
@@ -310,9 +369,10 @@ def read_torch_zip(path: str) -> dict[str, np.ndarray]:
       malformed tensor.
   """
   if not zipfile.is_zipfile(path):
-    raise ValueError(f'{path!r} is not a zip-format PyTorch checkpoint (a '
-                     'legacy file of PyTorch < 1.6?); read it with PyTorch: '
-                     "reader='torch'.")
+    raise ValueError(f'{path!r} is not a valid checkpoint for this reader: '
+                     'not a zip-format PyTorch file (truncated or corrupt, or '
+                     'a legacy file of PyTorch < 1.6: read that with '
+                     "PyTorch, reader='torch').")
   with zipfile.ZipFile(path) as zf:
     pickles = [n for n in zf.namelist() if n.endswith('/data.pkl')
                and n.count('/') == 1]
@@ -605,7 +665,9 @@ def convert_state_dict(state_dict: Mapping[str, Any], name: str = 'resnet20',
     ValueError: an unknown ``name`` or ``kind``, or an override of what the
       architecture fixes (``classifier_bias``, ``num_classes``, layers).
     ConversionError: missing, unknown or misshaped keys, a non-float weight,
-      or a checkpoint of the other kind (CNN for an adder model, or back).
+      a NaN or infinite value or a negative BatchNorm variance (the keys
+      named), or a checkpoint of the other kind (CNN for an adder model, or
+      back).
 
   Examples:
     >>> import numpy as np
@@ -667,6 +729,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], name: str = 'resnet20',
         f'{num_classes} classes): ' + '; '.join(parts) + '.',
         missing=missing, unknown=unknown, misshaped=misshaped)
 
+  _check_values(sd, plan, name, kind)
   variables: dict[str, Any] = {}
   for key, (zoo_path, layout, _) in plan.items():
     if zoo_path is None:
@@ -676,6 +739,29 @@ def convert_state_dict(state_dict: Mapping[str, Any], name: str = 'resnet20',
       node = node.setdefault(p, {})
     node[zoo_path[-1]] = _to_zoo(sd[key], layout)
   return ConvertedModel(model, variables, name, kind, num_classes)
+
+
+def _check_values(sd: dict[str, np.ndarray], plan, name: str,
+                  kind: str) -> None:
+  """Refuses non-finite weights and negative BatchNorm variances, by key."""
+  bad = []
+  for key, (zoo_path, _, _) in plan.items():
+    if zoo_path is None:
+      continue
+    value = sd[key]
+    finite = np.isfinite(value)
+    if not finite.all():
+      bad.append(f'{key!r}: {value.size - int(finite.sum())} of {value.size} '
+                 'entries are NaN or infinite')
+    elif key.endswith('running_var') and (value < 0).any():
+      bad.append(f'{key!r}: a negative BatchNorm variance (min '
+                 f'{float(value.min()):g})')
+  if bad:
+    raise ConversionError(
+        f'the checkpoint of the official {name} ({kind}) holds values no '
+        f'trained model has, so it would give wrong outputs; '
+        f'{len(bad)} bad key(s): {_listing(bad, str)}.', unknown=(),
+        misshaped={})
 
 
 def _as_numpy(value: Any) -> np.ndarray:

@@ -15,6 +15,7 @@ import pytest
 
 from adderjax import _checks
 from adderjax import count_ops
+from adderjax import official
 from adderjax.linen import AdderConv
 from adderjax.linen import AdderDense
 from adderjax.models import create_model
@@ -190,3 +191,104 @@ def test_create_model_accepts_numpy_scalars(overrides):
     return model.apply(variables, x, train=False)
 
   np.testing.assert_array_equal(logits(overrides), logits(plain))
+
+
+# ---------------------------------------------------------------------------
+# The official-checkpoint loader.
+
+
+def _official_sd():
+  shapes = official.expected_state_dict_shapes('resnet20', num_classes=10)
+  return {k: np.full(s, 0.5, np.float32) for k, s in shapes.items()}
+
+
+def _with(key, value):
+  def make():
+    sd = _official_sd()
+    sd[key] = np.full(sd[key].shape, value, np.float32) if np.isscalar(
+        value) else value(sd[key])
+    return sd
+  return make
+
+
+def _set_first(value):
+  def edit(a):
+    a = a.copy()
+    a.reshape(-1)[0] = value
+    return a
+  return edit
+
+
+CONVERT_CASES = [
+    (_with('bn1.running_var', -1.0), ['bn1.running_var', 'negative',
+                                       'variance']),
+    (_with('layer1.0.bn2.running_var', _set_first(-1e-3)),
+     ['layer1.0.bn2.running_var', 'negative']),
+    (_with('conv1.weight', np.nan), ['conv1.weight', 'NaN or infinite']),
+    (_with('layer2.0.conv1.adder', _set_first(np.inf)),
+     ['layer2.0.conv1.adder', '1 of']),
+    (_with('fc.weight', _set_first(-np.inf)), ['fc.weight']),
+    (_with('bn2.running_mean', np.nan), ['bn2.running_mean']),
+]
+
+
+@pytest.mark.parametrize('make,words', CONVERT_CASES)
+def test_convert_state_dict_refuses_bad_values(make, words):
+  _raises(lambda: official.convert_state_dict(make(), 'resnet20'),
+          official.ConversionError, words)
+
+
+def _write(tmp_path, name, data):
+  path = tmp_path / name
+  path.write_bytes(data)
+  return str(path)
+
+
+def _zip_bytes(tmp_path):
+  path = str(tmp_path / 'good.npz')
+  np.savez(path, a=np.ones(3, np.float32))
+  return open(path, 'rb').read()
+
+
+LOAD_CASES = [
+    ('empty.pth', lambda t: b'', 'auto', ['empty.pth', 'not a valid',
+                                          'empty']),
+    ('empty.npz', lambda t: b'', 'auto', ['empty.npz', 'not a valid']),
+    ('empty.safetensors', lambda t: b'', 'auto',
+     ['empty.safetensors', 'not a valid']),
+    ('rand.npz', lambda t: bytes(range(256)) * 2, 'auto',
+     ['rand.npz', 'not a valid', 'never loaded']),
+    ('cut.npz', lambda t: _zip_bytes(t)[:60], 'auto',
+     ['cut.npz', 'not a valid']),
+    ('rand.pth', lambda t: bytes(range(256)) * 2, 'zip',
+     ['rand.pth', 'not a valid']),
+    ('cut.pth', lambda t: _zip_bytes(t)[:60], 'zip',
+     ['cut.pth', 'not a valid']),
+]
+
+
+@pytest.mark.parametrize('name,data,reader,words', LOAD_CASES)
+def test_load_official_refuses_bad_files(tmp_path, name, data, reader, words):
+  path = _write(tmp_path, name, data(tmp_path))
+  message = _raises(lambda: official.load_official(path, reader=reader),
+                    ValueError, words)
+  assert 'allow_pickle' not in message
+  assert 'weights_only=False will' not in message
+
+
+@pytest.mark.parametrize('data', [lambda t: bytes(range(256)) * 2,
+                                  lambda t: _torch_bytes(t)[:200]])
+def test_load_official_with_torch_never_advises_unsafe_loading(tmp_path,
+                                                                data):
+  pytest.importorskip('torch')
+  path = _write(tmp_path, 'bad.pth', data(tmp_path))
+  message = _raises(lambda: official.load_official(path, reader='torch'),
+                    ValueError, ['bad.pth', 'not a valid'])
+  assert 'will likely succeed' not in message
+
+
+def _torch_bytes(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'good.pth')
+  torch.save({'w': torch.ones(64, 64)}, path)
+  return open(path, 'rb').read()
