@@ -357,7 +357,12 @@ def structure_prefix(name: str, mask: Any, tree: Any,
     ...
     ValueError: `mask` does not match the structure of the parameters: at <root> the mask has keys ['a'] not in the parameters and no entry for the parameters keys ['b'].
   """
-  where = _first_mismatch(mask, tree, ())
+  try:
+    jax.tree_util.tree_structure(mask).flatten_up_to(tree)
+    return  # a leaf of the mask may cover a whole subtree of ``tree``
+  except (TypeError, ValueError) as e:
+    where = _first_mismatch(mask, tree, ()) or (
+        f'at <MASK>: {str(e).splitlines()[0]}')
   if where:
     raise ValueError(
         f'`{name}` does not match the structure of the {target}: '

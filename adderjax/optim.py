@@ -48,7 +48,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import math
 import warnings
 from typing import Any
@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adderjax import _checks
 from adderjax import introspect
 from adderjax import linen as adder_linen
 from adderjax import nnx as adder_nnx
@@ -89,33 +90,17 @@ _KERNEL = 'kernel'
 
 
 def _check_positive_scalar(name: str, value: Any) -> None:
-  """Raises ValueError unless ``value`` is a positive finite real number.
+  """Refuses ``value`` unless it is a positive finite real number.
 
-  Traced values (a hyperparameter passed through jit) cannot be checked and are
-  accepted as they are.
+  NumPy / JAX scalars are accepted; strings and bools are not. Traced values
+  (a hyperparameter passed through jit) cannot be checked and are accepted as
+  they are.
   """
-  try:
-    v = float(value)
-  except jax.errors.ConcretizationTypeError:
-    return
-  except (TypeError, ValueError):
-    raise ValueError(f'{name} must be a positive finite number, got '
-                     f'{value!r}.') from None
-  if not (math.isfinite(v) and v > 0):
-    raise ValueError(f'{name} must be a positive finite number, got {value!r}.')
+  _checks.finite_number(name, value, low=0, low_open=True)
 
 
 def _check_nonnegative_scalar(name: str, value: Any) -> None:
-  try:
-    v = float(value)
-  except jax.errors.ConcretizationTypeError:
-    return
-  except (TypeError, ValueError):
-    raise ValueError(f'{name} must be a non-negative finite number, got '
-                     f'{value!r}.') from None
-  if not (math.isfinite(v) and v >= 0):
-    raise ValueError(f'{name} must be a non-negative finite number, got '
-                     f'{value!r}.')
+  _checks.finite_number(name, value, low=0)
 
 
 def _adaptive_leaf(g: jax.Array, eta, eps) -> jax.Array:
@@ -449,23 +434,43 @@ def _check_schedule(schedule: Callable[[Any], Any]) -> None:
                        f'{step}.')
 
 
-def _warn_on_empty_mask(inner: optax.GradientTransformation, mask: Any,
-                        scaling: str) -> optax.GradientTransformation:
-  """``inner``, warning at ``init`` when ``mask`` selects no parameter."""
+def _check_mask_against(name: str, mask: Any, params: Any) -> Any:
+  """The mask tree for ``params``: bool leaves, a prefix of ``params``."""
+  tree = mask(params) if callable(mask) else mask
+  _checks.bool_mask(name, tree)
+  hint = ''
+  if (isinstance(params, Mapping) and 'params' in params
+      and not (isinstance(tree, Mapping) and 'params' in tree)):
+    hint = ("was the optimizer given the whole variables dict? pass "
+            "variables['params']")
+  _checks.structure_prefix(name, tree, params, hint=hint)
+  return tree
+
+
+def _checked_mask(inner: optax.GradientTransformation, mask: Any,
+                  name: str, scaling: str | None = None
+                  ) -> optax.GradientTransformation:
+  """``inner``, checking ``mask`` against the parameters at ``init``.
+
+  The mask's leaves must be bools and its structure a prefix of the
+  parameters' (else the error says ``name`` and the first differing path);
+  with ``scaling``, warns when the mask selects no parameter.
+  """
 
   def init(params):
-    tree = mask(params) if callable(mask) else mask
-    try:
-      selected = any(bool(np.any(leaf))
-                     for leaf in jax.tree_util.tree_leaves(tree))
-    except (TypeError, ValueError):  # Traced or non-boolean: cannot tell.
-      selected = True
-    if not selected:
-      warnings.warn(
-          f"addernet_sgd(scaling={scaling!r}): the mask selects no parameter, "
-          'so no adder kernel gets the scaling and this is plain SGD. Build '
-          'the mask with adderjax.optim.adder_mask(model, example_input).',
-          stacklevel=2)
+    tree = _check_mask_against(name, mask, params)
+    if scaling is not None:
+      try:
+        selected = any(bool(np.any(leaf))
+                       for leaf in jax.tree_util.tree_leaves(tree))
+      except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+        selected = True  # Traced: cannot tell.
+      if not selected:
+        warnings.warn(
+            f"addernet_sgd(scaling={scaling!r}): the mask selects no "
+            'parameter, so no adder kernel gets the scaling and this is plain '
+            'SGD. Build the mask with adderjax.optim.adder_mask(model, '
+            'example_input).', stacklevel=2)
     return inner.init(params)
 
   return optax.GradientTransformation(init, inner.update)
@@ -528,7 +533,11 @@ def addernet_sgd(
 
   Raises:
     ValueError: on an unknown ``scaling``, a missing ``mask`` or
-      ``ilr_factor``, or out-of-range hyperparameters.
+      ``ilr_factor``, out-of-range hyperparameters, or a mask whose leaves
+      are not bools; at ``init``, a mask that does not match the parameters'
+      structure (the message shows the first differing path).
+    TypeError: a hyperparameter that is not a number (e.g. a string); the
+      error is also a ``ValueError``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -551,8 +560,7 @@ def addernet_sgd(
     Chen et al., AdderNet, CVPR 2020, Sec. 3.3 and 4 (SGD, momentum 0.9,
     weight decay 5e-4, cosine learning rate). https://arxiv.org/abs/1912.13200
   """
-  if scaling not in SCALINGS:
-    raise ValueError(f'scaling must be one of {SCALINGS}, got {scaling!r}.')
+  _checks.choice('scaling', scaling, SCALINGS)
   _check_nonnegative_scalar('momentum', momentum)
   if not momentum < 1:
     raise ValueError(f'momentum must be in [0, 1) (SGD momentum diverges at '
@@ -570,6 +578,13 @@ def addernet_sgd(
         f"scaling={scaling!r} needs mask= (which leaves are adder kernels), "
         'e.g. mask=adderjax.optim.adder_mask(model, example_input); pass '
         "scaling='none' for plain SGD.")
+  if not isinstance(nesterov, (bool, np.bool_)):
+    raise _checks.ArgumentTypeError(
+        f'`nesterov` must be a bool, got {_checks.describe(nesterov)}.')
+  for mask_name, value in (('mask', mask),
+                           ('weight_decay_mask', weight_decay_mask)):
+    if value is not None and not callable(value):
+      _checks.bool_mask(mask_name, value)
   if scaling == 'ilr' and ilr_factor is None:
     raise ValueError("scaling='ilr' needs ilr_factor= (the LR multiplier of "
                      'adder layers).')
@@ -579,16 +594,17 @@ def addernet_sgd(
 
   parts = []
   if scaling == 'adaptive':
-    parts.append(_warn_on_empty_mask(
+    parts.append(_checked_mask(
         optax.masked(scale_by_adaptive_lr(eta=eta, eps=eps), mask), mask,
-        scaling))
+        'mask', scaling))
   elif scaling == 'ilr':
-    parts.append(_warn_on_empty_mask(
-        optax.masked(increased_lr(ilr_factor), mask), mask, scaling))
+    parts.append(_checked_mask(
+        optax.masked(increased_lr(ilr_factor), mask), mask, 'mask', scaling))
   if weight_decay:
     decay = optax.add_decayed_weights(weight_decay)
     if weight_decay_mask is not None:
-      decay = optax.masked(decay, weight_decay_mask)
+      decay = _checked_mask(optax.masked(decay, weight_decay_mask),
+                            weight_decay_mask, 'weight_decay_mask')
     parts.append(decay)
   if momentum:
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))

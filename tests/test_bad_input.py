@@ -16,6 +16,7 @@ import pytest
 from adderjax import _checks
 from adderjax import count_ops
 from adderjax import official
+from adderjax import optim
 from adderjax.linen import AdderConv
 from adderjax.linen import AdderDense
 from adderjax.models import create_model
@@ -292,3 +293,87 @@ def _torch_bytes(tmp_path):
   path = str(tmp_path / 'good.pth')
   torch.save({'w': torch.ones(64, 64)}, path)
   return open(path, 'rb').read()
+
+
+# ---------------------------------------------------------------------------
+# The optimizer.
+
+_PARAMS = {'adder': {'kernel': jnp.ones((3, 3, 2, 2))},
+           'bn': {'scale': jnp.ones(2)}}
+_MASK = {'adder': {'kernel': True}, 'bn': {'scale': False}}
+
+OPTIM_BUILD_CASES = [
+    (lambda: optim.scale_by_adaptive_lr(eta='0.2'), TypeError,
+     ['`eta`', "'0.2' (str)", '> 0']),
+    (lambda: optim.scale_by_adaptive_lr(eps=True), TypeError, ['`eps`']),
+    (lambda: optim.increased_lr('10'), TypeError, ['`factor`', "'10'"]),
+    (lambda: optim.addernet_sgd('0.1', mask=_MASK), TypeError,
+     ['`learning_rate`', "'0.1' (str)"]),
+    (lambda: optim.addernet_sgd(0.1, momentum='0.9', mask=_MASK), TypeError,
+     ['`momentum`', "'0.9'"]),
+    (lambda: optim.addernet_sgd(0.1, weight_decay='5e-4', mask=_MASK),
+     TypeError, ['`weight_decay`', "'5e-4'"]),
+    (lambda: optim.addernet_sgd(0.1, weight_decay=float('inf'), mask=_MASK),
+     ValueError, ['`weight_decay`', 'inf']),
+    (lambda: optim.addernet_sgd(0.1, eta='0.2', mask=_MASK), TypeError,
+     ['`eta`']),
+    (lambda: optim.addernet_sgd(0.1, mask={'adder': 'yes', 'bn': 'no'}),
+     TypeError, ['`mask`', 'bools', "'yes' (str)", "['adder']"]),
+    (lambda: optim.addernet_sgd(0.1, mask={'adder': 1, 'bn': 0}), TypeError,
+     ['`mask`', '1 (int)']),
+    (lambda: optim.addernet_sgd(0.1, mask=_MASK, weight_decay_mask={
+        'adder': None, 'bn': 'x'}), TypeError, ['`weight_decay_mask`']),
+    (lambda: optim.addernet_sgd(0.1, mask=_MASK, scaling='lars'), ValueError,
+     ['`scaling`', "'lars'", "'adaptive'"]),
+    (lambda: optim.addernet_sgd(0.1, mask=_MASK, nesterov='no'), TypeError,
+     ['`nesterov`', "'no'"]),
+    (lambda: optim.cosine_lr_schedule('0.1', 10), TypeError, ['`base_lr`']),
+]
+
+
+@pytest.mark.parametrize('fn,error,words', OPTIM_BUILD_CASES)
+def test_optimizer_refuses_at_construction(fn, error, words):
+  _raises(fn, error, words)
+
+
+OPTIM_INIT_CASES = [
+    (dict(mask={'adder': True, 'other': False}), _PARAMS,
+     ['`mask`', "'other'", "'bn'"]),
+    (dict(mask=_MASK), {'params': _PARAMS, 'batch_stats': {}},
+     ['`mask`', "variables['params']"]),
+    (dict(mask={'adder': {'kernel': True, 'bias': False}, 'bn': False}),
+     _PARAMS, ['`mask`', "['adder']", "'bias'"]),
+    (dict(mask=_MASK, weight_decay_mask={'adder': True}), _PARAMS,
+     ['`weight_decay_mask`', "'bn'"]),
+    (dict(mask=lambda p: jax.tree.map(lambda _: 'x', p)), _PARAMS,
+     ['`mask`', "'x' (str)"]),
+]
+
+
+@pytest.mark.parametrize('kwargs,params,words', OPTIM_INIT_CASES)
+def test_optimizer_refuses_mismatched_mask_at_init(kwargs, params, words):
+  tx = optim.addernet_sgd(0.1, **kwargs)
+  _raises(lambda: tx.init(params), ValueError, words)
+
+
+def test_optimizer_mask_prefix_and_numpy_scalars_accepted():
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), _PARAMS)
+
+  def step(tx):
+    state = jax.jit(tx.init)(_PARAMS)
+    return jax.jit(tx.update)(grads, state, _PARAMS)[0]
+
+  want = step(optim.addernet_sgd(0.1, mask=_MASK, momentum=0.9,
+                                 weight_decay=5e-4, eta=0.2))
+  prefix = {'adder': True, 'bn': np.False_}  # a prefix of the parameters
+  got = step(optim.addernet_sgd(np.float32(0.1), mask=prefix,
+                                momentum=np.float64(0.9),
+                                weight_decay=np.float32(5e-4),
+                                eta=jnp.float32(0.2)))
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  tx = optim.scale_by_adaptive_lr(eta=np.float32(0.2))
+  g = {'k': jnp.array([3.0, 4.0])}
+  np.testing.assert_array_equal(
+      tx.update(g, tx.init(g))[0]['k'],
+      optim.scale_by_adaptive_lr(eta=0.2).update(g, tx.init(g))[0]['k'])
