@@ -1,9 +1,44 @@
 # Set-up and entry points. `make run` and `make test` work on a fresh machine:
-# they create .venv, install the project and its data, and go.
+# they create .venv, install the project and its data, and go. Another
+# interpreter in another venv: `make test PYTHON=python3.12 VENV=.venv312`
+# (Python 3.11 resolves jax 0.10.2, Python 3.12/3.13 jax 0.12.x).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+
+# `python3.12` may be a pyenv shim for a version pyenv has not enabled: then
+# the interpreter pyenv installed under that name.
+PYTHON_EXE := $(or $(shell $(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null),$(lastword $(wildcard $(HOME)/.pyenv/versions/$(patsubst python%,%,$(notdir $(PYTHON))).*/bin/$(notdir $(PYTHON)))),$(PYTHON))
+
+# JAX takes the accelerator where there is one (an NVIDIA GPU: its CUDA build
+# is installed too; a TPU VM's /dev/accel* or /dev/vfio); the CPU pin only
+# where there is none (and where libtpu would print TPU errors on start).
+ACCELERATOR := $(shell (nvidia-smi -L 2>/dev/null | grep -q GPU && echo gpu) || (ls /dev/accel* /dev/vfio/[0-9]* >/dev/null 2>&1 && echo tpu))
+comma := ,
+EXTRAS := test$(if $(filter gpu,$(ACCELERATOR)),$(comma)cuda)
+ifeq ($(ACCELERATOR),gpu)
+export JAX_PLATFORMS ?= cuda,cpu
+else ifeq ($(ACCELERATOR),)
 export JAX_PLATFORMS ?= cpu
+endif
+
+# TIER=jax: the tests that a jax release can break (ops, layers, optimizer,
+# Pallas kernels in interpret mode, GPU export, the deviceless TPU compile
+# with the matching libtpu, dispatch, sharding, the benchmarks' smoke tests,
+# the library's doctests); TIER=full (default): the whole fast suite.
+TIER ?= full
+JAX_TIER := tests/test_adder_ops.py tests/test_layers.py tests/test_optim.py \
+  tests/test_optim_sharding.py tests/test_exactness.py tests/test_validation.py \
+  tests/test_pallas_adder.py tests/test_pallas_conv.py tests/test_pallas_kernels.py \
+  tests/test_pallas_lowering.py tests/test_pallas_conv_lowering.py \
+  tests/test_pallas_sharding.py tests/test_pallas_benchmark.py \
+  tests/test_platform_dispatch.py tests/test_accelerator_compile.py \
+  tests/test_benchmarks.py adderjax pallas_kernels
+TESTS_full :=
+TESTS_jax := $(JAX_TIER)
+ifeq ($(filter $(TIER),full jax),)
+$(error TIER must be full or jax, got '$(TIER)')
+endif
 
 .PHONY: venv run test test-all clean
 
@@ -13,9 +48,9 @@ CONFIG ?= experiments/configs/lenet5_mnist.py
 WORKDIR ?= workdirs/$(subst :,_,$(notdir $(basename $(CONFIG))))$(if $(findstring :,$(CONFIG)),_$(lastword $(subst :, ,$(CONFIG))))
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON_EXE) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -26,7 +61,7 @@ run: venv
 
 # The suite CI runs: everything but the tests marked slow (minutes on 2 cores).
 test: venv
-	$(PY) -m pytest -n 2 -q -m 'not slow'
+	$(PY) -m pytest -n 2 -q -m 'not slow' $(TESTS_$(TIER))
 
 # Everything, the slow tests included (ImageNet-size models, adder variants of
 # the parallel/resume/config smoke tests, the deviceless TPU compile).
