@@ -17,11 +17,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from adderjax import _checks
 from adderjax import _module_utils
 from adderjax.ops.geometry import PaddingLike
 
 Initializer = Any
 
+
+
+def _check_rngs(rngs: Any, layer: str) -> None:
+  """Refuses ``rngs`` that is not an :class:`flax.nnx.Rngs`."""
+  if not isinstance(rngs, nnx.Rngs):
+    raise _checks.ArgumentTypeError(
+        f'`rngs` of {layer} must be a flax.nnx.Rngs (e.g. rngs=nnx.Rngs(0)), '
+        f'got {_checks.describe(rngs)}.')
 
 class AdderConv(nnx.Module):
   """Adder convolution (paper eq. 2), a drop-in for ``flax.nnx.Conv``.
@@ -77,6 +86,7 @@ class AdderConv(nnx.Module):
                grad: str = 'full_precision',
                implementation: str | None = None,
                rngs: nnx.Rngs):
+    _check_rngs(rngs, type(self).__name__)
     _module_utils.check_layer_args(
         features={'in_features': in_features, 'out_features': out_features},
         grad=grad, precision=precision, implementation=implementation,
@@ -155,6 +165,7 @@ class AdderDense(nnx.Module):
                grad: str = 'full_precision',
                implementation: str | None = None,
                rngs: nnx.Rngs):
+    _check_rngs(rngs, type(self).__name__)
     _module_utils.check_layer_args(
         features={'in_features': in_features, 'out_features': out_features},
         grad=grad, precision=precision, implementation=implementation)

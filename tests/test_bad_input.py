@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from adderjax import _checks
 from adderjax import count_ops
 from adderjax import official
+from adderjax import nnx as adder_nnx
 from adderjax import optim
 from adderjax.linen import AdderConv
 from adderjax.linen import AdderDense
@@ -377,3 +379,28 @@ def test_optimizer_mask_prefix_and_numpy_scalars_accepted():
   np.testing.assert_array_equal(
       tx.update(g, tx.init(g))[0]['k'],
       optim.scale_by_adaptive_lr(eta=0.2).update(g, tx.init(g))[0]['k'])
+
+
+# ---------------------------------------------------------------------------
+# NNX layers.
+
+NNX_CASES = [
+    (lambda: adder_nnx.AdderConv(2, 4, 3, rngs=None), ['`rngs`', 'AdderConv',
+                                                       'None (NoneType)']),
+    (lambda: adder_nnx.AdderDense(2, 4, rngs=0), ['`rngs`', 'AdderDense',
+                                                  'nnx.Rngs(0)']),
+    (lambda: adder_nnx.AdderDense(2, 4, rngs=jax.random.key(0)),
+     ['`rngs`', 'flax.nnx.Rngs']),
+]
+
+
+@pytest.mark.parametrize('fn,words', NNX_CASES)
+def test_nnx_layers_refuse_bad_rngs(fn, words):
+  _raises(fn, TypeError, words)
+
+
+def test_nnx_layers_accept_numpy_feature_counts():
+  a = adder_nnx.AdderDense(np.int64(3), np.int32(2), rngs=nnx.Rngs(0))
+  b = adder_nnx.AdderDense(3, 2, rngs=nnx.Rngs(0))
+  x = jnp.arange(6.0).reshape(2, 3)
+  np.testing.assert_array_equal(a(x), b(x))
