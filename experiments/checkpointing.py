@@ -440,7 +440,14 @@ class Checkpointer:
       self.finish_pending(wait=True)
       self._manager.wait_until_finished()
 
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
   def close(self) -> None:
+    """Finishes pending saves and closes Orbax's manager (idempotent)."""
     if self._manager is not None:
       self.finish_pending(wait=True)
       self._manager.wait_until_finished()

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import importlib.util
+import logging as std_logging
 import os
 import re
 import shlex
@@ -59,6 +60,7 @@ from typing import Any, NoReturn
 
 from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -434,6 +436,24 @@ def call(main: Main, define_flags: DefineFlags,
   return _run_main(main, flag_values, args)
 
 
+def quiet_orbax(record) -> bool:
+  """A log filter: drops Orbax's chatter below ERROR (lines per checkpoint).
+
+  Orbax's own ERROR records are dropped too where the checkpoint layer
+  reports the problem itself in one line (a corrupt file's JSON, for
+  instance); everything else passes.
+
+  Examples:
+    >>> import logging as std_logging
+    >>> r = std_logging.LogRecord('x', std_logging.INFO, '/o/orbax/c.py', 1,
+    ...                           'm', None, None)
+    >>> quiet_orbax(r)
+    False
+  """
+  return ('orbax' not in record.pathname or
+          record.levelno >= std_logging.CRITICAL)
+
+
 def run(main: Main, define_flags: DefineFlags) -> NoReturn:
   """The ``if __name__ == '__main__':`` of every entry point.
 
@@ -445,6 +465,7 @@ def run(main: Main, define_flags: DefineFlags) -> NoReturn:
   """
   flag_values = flags.FLAGS
   _define(define_flags, flag_values)
+  logging.get_absl_logger().addFilter(quiet_orbax)
   module = sys.modules['__main__']
   module.__doc__ = help_text(module.__doc__ or '', flag_values)
   app.run(lambda argv: _run_main(main, flag_values, argv[1:]),

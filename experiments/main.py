@@ -27,7 +27,6 @@ or 130 (SIGINT, Ctrl-C): a checkpoint was saved at the step boundary and the
 same command resumes the run.
 """
 
-import logging as std_logging
 import os
 
 from absl import flags
@@ -63,16 +62,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.mark_flag_as_required('workdir', flag_values=flag_values)
 
 
-def _quiet_orbax(record) -> bool:
-  """Drops Orbax's INFO chatter (several lines per checkpoint)."""
-  return record.levelno >= std_logging.WARNING or (
-      'orbax' not in record.pathname)
-
-
 def main(flag_values: flags.FlagValues, args: list[str]) -> None:
   """Trains ``--config`` in ``--workdir`` (resuming a run there)."""
   cli.no_arguments(args)
-  logging.get_absl_logger().addFilter(_quiet_orbax)
   cli.check_workdir(flag_values.workdir)
   if _single_process(flag_values):
     # Refuse a busy workdir at once, before JAX starts its backends.

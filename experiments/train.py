@@ -115,9 +115,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def _train_locked(config, workdir, primary, t_start, stop, init_from=None):
   """The body of :func:`train_and_evaluate`, with the workdir locked."""
-  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.max_to_keep,
-                                    async_save=config.async_checkpointing,
-                                    primary=primary)
+  with checkpointing.Checkpointer(
+      workdir, max_to_keep=config.max_to_keep,
+      async_save=config.async_checkpointing, primary=primary) as ckpt:
+    return _train_with(config, workdir, primary, t_start, stop, init_from,
+                       ckpt)
+
+
+def _train_with(config, workdir, primary, t_start, stop, init_from, ckpt):
+  """Restores or initialises the state, then runs the loop and its duties."""
   # Everything read-only first: the stored config, the data, the model.
   ckpt.stored_config()
   exp = Experiment.from_config(config)
@@ -337,16 +343,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   """
   validate_config(config)
   # The checkpoint's checksums first: a corrupt one fails before compiling.
-  ckpt = checkpointing.Checkpointer(workdir, primary=False)
-  if step is None:
-    step = ckpt.newest_verified_step()
+  # The checkpointer is closed on every path (Orbax's threads otherwise
+  # print errors at exit after a user error).
+  with checkpointing.Checkpointer(workdir, primary=False) as ckpt:
     if step is None:
-      raise checkpointing.NoRunError(f'no checkpoint in {ckpt.directory}.')
-  else:
-    ckpt.verify(step)
-  exp = Experiment.from_config(config)
-  host_state, _ = ckpt.restore(step, exp.init_host_state())
-  ckpt.close()
+      step = ckpt.newest_verified_step()
+      if step is None:
+        raise checkpointing.NoRunError(f'no checkpoint in {ckpt.directory}.')
+    else:
+      ckpt.verify(step)
+    exp = Experiment.from_config(config)
+    host_state, _ = ckpt.restore(step, exp.init_host_state())
   _, result = exp.evaluate_state(exp.runner.put_state(host_state))
   result['step'] = int(step)
   return result
