@@ -1,4 +1,12 @@
-"""Post-training integer quantization of AdderNets and an integer adder path.
+"""Post-training integer quantization of AdderNets: calibration and the model.
+
+This module chooses the scales (:class:`QuantConfig`, :func:`calibrate`) and
+runs a model on integers (:class:`QuantizedModel`); the integer adder op it
+runs every adder layer on is :mod:`adderjax.ops.integer`, beside the float
+op (:func:`adder_conv_int`, :func:`adder_dense_int`, :func:`quantize` and
+:func:`qmax_of` are re-exported here). Calibration stays in this module with
+the model re-interpreter: both walk the model with the same
+:mod:`adderjax.introspect` interceptor and share the per-layer plan.
 
 An adder layer computes ``-sum |x - w|``. A convolution quantizes its two
 operands on separate scales (``sx * sw * sum xq wq``: the scales multiply
@@ -16,10 +24,9 @@ leaves the activations a handful of levels.
 
 The integer layer (:func:`adder_conv_int`, :func:`adder_dense_int`) reads
 int8 inputs and kernels and returns the int32 accumulator
-``acc = -sum |xq - wq|`` exactly (no rounding anywhere: the tests compare it
-with a numpy int32 loop). Zero padding pads with the integer 0, the
-quantized 0.0 of a symmetric scheme, so the integer layer is the float layer
-on the dequantized operands: ``s * acc == adder_conv(s xq, s wq)``.
+``acc = -sum |xq - wq|`` exactly; it takes every padding form of the float
+layer (``'CIRCULAR'``, ``'REFLECT'`` and ``'CAUSAL'`` included), so every
+adder layer a model can hold runs on integers.
 
 What is folded (and what cannot be):
 
@@ -50,7 +57,8 @@ The model is run under the layer walker of :mod:`adderjax.introspect`
 (:func:`flax.linen.intercept_methods`, as :func:`adderjax.count_ops` does),
 so every Linen model built from :class:`adderjax.linen.AdderConv` /
 ``AdderDense``, ``nn.Conv``, ``nn.Dense`` and ``nn.BatchNorm`` works, the
-model zoo included. The BatchNorm to fold is found by data flow during
+model zoo included. Calibration data must be finite: a NaN or inf reaching
+a layer's input is refused, naming the layer and the batch. The BatchNorm to fold is found by data flow during
 calibration (a BatchNorm whose input *is* a layer's output array); the
 folding assumes that output has no other reader, which holds for every zoo
 model (each layer feeds only its BN).
@@ -71,7 +79,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 from collections.abc import Iterable
@@ -83,256 +90,30 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from adderjax import _checks
 from adderjax import introspect
 from adderjax import linen as adder_linen
 from adderjax.ops import geometry
-from adderjax.ops.geometry import PaddingLike
+from adderjax.ops import padding as padding_lib
+from adderjax.ops.integer import adder_conv_int
+from adderjax.ops.integer import adder_dense_int
+from adderjax.ops.integer import BITS
+from adderjax.ops.integer import INT_FORWARD_TERMS
+from adderjax.ops.integer import METHODS
+from adderjax.ops.integer import PARTIAL_DTYPES
+from adderjax.ops.integer import qmax_of
+from adderjax.ops.integer import quantize
 
-#: Bit widths accepted for the adder layers.
-BITS = (4, 5, 6, 7, 8)
+__all__ = [
+    'BITS', 'CALIBRATIONS', 'FIRST_LAST', 'INT_FORWARD_TERMS', 'METHODS',
+    'PARTIAL_DTYPES', 'LayerPlan', 'QuantConfig', 'QuantizedModel',
+    'adder_conv_int', 'adder_dense_int', 'calibrate', 'qmax_of', 'quantize',
+]
+
 #: Calibration methods of :class:`QuantConfig`.
 CALIBRATIONS = ('max', 'percentile')
 #: Precision of the stem and the classifier (full-precision layers).
 FIRST_LAST = ('float', 'int8')
-#: Partial-sum dtypes of the integer adder kernel.
-PARTIAL_DTYPES = ('int16', 'int32')
-#: Hot-loop forms of the integer adder kernel.
-METHODS = ('max', 'abs')
-
-#: (tap, feature) terms per fused chunk of the integer forward loop.
-INT_FORWARD_TERMS = 18
-_INT16_MAX = 32767
-
-
-def qmax_of(bits: int) -> int:
-  """Largest level of a symmetric signed ``bits``-bit code: ``2**(b-1) - 1``.
-
-  Examples:
-    >>> qmax_of(8), qmax_of(4)
-    (127, 7)
-  """
-  if not geometry.is_int(bits) or int(bits) not in BITS:
-    raise ValueError(f'bits must be an int in {BITS[0]}..{BITS[-1]}, got '
-                     f'{bits!r}.')
-  return 2**(int(bits) - 1) - 1
-
-
-def quantize(x: jax.Array, scale, bits: int = 8) -> jax.Array:
-  """Symmetric quantization: ``clip(round(x / scale), -qmax, qmax)`` as int8.
-
-  Rounds half to even (``jnp.round``); ``-qmax`` is the lowest level (the
-  code is symmetric, ``-128`` is never produced at 8 bits). A NaN becomes 0.
-
-  Args:
-    x: float array.
-    scale: positive scale (scalar, or broadcastable to ``x``).
-    bits: 4..8.
-
-  Returns:
-    int8 array of the shape of ``x``.
-
-  Raises:
-    ValueError: bad ``bits`` or a non-positive concrete ``scale``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> quantize(jnp.array([0.26, -1.0, 5.0]), 0.5, bits=4).tolist()
-    [1, -2, 7]
-  """
-  qmax = qmax_of(bits)
-  if isinstance(scale, (int, float, np.ndarray, np.generic)):
-    if not np.all(np.asarray(scale) > 0):
-      raise ValueError(f'scale must be positive, got {scale!r}.')
-  x = jnp.asarray(x, jnp.float32)
-  q = jnp.clip(jnp.round(x / scale), -qmax, qmax)
-  q = jnp.where(jnp.isnan(q), 0.0, q)
-  return q.astype(jnp.int8)
-
-
-# ----------------------------------------------------------------------------
-# The integer adder layer.
-
-
-def _check_int8(name: str, a) -> None:
-  dtype = jnp.result_type(a)
-  if dtype != jnp.int8:
-    raise TypeError(f'{name} must be int8 (quantized values), got {dtype}; '
-                    'see adderjax.quant.quantize.')
-
-
-def _tree_sum(parts: list[jax.Array]) -> jax.Array:
-  while len(parts) > 1:
-    nxt = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
-    if len(parts) % 2:
-      nxt.append(parts[-1])
-    parts = nxt
-  return parts[0]
-
-
-def _int_forward(xq: jax.Array, wq: jax.Array, geo: geometry.ConvGeometry,
-                 terms: int, partial_dtype: str, method: str) -> jax.Array:
-  """``-sum |xq - wq|`` on the flat shifted-phase layout, int32 result.
-
-  Each (tap, input feature) term reads one contiguous slice of the flat
-  input (see :func:`adderjax.ops.geometry.flat_layout`); the output features
-  are the vector axis. ``method='abs'`` adds ``|xq - wq|`` (three vector
-  operations per term: subtract, absolute value, add); ``'max'`` adds
-  ``max(xq, wq)`` (two: max, add) and uses ``-|a - b| = a + b - 2 max(a,
-  b)``, exact in integers (in floating point it cancels, which is why the
-  float kernels do not use it for large inputs), with the window sums of
-  ``xq`` (a box filter) and the kernel sums computed once. Terms are formed
-  in ``partial_dtype`` (int16: twice the SIMD lanes of int32) and summed
-  there in groups of at most 128 (``|term| <= 255``: no int16 overflow),
-  then widened to the int32 accumulator.
-  """
-  fl = geometry.flat_layout(geo)
-  g = geo.groups
-  cg, tg = geo.in_features // g, geo.out_features // g
-  n, length = geo.batch, fl.length_out
-  nph, ntaps = len(fl.phases), len(fl.taps)
-  pdt = jnp.dtype(partial_dtype)
-  group = _INT16_MAX // 255 if pdt == jnp.int16 else 2**31 // 255
-  xf = geometry.to_flat(xq, fl).reshape(nph, n, fl.length_in, g, cg)
-  w = wq.reshape(ntaps, cg, g, tg)
-  cu = max(1, min(cg, terms // ntaps))
-  cpad = -(-cg // cu) * cu
-  if cpad != cg:  # zero features add |0 - 0| = 0 (and max(0, 0) = 0)
-    xf = jnp.pad(xf, [(0, 0)] * 4 + [(0, cpad - cg)])
-    w = jnp.pad(w, [(0, 0), (0, cpad - cg), (0, 0), (0, 0)])
-  term = ((lambda a, b: jnp.abs(a - b)) if method == 'abs' else jnp.maximum)
-
-  def chunk(i, acc):
-    xc = lax.dynamic_slice_in_dim(xf, i * cu, cu, axis=4).astype(pdt)
-    wc = lax.dynamic_slice_in_dim(w, i * cu, cu, axis=1).astype(pdt)
-    parts = [term(xc[ph, :, off:off + length, :, j, None], wc[ti, j])
-             for ti, (ph, off) in enumerate(fl.taps) for j in range(cu)]
-    for start in range(0, len(parts), group):
-      acc = acc + _tree_sum(parts[start:start + group]).astype(jnp.int32)
-    return acc
-
-  acc = jnp.zeros((n, length, g, tg), jnp.int32)
-  n_chunks = cpad // cu
-  if n_chunks == 1:
-    acc = chunk(0, acc)
-  else:
-    acc = lax.fori_loop(0, n_chunks, chunk, acc)
-  if method == 'abs':
-    y = -acc
-  else:  # sum x + sum w - 2 sum max(x, w)
-    xs = jnp.sum(xf, axis=4, dtype=jnp.int32)  # [PH, N, Lin, G]
-    box = _tree_sum([xs[ph, :, off:off + length] for ph, off in fl.taps])
-    wsum = jnp.sum(w, axis=(0, 1), dtype=jnp.int32)  # [G, T]
-    y = box[..., None] + wsum - 2 * acc
-  return geometry.out_from_flat(y.reshape(n, length, g * tg), fl)
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _adder_conv_int(xq, wq, geo, terms, partial_dtype, method):
-  if not geo.batch:
-    return jnp.zeros(geo.out_shape, jnp.int32)
-  return _int_forward(xq, wq, geo, terms, partial_dtype, method)
-
-
-def adder_conv_int(xq: jax.Array,
-                   wq: jax.Array,
-                   strides: int | tuple[int, ...] = 1,
-                   padding: PaddingLike = 'SAME',
-                   kernel_dilation: int | tuple[int, ...] = 1,
-                   feature_group_count: int = 1,
-                   *,
-                   partial_dtype: str = 'int16',
-                   method: str = 'max') -> jax.Array:
-  """Integer adder convolution: ``-sum |xq - wq|`` with int32 accumulation.
-
-  The integer twin of :func:`adderjax.adder_conv` with the same arguments
-  and geometry (1-3 spatial dims, strides, any padding form, dilation,
-  groups); it is exact: no rounding, every entry is the integer sum.
-
-  Args:
-    xq: int8 feature-last input ``(N, *spatial, C_in)``.
-    wq: int8 kernel ``(*kernel_size, C_in // groups, C_out)``.
-    strides: an int or one int per spatial dim.
-    padding: ``'SAME'``, ``'VALID'``, an int, one int per spatial dim, or
-      ``(lo, hi)`` pairs; pads with the integer 0.
-    kernel_dilation: an int or one int per spatial dim.
-    feature_group_count: number of groups.
-    partial_dtype: ``'int16'`` (default: differences and partial sums of up
-      to 128 terms in int16, twice the vector lanes) or ``'int32'``; both are
-      exact.
-    method: ``'max'`` (default: ``sum x + sum w - 2 sum max(x, w)``, two
-      vector operations per term) or ``'abs'`` (``sum |x - w|``, three);
-      both are exact.
-
-  Returns:
-    int32 ``(N, *out_spatial, C_out)``, every entry ``<= 0``.
-
-  Raises:
-    TypeError: ``xq`` or ``wq`` not int8.
-    ValueError: mismatched shapes, bad padding, strides, dilation, groups or
-      ``partial_dtype``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> xq = jnp.ones((1, 4, 4, 2), jnp.int8)
-    >>> wq = jnp.full((3, 3, 2, 1), -1, jnp.int8)
-    >>> adder_conv_int(xq, wq, padding='VALID')[0, :, :, 0].tolist()
-    [[-36, -36], [-36, -36]]
-  """
-  _check_int8('xq', xq)
-  _check_int8('wq', wq)
-  if partial_dtype not in PARTIAL_DTYPES:
-    raise ValueError(f'partial_dtype must be one of {PARTIAL_DTYPES}, got '
-                     f'{partial_dtype!r}.')
-  if method not in METHODS:
-    raise ValueError(f'method must be one of {METHODS}, got {method!r}.')
-  xq = jnp.asarray(xq)
-  wq = jnp.asarray(wq)
-  geo = geometry.make_geometry(xq.shape, wq.shape, strides, padding,
-                               kernel_dilation, feature_group_count)
-  return _adder_conv_int(xq, wq, geo, INT_FORWARD_TERMS, partial_dtype,
-                         method)
-
-
-def adder_dense_int(xq: jax.Array, wq: jax.Array, *,
-                    partial_dtype: str = 'int16',
-                    method: str = 'max') -> jax.Array:
-  """Integer fully connected adder layer: ``-sum_k |xq[..., k] - wq[k, t]|``.
-
-  Args:
-    xq: int8 ``(..., K)``.
-    wq: int8 ``(K, T)``.
-    partial_dtype: see :func:`adder_conv_int`.
-    method: see :func:`adder_conv_int`.
-
-  Returns:
-    int32 ``(..., T)``.
-
-  Raises:
-    TypeError: non-int8 operands.
-    ValueError: ``wq`` not 2-D, ``xq`` a scalar, or mismatched features.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> adder_dense_int(jnp.array([[127, -127]], jnp.int8),
-    ...                 jnp.array([[-127], [127]], jnp.int8)).tolist()
-    [[-508]]
-  """
-  _check_int8('xq', xq)
-  _check_int8('wq', wq)
-  xq = jnp.asarray(xq)
-  wq = jnp.asarray(wq)
-  if wq.ndim != 2:
-    raise ValueError(f'wq must have shape (in_features, out_features), got '
-                     f'shape {wq.shape}.')
-  if xq.ndim < 1:
-    raise ValueError(f'xq must have at least one axis, got shape {xq.shape}.')
-  if xq.shape[-1] != wq.shape[0]:
-    raise ValueError(f'xq has {xq.shape[-1]} features (shape {xq.shape}) but '
-                     f'wq expects {wq.shape[0]} (shape {wq.shape}).')
-  batch_shape = xq.shape[:-1]
-  y = adder_conv_int(xq.reshape(-1, 1, xq.shape[-1]), wq[None], 1, 'VALID',
-                     partial_dtype=partial_dtype, method=method)
-  return y.reshape(*batch_shape, wq.shape[1])
 
 
 # ----------------------------------------------------------------------------
@@ -387,26 +168,17 @@ class QuantConfig:
 
   def __post_init__(self):
     qmax_of(self.bits)
-    if self.calibration not in CALIBRATIONS:
-      raise ValueError(f'calibration must be one of {CALIBRATIONS}, got '
-                       f'{self.calibration!r}.')
-    if not (isinstance(self.percentile, (int, float)) and
-            0 < self.percentile <= 100):
-      raise ValueError(f'percentile must be in (0, 100], got '
-                       f'{self.percentile!r}.')
-    if self.first_last not in FIRST_LAST:
-      raise ValueError(f'first_last must be one of {FIRST_LAST}, got '
-                       f'{self.first_last!r}.')
+    _checks.choice('calibration', self.calibration, CALIBRATIONS)
+    # A NumPy / JAX scalar is accepted and stored as a Python float.
+    object.__setattr__(self, 'percentile', _checks.finite_number(
+        'percentile', self.percentile, low=0, high=100, low_open=True))
+    _checks.choice('first_last', self.first_last, FIRST_LAST)
     for name in ('fold_bn', 'clip_kernel'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'{name} must be a bool, got '
                          f'{getattr(self, name)!r}.')
-    if self.partial_dtype not in PARTIAL_DTYPES:
-      raise ValueError(f'partial_dtype must be one of {PARTIAL_DTYPES}, got '
-                       f'{self.partial_dtype!r}.')
-    if self.method not in METHODS:
-      raise ValueError(f'method must be one of {METHODS}, got '
-                       f'{self.method!r}.')
+    _checks.choice('partial_dtype', self.partial_dtype, PARTIAL_DTYPES)
+    _checks.choice('method', self.method, METHODS)
 
   @property
   def qmax(self) -> int:
@@ -470,19 +242,22 @@ def _accepts_train(model) -> bool:
     return False
 
 
-def _conv_padding(module, x_shape, kernel_shape) -> tuple:
-  """Explicit ``(lo, hi)`` pads of a Conv-like module (integer path)."""
+def _conv_padding(module, x, kernel_shape) -> tuple:
+  """A full-precision Conv's padding: ``(x padded, strides, pads, dilation)``.
+
+  ``pads`` are explicit ``(lo, hi)`` pairs; the input paddings (CIRCULAR,
+  REFLECT, CAUSAL) pad ``x`` as the layers do. (Adder convolutions take the
+  module's arguments as they are: :func:`adder_conv_int` does the same.)
+  """
   nsp = len(kernel_shape) - 2
-  padding = module.padding
-  if isinstance(padding, str) and padding.upper() not in ('SAME', 'VALID'):
-    raise NotImplementedError(
-        f'layer {_path(module)!r}: padding {padding!r} is not supported by '
-        "the integer path (use 'SAME', 'VALID', ints or (lo, hi) pairs).")
   strides = geometry.as_int_tuple(module.strides, nsp, 'strides')
   dilation = geometry.as_int_tuple(module.kernel_dilation, nsp,
                                    'kernel_dilation')
-  return strides, geometry.canonicalize_padding(
-      padding, kernel_shape[:nsp], strides, dilation, x_shape[1:-1]), dilation
+  x, padding = padding_lib.pad_input(x, kernel_shape[:nsp], module.padding,
+                                     dilation)
+  return x, strides, geometry.canonicalize_padding(
+      padding, kernel_shape[:nsp], strides, dilation,
+      jnp.shape(x)[1:-1]), dilation
 
 
 def _check_conv_input(module, x) -> None:
@@ -545,7 +320,8 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
 
   Raises:
     ValueError: no batches, a layer called more than once per forward pass,
-      or a model without adder layers.
+      a model without adder layers, a NaN or inf in a layer's input (the
+      message names the layer and the batch index) or in a kernel.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -602,7 +378,8 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
         order.append(path)
       x = jnp.abs(jnp.asarray(args[0], jnp.float32)).ravel()
       step = max(1, -(-x.size // max_samples))  # fixed, evenly spaced
-      stats[path] = (jnp.max(x, initial=0.0), x[::step])
+      stats[path] = (jnp.max(x, initial=0.0), x[::step],
+                     jnp.all(jnp.isfinite(x)))
       out = next_fun(*args, **kwargs)
       outputs[id(out)] = path
       alive.append(out)
@@ -611,14 +388,18 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
     # Every __call__ (the walker's default), observed with its real arrays.
     with introspect.intercept_layers(replace=interceptor):
       model.apply(variables, batch, **call_kwargs)
-    return stats
+    return stats, _all_finite(batch)
 
   collect = jax.jit(collect)
   n_batches = 0
-  for batch in batches:
+  for index, batch in enumerate(batches):
     n_batches += 1
-    stats = jax.device_get(collect(variables, jnp.asarray(batch)))
-    for path, (absmax, sample) in stats.items():
+    stats, batch_finite = jax.device_get(collect(variables,
+                                                 jnp.asarray(batch)))
+    if index == 0:  # the layers are known: their kernels must be finite
+      _check_finite_kernels(variables, order)
+    _check_finite_stats(stats, order, index, bool(batch_finite))
+    for path, (absmax, sample, _) in stats.items():
       rec = records[path]
       rec.calls += 1
       rec.absmax = max(rec.absmax, float(absmax))
@@ -633,6 +414,38 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
       rec.bn_ok = False
   return _build(model, variables, config, records, order, bn_modules,
                 call_kwargs)
+
+
+def _all_finite(x) -> jax.Array:
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.asarray(True)
+  return jnp.all(jnp.isfinite(x))
+
+
+def _check_finite_kernels(variables, order: list[str]) -> None:
+  for path in order:
+    kernel = _variables_at(variables['params'], path)['kernel']
+    if not bool(jnp.all(jnp.isfinite(jnp.asarray(kernel)))):
+      raise ValueError(f'layer {path!r}: its kernel holds NaN or inf values; '
+                       'only finite variables can be quantized.')
+
+
+def _check_finite_stats(stats: dict, order: list[str], index: int,
+                        batch_finite: bool) -> None:
+  """Refuses a calibration batch that gives a layer a NaN or inf input.
+
+  A NaN would be dropped by the running maximum (a range of 0) and an inf
+  would make the scale inf (NaN everywhere): both silent, so refused.
+  """
+  for path in order:
+    if path in stats and not bool(stats[path][2]):
+      where = ('the batch itself holds NaN or inf values' if not batch_finite
+               else 'the batch is finite: an earlier layer\'s output is '
+               'not')
+      raise ValueError(
+          f'calibration batch {index} gives layer {path!r} a non-finite '
+          f'input (NaN or inf; {where}); calibration data must be finite.')
 
 
 def _variables_at(tree, path: str):
@@ -840,9 +653,8 @@ def _run_layer(module, plan: LayerPlan, q: dict, x: jax.Array,
                             method=cfg.method)
     else:
       _check_conv_input(module, x)
-      strides, pads, dilation = _conv_padding(module, x.shape, q['wq'].shape)
-      acc = adder_conv_int(xq, q['wq'], strides, pads, dilation,
-                           module.feature_group_count,
+      acc = adder_conv_int(xq, q['wq'], module.strides, module.padding,
+                           module.kernel_dilation, module.feature_group_count,
                            partial_dtype=cfg.partial_dtype,
                            method=cfg.method)
     return acc.astype(jnp.float32) * q['mult'] + q['shift']
@@ -853,7 +665,7 @@ def _run_layer(module, plan: LayerPlan, q: dict, x: jax.Array,
                           precision=lax.Precision.HIGHEST)
     else:
       _check_conv_input(module, x)
-      strides, pads, dilation = _conv_padding(module, x.shape, kernel.shape)
+      x, strides, pads, dilation = _conv_padding(module, x, kernel.shape)
       y = _lax_conv(x, kernel, strides, pads, dilation,
                     module.feature_group_count, jnp.float32)
     return y + q['shift']
@@ -864,7 +676,7 @@ def _run_layer(module, plan: LayerPlan, q: dict, x: jax.Array,
                           preferred_element_type=jnp.int32)
   else:
     _check_conv_input(module, x)
-    strides, pads, dilation = _conv_padding(module, x.shape, wq.shape)
+    xq, strides, pads, dilation = _conv_padding(module, xq, wq.shape)
     acc = _lax_conv(xq, wq, strides, pads, dilation,
                     module.feature_group_count, jnp.int32)
   return acc.astype(jnp.float32) * q['mult'] + q['shift']

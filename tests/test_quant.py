@@ -412,3 +412,204 @@ def test_calibrate_errors():
   pv = jax.jit(plain.init)(jax.random.key(0), jnp.ones((1, 4)))
   with pytest.raises(ValueError, match='no AdderConv'):
     quant.calibrate(plain, pv, [jnp.ones((2, 4))])
+
+
+# ---------------------------------------------------------------------------
+# Every padding form of the adder layer, through the quantized model.
+
+
+def _padded_oracle_input(x, padding, ks, dilation):
+  """The input the oracle convolves with 'VALID' for an input padding."""
+  dilated = [(k - 1) * d + 1 for k, d in zip(ks, dilation)]
+  if padding == 'CAUSAL':
+    return np.pad(x, [(0, 0), (dilated[0] - 1, 0), (0, 0)])
+  mode = {'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}[padding]
+  return np.pad(x, [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] +
+                [(0, 0)], mode=mode)
+
+
+# (input shape, kernel size, strides, padding, dilation)
+PADDING_CASES = {
+    'SAME': ((2, 7, 6, 3), (3, 3), 2, 'SAME', 1),
+    'VALID': ((2, 7, 6, 3), (3, 2), 1, 'VALID', 1),
+    'int': ((1, 5, 6, 2), (3, 3), 1, 2, 1),
+    'ints': ((1, 6, 5, 2), (3, 3), (2, 1), (1, 2), 1),
+    'pairs': ((1, 6, 6, 2), (2, 3), 1, ((1, 0), (2, 1)), (1, 2)),
+    'CIRCULAR': ((2, 5, 6, 3), (3, 2), 1, 'CIRCULAR', 1),
+    'CIRCULAR-strided-dilated': ((1, 8, 7, 2), (3, 3), 2, 'circular', 2),
+    'REFLECT': ((2, 6, 5, 3), (3, 3), (1, 2), 'REFLECT', 1),
+    'CAUSAL': ((2, 9, 3), (3,), 1, 'CAUSAL', 2),
+    'CAUSAL-strided': ((1, 10, 2), (4,), 3, 'CAUSAL', 1),
+}
+
+
+@pytest.mark.parametrize('name', list(PADDING_CASES))
+def test_quantized_model_every_padding_form_equals_numpy_int_loop(name):
+  """A model of one AdderConv with each padding form of the float layer,
+  quantized on a scale of exactly 1 (integer-valued inputs reaching 127,
+  kernel within them, nothing clipped): the quantized model's output is the
+  int32 accumulator, equal to the numpy loop on the padded integer input and
+  to the float layer itself."""
+  x_shape, ks, strides, padding, dilation = PADDING_CASES[name]
+  nsp = len(ks)
+  rng = np.random.default_rng(sum(map(ord, name)))
+  x = _rand_int8(rng, x_shape, -127, 127)
+  x.flat[0] = 127  # the calibration range is 127: the scale is exactly 1
+  w = _rand_int8(rng, ks + (x_shape[-1], 4), -127, 127)
+  model = adder_linen.AdderConv(4, ks, strides=strides, padding=padding,
+                                kernel_dilation=dilation, use_bias=False)
+  xf = jnp.asarray(x, jnp.float32)
+  v = {'params': {'kernel': jnp.asarray(w, jnp.float32)}}
+  qm = quant.calibrate(model, v, [xf], quant.QuantConfig(clip_kernel=False))
+  assert qm.plan[0].scale == 1.0 and qm.plan[0].kind == 'adder'
+  st = (strides,) * nsp if isinstance(strides, int) else strides
+  dl = (dilation,) * nsp if isinstance(dilation, int) else dilation
+  if isinstance(padding, str) and padding.upper() in (
+      'CIRCULAR', 'REFLECT', 'CAUSAL'):
+    xo = _padded_oracle_input(x, padding.upper(), ks, dl)
+    pads = [(0, 0)] * nsp
+  else:
+    xo = x
+    pads = _pads(padding if not isinstance(padding, tuple) else list(padding),
+                 x_shape[1:-1], ks, st, dl)
+  want = int_oracle(xo, w, st, pads, dl, 1)
+  got = np.asarray(qm(xf))
+  np.testing.assert_array_equal(got, want.astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(model.apply(v, xf)), got)
+  # The op itself takes the same padding.
+  direct = quant.adder_conv_int(jnp.asarray(x), jnp.asarray(w), strides,
+                                padding, dilation)
+  np.testing.assert_array_equal(np.asarray(direct), want)
+
+
+@pytest.mark.parametrize('padding', ['CIRCULAR', 'REFLECT'])
+@pytest.mark.parametrize('first_last', quant.FIRST_LAST)
+def test_full_precision_conv_with_input_padding(padding, first_last):
+  """An nn.Conv stem with an input padding runs in float or int8."""
+  model = nn.Sequential([
+      nn.Conv(3, (3, 3), padding=padding),
+      adder_linen.AdderConv(2, (3, 3), padding=padding)])
+  x = jax.random.normal(jax.random.key(0), (2, 6, 5, 2))
+  v = model.init(jax.random.key(1), x)
+  qm = quant.calibrate(model, v, [x], quant.QuantConfig(first_last=first_last))
+  want = np.asarray(model.apply(v, x))
+  np.testing.assert_allclose(np.asarray(qm(x)), want, rtol=0.05,
+                             atol=0.05 * np.abs(want).max())
+
+
+def test_causal_padding_is_one_dimensional():
+  with pytest.raises(ValueError, match='CAUSAL'):
+    quant.adder_conv_int(jnp.zeros((1, 4, 4, 1), jnp.int8),
+                         jnp.zeros((2, 2, 1, 1), jnp.int8), padding='CAUSAL')
+
+
+# ---------------------------------------------------------------------------
+# Wrong input refused, right input accepted (issue 32).
+
+
+def _calibrate_with(bad_value, index):
+  model, v, x = _net_and_data()
+  batches = [x, x]
+  batches[index] = x.at[1, 2, 3, 0].set(bad_value)
+  return quant.calibrate(model, v, batches)
+
+
+def _calibrate_bad_kernel():
+  model, v, x = _net_and_data()
+  params = dict(v['params'])
+  params['add1'] = {**params['add1'],
+                    'kernel': params['add1']['kernel'].at[0, 0, 0, 0].set(
+                        jnp.nan)}
+  return quant.calibrate(model, {**v, 'params': params}, [x])
+
+
+_X = jnp.array([0.3, -1.2, 2.6])
+
+# (case, call, exception type or None (accepted), words of the message)
+BAD_INPUT = [
+    ('calibrate inf', lambda: _calibrate_with(jnp.inf, 1), ValueError,
+     ['batch 1', "'stem'", 'non-finite', 'batch itself']),
+    ('calibrate -inf', lambda: _calibrate_with(-jnp.inf, 0), ValueError,
+     ['batch 0', "'stem'"]),
+    ('calibrate nan', lambda: _calibrate_with(jnp.nan, 1), ValueError,
+     ['batch 1', "'stem'", 'NaN']),
+    ('calibrate nan kernel', _calibrate_bad_kernel, ValueError,
+     ["'add1'", 'kernel']),
+    ('quantize jnp 0.0', lambda: quant.quantize(_X, jnp.asarray(0.0)),
+     ValueError, ['`scale`', '> 0', 'Array(0.']),
+    ('quantize np 0.0', lambda: quant.quantize(_X, np.float32(0.0)),
+     ValueError, ['`scale`', '> 0']),
+    ('quantize inf', lambda: quant.quantize(_X, float('inf')), ValueError,
+     ['`scale`', 'finite', 'inf']),
+    ('quantize jnp inf', lambda: quant.quantize(_X, jnp.asarray(jnp.inf)),
+     ValueError, ['`scale`', 'finite']),
+    ('quantize nan', lambda: quant.quantize(_X, float('nan')), ValueError,
+     ['`scale`', 'nan']),
+    ('quantize -1', lambda: quant.quantize(_X, -1.0), ValueError,
+     ['`scale`', '-1.0']),
+    ('quantize array with 0', lambda: quant.quantize(
+        _X, jnp.array([1.0, 0.0, 2.0])), ValueError,
+     ['`scale`', 'everywhere', '0.0', 'index (1,)']),
+    ('quantize np array with inf', lambda: quant.quantize(
+        _X, np.array([1.0, 2.0, np.inf])), ValueError,
+     ['`scale`', 'inf', 'index (2,)']),
+    ('quantize array with nan', lambda: quant.quantize(
+        _X, jnp.array([jnp.nan, 1.0, 1.0])), ValueError,
+     ['`scale`', 'nan', 'index (0,)']),
+    ('quantize bool array', lambda: quant.quantize(_X, jnp.array([True])),
+     TypeError, ['`scale`', 'bool']),
+    ('quantize str', lambda: quant.quantize(_X, '0.5'), TypeError,
+     ['`scale`', "'0.5'"]),
+    ('quantize bool', lambda: quant.quantize(_X, True), TypeError,
+     ['`scale`', 'True']),
+    ('quantize bits 3', lambda: quant.quantize(_X, 0.5, bits=3), ValueError,
+     ['`bits`', 'got 3']),
+    ('quantize bits 8.0', lambda: quant.quantize(_X, 0.5, bits=8.0),
+     TypeError, ['`bits`', '8.0']),
+    ('percentile np.float32', lambda: quant.QuantConfig(
+        percentile=np.float32(99.9)), None, []),
+    ('percentile jnp scalar', lambda: quant.QuantConfig(
+        percentile=jnp.float32(50.0)), None, []),
+    ('percentile np.int64', lambda: quant.QuantConfig(
+        percentile=np.int64(100)), None, []),
+    ('percentile nan', lambda: quant.QuantConfig(percentile=float('nan')),
+     ValueError, ['`percentile`', 'nan']),
+    ('percentile 100.5', lambda: quant.QuantConfig(percentile=100.5),
+     ValueError, ['`percentile`', '(0, 100]']),
+    ('percentile str', lambda: quant.QuantConfig(percentile='99'), TypeError,
+     ['`percentile`', "'99'"]),
+    ('percentile bool', lambda: quant.QuantConfig(percentile=True),
+     TypeError, ['`percentile`']),
+    ('bits np.int64', lambda: quant.QuantConfig(bits=np.int64(6)), None, []),
+    ('calibration bad', lambda: quant.QuantConfig(calibration='mse'),
+     ValueError, ['`calibration`', "'mse'", "'percentile'"]),
+    ('quantize array scale', lambda: quant.quantize(
+        _X, jnp.array([0.5, 1.0, 2.0])), None, []),
+    ('quantize traced scale', lambda: jax.jit(
+        lambda s: quant.quantize(_X, s))(jnp.float32(0.5)), None, []),
+]
+
+
+@pytest.mark.parametrize('case,call,error,words', BAD_INPUT,
+                         ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_table(case, call, error, words):
+  del case
+  if error is None:
+    call()
+    return
+  with pytest.raises(error) as info:
+    call()
+  for word in words:
+    assert word in str(info.value), (word, str(info.value))
+
+
+def test_valid_scales_unchanged():
+  """Array and NumPy scales give what a Python scale gives."""
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(4, 3)) * 3,
+                  jnp.float32)
+  want = np.asarray(quant.quantize(x, 0.25))
+  for scale in (np.float32(0.25), jnp.float32(0.25), jnp.full((3,), 0.25),
+                np.full((4, 1), 0.25)):
+    np.testing.assert_array_equal(np.asarray(quant.quantize(x, scale)), want)
+  cfg = quant.QuantConfig(percentile=np.float32(99.9))
+  assert type(cfg.percentile) is float

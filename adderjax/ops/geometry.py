@@ -397,7 +397,6 @@ def to_flat(x: jax.Array, geo: ConvGeometry) -> jax.Array:
     >>> geometry.to_flat(jnp.ones((1, 4, 4, 1)), geo).shape  # 4 phases
     (4, 1, 10, 1)
   """
-  geo = _geometry_of(geo)
   grid = geo.phase_grid
   nsp = len(grid)
   n, c = geo.batch, geo.in_features
@@ -423,7 +422,6 @@ def to_flat(x: jax.Array, geo: ConvGeometry) -> jax.Array:
 def from_flat(xf: jax.Array, geo: ConvGeometry) -> jax.Array:
   """Inverse of :func:`to_flat` on the valid region: ``[PH, N, Lin, C]`` ->
   ``(N, *spatial, C)`` (padding cropped)."""
-  geo = _geometry_of(geo)
   grid = geo.phase_grid
   nsp = len(grid)
   n, c = geo.batch, xf.shape[-1]
@@ -445,7 +443,6 @@ def from_flat(xf: jax.Array, geo: ConvGeometry) -> jax.Array:
 def out_to_flat(y: jax.Array, geo: ConvGeometry) -> jax.Array:
   """Feature-last output (or its cotangent) ``(N, *out, C)`` -> ``[N, L, C]``
   on the extended grid, junk positions zero."""
-  geo = _geometry_of(geo)
   pads = [(0, 0, 0)] + [(0, e - o, 0) for e, o in
                         zip(geo.ext_grid, geo.out_spatial)] + [(0, 0, 0)]
   y = lax.pad(y, jnp.zeros((), y.dtype), pads)
@@ -454,47 +451,6 @@ def out_to_flat(y: jax.Array, geo: ConvGeometry) -> jax.Array:
 
 def out_from_flat(y: jax.Array, geo: ConvGeometry) -> jax.Array:
   """``[N, L, C]`` on the extended grid -> ``(N, *out, C)``."""
-  geo = _geometry_of(geo)
   y = y.reshape(geo.batch, *geo.ext_grid, y.shape[-1])
   return lax.slice(y, (0,) * y.ndim,
                    (geo.batch, *geo.out_spatial, y.shape[-1]))
-
-
-# --- Deprecated: the flat layout as a separate object -------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class FlatLayout:
-  """Deprecated: the flat layout's sizes are :class:`ConvGeometry` properties.
-
-  A view of ``geo`` under the names of the former layout type, kept for
-  callers not yet moved (``adderjax.quant``); :func:`to_flat` and its
-  siblings take it as they take ``geo``.
-
-  Attributes:
-    geo: the convolution.
-  """
-  geo: ConvGeometry
-
-  grid = property(lambda self: self.geo.phase_grid)
-  ext = property(lambda self: self.geo.ext_grid)
-  phases = property(lambda self: self.geo.phases)
-  taps = property(lambda self: self.geo.tap_offsets)
-  length_in = property(lambda self: self.geo.flat_length_in)
-  length_out = property(lambda self: self.geo.flat_length_out)
-  max_offset = property(lambda self: self.geo.max_offset)
-
-  def interior(self, phase: int) -> tuple[int, int]:
-    return self.geo.phase_interior(phase)
-
-  def phase_taps(self, phase: int) -> tuple[tuple[int, int], ...]:
-    return self.geo.phase_taps(phase)
-
-
-def flat_layout(geo: ConvGeometry) -> FlatLayout:
-  """Deprecated: the layout is ``geo``'s (see :class:`FlatLayout`)."""
-  return FlatLayout(geo)
-
-
-def _geometry_of(geo: ConvGeometry | FlatLayout) -> ConvGeometry:
-  return geo.geo if isinstance(geo, FlatLayout) else geo
