@@ -37,6 +37,7 @@ import numpy as np
 from adderjax import adder_conv
 from adderjax import models
 from adderjax import quant
+from adderjax.ops import integer
 from experiments import cli
 from experiments.benchmarks import common
 
@@ -96,11 +97,11 @@ def layer_candidates(batch: int, seed: int = 0):
       common.Candidate('conv', conv, (x, k)),
       common.Candidate('adder f32', lambda x, k: adder_conv(x, k, 1, pads),
                        (x, k)),
-      common.Candidate('adder int8', lambda x, k: quant.adder_conv_int(
+      common.Candidate('adder int8', lambda x, k: integer.adder_conv_int(
           x, k, 1, pads), (xq, kq)),
-      common.Candidate('int8 abs/i16', lambda x, k: quant.adder_conv_int(
+      common.Candidate('int8 abs/i16', lambda x, k: integer.adder_conv_int(
           x, k, 1, pads, method='abs'), (xq, kq)),
-      common.Candidate('int8 abs/i32', lambda x, k: quant.adder_conv_int(
+      common.Candidate('int8 abs/i32', lambda x, k: integer.adder_conv_int(
           x, k, 1, pads, method='abs', partial_dtype='int32'), (xq, kq)),
   ]
 
