@@ -17,6 +17,7 @@ import numpy as np
 
 from adderjax.ops import adder
 from adderjax.ops import geometry
+from adderjax.ops import padding as padding_lib
 
 
 def _broadcast(value, n: int, name: str) -> tuple[int, ...]:
@@ -130,20 +131,7 @@ def apply_adder_conv(inputs, kernel, bias, *, kernel_size, strides, padding,
   if num_batch != 1:
     inputs = inputs.reshape((-1,) + inputs.shape[num_batch:])
   dilation = _broadcast(kernel_dilation, nsp, 'kernel_dilation')
-  pad = padding.upper() if isinstance(padding, str) else padding
-  if pad in ('CIRCULAR', 'REFLECT'):
-    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
-    widths = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
-    inputs = jnp.pad(inputs, widths,
-                     mode={'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}[pad])
-    pad = 'VALID'
-  elif pad == 'CAUSAL':
-    if nsp != 1:
-      raise ValueError("padding='CAUSAL' is only defined for 1-D adder "
-                       f'convolutions, got kernel_size={kernel_size}.')
-    inputs = jnp.pad(inputs, [(0, 0), (dilation[0] * (kernel_size[0] - 1), 0),
-                              (0, 0)])
-    pad = 'VALID'
+  inputs, pad = padding_lib.pad_input(inputs, kernel_size, padding, dilation)
   inputs, kernel, bias = dtypes.promote_dtype(inputs, kernel, bias,
                                               dtype=dtype)
   y = adder.adder_conv(inputs, kernel, strides if strides is not None else 1,
