@@ -458,23 +458,31 @@ def check_layer(layer: kernels.Layer, batch: int,
   return row
 
 
-def piece_kernel_check(ctx: Context) -> None:
-  s = ctx.settings
-  ctx.plan([case_name(layer) for layer, _ in s.check_layers])
+def _layer_piece(ctx: Context, layers, measure) -> None:
+  """Runs ``measure(layer, batch, settings)`` for each layer, one row each.
+
+  A layer that would overrun the piece's time share is a skipped row; an
+  exception is an error row (the next layer still runs).
+  """
+  ctx.plan([case_name(layer) for layer, _ in layers])
   last = 0.0
-  for layer, batch in s.check_layers:
+  for layer, batch in layers:
     fields = layer_fields(layer, batch)
     if ctx.out_of_time(last):
       ctx.row(case_name(layer), SKIPPED_BUDGET, **fields)
       continue
     t0 = time.perf_counter()
     try:
-      result = check_layer(layer, batch, s)
+      result = measure(layer, batch, ctx.settings)
     except Exception as e:  # pylint: disable=broad-except
       result = {'status': 'error', 'error': one_line(e)}
     status = result.pop('status')
     last = time.perf_counter() - t0
     ctx.row(case_name(layer), status, **fields, **result, seconds=last)
+
+
+def piece_kernel_check(ctx: Context) -> None:
+  _layer_piece(ctx, ctx.settings.check_layers, check_layer)
 
 
 def time_layer(layer: kernels.Layer, batch: int,
@@ -532,22 +540,7 @@ def time_layer(layer: kernels.Layer, batch: int,
 
 
 def piece_kernel_timing(ctx: Context) -> None:
-  s = ctx.settings
-  ctx.plan([case_name(layer) for layer, _ in s.timing_layers])
-  last = 0.0
-  for layer, batch in s.timing_layers:
-    fields = layer_fields(layer, batch)
-    if ctx.out_of_time(last):
-      ctx.row(case_name(layer), SKIPPED_BUDGET, **fields)
-      continue
-    t0 = time.perf_counter()
-    try:
-      result = time_layer(layer, batch, s)
-    except Exception as e:  # pylint: disable=broad-except
-      result = {'status': 'error', 'error': one_line(e)}
-    status = result.pop('status')
-    last = time.perf_counter() - t0
-    ctx.row(case_name(layer), status, **fields, **result, seconds=last)
+  _layer_piece(ctx, ctx.settings.timing_layers, time_layer)
 
 
 def _peak_bytes() -> float | None:
