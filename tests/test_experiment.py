@@ -19,24 +19,12 @@ from experiments import methods
 from experiments import steps
 from experiments import testing
 from experiments import train
-from experiments.configs import lenet5_mnist
+from test_train import tiny_mnist_config
 
 
 def tiny_config(data_dir, **updates):
-  c = lenet5_mnist.get_config('runlocal,adder')
-  c.dataset.data_dir = data_dir
-  c.batch_size = 16
-  c.eval_batch_size = 20
-  c.steps_per_epoch = 2
-  c.num_epochs = 2
-  c.log_every_steps = 2
-  c.progress_bar = False
-  c.tensorboard = False
-  c.dataset.prefetch = 1
-  c.dataset.max_eval_examples = -1
-  for key, value in updates.items():
-    c[key] = value
-  return c
+  return tiny_mnist_config(data_dir, kind='adder', steps_per_epoch=2,
+                           tensorboard=False, **updates)
 
 
 @pytest.fixture(scope='module')
