@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from flax.linen import dtypes
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adderjax.ops import adder
+from adderjax.ops import backends
 from adderjax.ops import geometry
 from adderjax.ops import padding as padding_lib
 
@@ -73,7 +75,6 @@ def _check_padding(padding, n: int) -> None:
 
 def check_implementation(implementation) -> None:
   """None or a registered backend name (platform checked when called)."""
-  from adderjax.ops import backends  # pylint: disable=g-import-not-at-top
   if implementation is not None and (
       not isinstance(implementation, str) or
       implementation not in backends.available()):
@@ -115,7 +116,6 @@ def apply_adder_conv(inputs, kernel, bias, *, kernel_size, strides, padding,
                      input_dilation, kernel_dilation, feature_group_count,
                      grad, implementation, precision, dtype):
   """Runs :func:`adder_conv` the way flax's Conv runs ``conv_general_dilated``."""
-  from flax.linen import dtypes  # pylint: disable=g-import-not-at-top
   nsp = len(kernel_size)
   if input_dilation not in (None, 1) and any(
       d != 1 for d in _broadcast(input_dilation, nsp, 'input_dilation')):
@@ -147,7 +147,6 @@ def apply_adder_conv(inputs, kernel, bias, *, kernel_size, strides, padding,
 def apply_adder_dense(inputs, kernel, bias, *, grad, implementation,
                       precision, dtype):
   """Runs :func:`adder_dense` the way flax's Dense runs its dot product."""
-  from flax.linen import dtypes  # pylint: disable=g-import-not-at-top
   inputs, kernel, bias = dtypes.promote_dtype(inputs, kernel, bias,
                                               dtype=dtype)
   y = adder.adder_dense(inputs, kernel, grad=grad,

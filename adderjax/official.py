@@ -68,6 +68,7 @@ from typing import Any, Mapping, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from adderjax import models as models_lib
@@ -269,7 +270,6 @@ def _read_with_torch(path: str) -> dict[str, np.ndarray]:
 
 
 def _storage_dtypes() -> dict[str, np.dtype]:
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
   return {
       'DoubleStorage': np.dtype(np.float64),
       'FloatStorage': np.dtype(np.float32),
@@ -443,7 +443,6 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     begin, end = info['data_offsets']
     shape = tuple(info['shape'])
     if info['dtype'] == 'BF16':
-      import ml_dtypes  # pylint: disable=g-import-not-at-top
       dtype = np.dtype(ml_dtypes.bfloat16)
     elif info['dtype'] in _SAFETENSORS_DTYPES:
       dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']]).newbyteorder('<')

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import adderjax
 from adderjax import _checks
 from adderjax import count_ops
 from adderjax import official
@@ -404,3 +405,45 @@ def test_nnx_layers_accept_numpy_feature_counts():
   b = adder_nnx.AdderDense(3, 2, rngs=nnx.Rngs(0))
   x = jnp.arange(6.0).reshape(2, 3)
   np.testing.assert_array_equal(a(x), b(x))
+
+
+# --- the op: array inputs and a non-empty reduction --------------------------
+
+_X4 = np.ones((1, 4, 4, 2), np.float32)
+_K4 = np.ones((3, 3, 2, 5), np.float32)
+
+OP_CASES = [
+    (lambda: adderjax.adder_conv([[[[1.0]]]], _K4), TypeError,
+     ['x must be an array', 'got list', 'jnp.asarray']),
+    (lambda: adderjax.adder_conv(None, _K4), TypeError,
+     ['x must be an array', 'got None']),
+    (lambda: adderjax.adder_conv(_X4, None), TypeError,
+     ['kernel must be an array', 'got None']),
+    (lambda: adderjax.adder_conv(_X4, (1.0, 2.0)), TypeError,
+     ['kernel must be an array', 'got tuple']),
+    (lambda: adderjax.adder_dense([[1.0, 2.0]], np.ones((2, 3), np.float32)),
+     TypeError, ['x must be an array', 'got list']),
+    (lambda: adderjax.adder_dense(np.ones((2, 0), np.float32),
+                                  np.ones((0, 3), np.float32)),
+     ValueError, ['kernel has shape (0, 3)', 'empty reduction']),
+    (lambda: adderjax.adder_conv(np.ones((1, 4, 4, 0), np.float32),
+                                 np.ones((3, 3, 0, 5), np.float32)),
+     ValueError, ['kernel has shape (3, 3, 0, 5)', 'empty reduction']),
+]
+
+
+@pytest.mark.parametrize('fn,error,words', OP_CASES)
+def test_op_refuses(fn, error, words):
+  with pytest.raises(error) as info:
+    fn()
+  for w in words:
+    assert w in str(info.value), (w, str(info.value))
+
+
+def test_op_takes_numpy_arrays_like_jax_arrays():
+  # Oracle: the l1 distance written in numpy.
+  x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+  w = np.random.default_rng(1).normal(size=(4, 2)).astype(np.float32)
+  expected = -np.abs(x[:, :, None] - w[None]).sum(1)
+  np.testing.assert_allclose(np.asarray(adderjax.adder_dense(x, w)), expected,
+                             rtol=1e-6, atol=1e-6)

@@ -29,14 +29,7 @@ OPTIONAL = frozenset({
 })
 
 #: ``(file, imported module)`` pairs allowed for now, each with its reason.
-PENDING = frozenset({
-    # TODO(ops): the ops refactor moves these imports to the top.
-    ('adderjax/_module_utils.py', 'adderjax.ops.backends'),
-    ('adderjax/_module_utils.py', 'flax.linen.dtypes'),
-    # TODO(official): ml_dtypes is a dependency of jax (always installed):
-    # adderjax/official.py can import it at the top.
-    ('adderjax/official.py', 'ml_dtypes'),
-})
+PENDING = frozenset()
 
 
 def _module_name(path: str) -> str:

@@ -39,7 +39,25 @@ class _Config:
   precision: Any
 
 
+def _check_array(name: str, a) -> None:
+  """An op input must be an array (a Python list or None is refused)."""
+  if a is None or isinstance(a, (list, tuple, str, dict)):
+    raise TypeError(f'{name} must be an array (jax.Array or numpy.ndarray), '
+                    + ('got None.' if a is None else
+                       f'got {type(a).__name__}; wrap it in jnp.asarray(...).'))
+
+
+def _check_reduction(kernel_shape: tuple[int, ...]) -> None:
+  """The l1 reduction (kernel taps x input features) must not be empty."""
+  if any(d == 0 for d in kernel_shape[:-1]):
+    raise ValueError(
+        f'kernel has shape {kernel_shape}: an empty reduction (a zero kernel '
+        'size or zero input features per group); an adder layer needs at '
+        'least one input feature and one tap.')
+
+
 def _check_dtype(name: str, a) -> None:
+  _check_array(name, a)
   dtype = jnp.result_type(a)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f'{name} must have a floating dtype (float32, bfloat16, '
@@ -177,6 +195,7 @@ def adder_conv(x: jax.Array,
   check_precision(precision)
   x = jnp.asarray(x)
   kernel = jnp.asarray(kernel)
+  _check_reduction(kernel.shape)
   geo = geometry.make_geometry(x.shape, kernel.shape, strides, padding,
                                kernel_dilation, feature_group_count)
   dtype = jnp.result_type(x.dtype, kernel.dtype)
@@ -231,6 +250,7 @@ def adder_dense(x: jax.Array,
   if x.shape[-1] != kernel.shape[0]:
     raise ValueError(f'x has {x.shape[-1]} features (shape {x.shape}) but the '
                      f'kernel expects {kernel.shape[0]} (shape {kernel.shape}).')
+  _check_reduction(kernel.shape)
   batch_shape = x.shape[:-1]
   x2 = x.reshape(-1, 1, x.shape[-1])
   y = adder_conv(x2, kernel[None], 1, 'VALID', grad=grad,
