@@ -11,7 +11,10 @@ per-platform lowering narrows the lowering context to ``p`` before calling
 the rule, so each branch is lowered for its own platform only, and a single
 export carries the XLA code for the CPU and the Pallas kernels for GPU and
 TPU. With one lowering platform (``jit``, AOT compiles) only that platform's
-branch is emitted, as with ``lax.platform_dependent``.
+branch is emitted, as with ``lax.platform_dependent``. The ``cuda`` and
+``rocm`` branches are lowered inside
+:func:`pallas_kernels.gpu_lowering.gpu_lowering`: an export for ``cuda`` from a
+host without a GPU gets an abstract one to lower the Triton kernels for.
 
 A platform may also name a ``partitioned`` branch: the one lowered instead
 when the computation is partitioned by XLA over several devices with no
@@ -48,6 +51,8 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 from jax.interpreters import batching
 from jax.interpreters import mlir
+
+from pallas_kernels import gpu_lowering
 
 #: Platforms (``lax.platform_dependent`` names) with a lowering rule of their
 #: own; any other platform lowers the default branch.
@@ -226,7 +231,13 @@ def _lower_branch(platform, ctx, args, fns, default_jaxpr, platforms,
   else:
     fn = fns[index]
     _check_outputs(fn, ctx.avals_in, default_jaxpr, mesh)
-  with jax.sharding.use_abstract_mesh(mesh):
+  if platform in gpu_lowering.GPU_PLATFORMS:
+    # From a host without a GPU, an abstract one to lower the kernels for;
+    # jax's Triton deprecation notice stays here (see pallas_kernels).
+    context = gpu_lowering.gpu_lowering(platform, mesh)
+  else:
+    context = jax.sharding.use_abstract_mesh(mesh)
+  with context:
     return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
 
 

@@ -394,11 +394,45 @@ def _pad_reads(geo: geometry.ConvGeometry):
   return ~both.reshape(math.prod(geo.out_spatial), geo.taps)
 
 
+# The masks below are built inside the computation (iota and compares) from
+# static shapes, not closed over as numpy arrays: jax >= 0.12 passes
+# closed-over constants over 1 KiB to the executable as arguments
+# (``jax_use_simplified_jaxpr_constants``), which would add to the op's
+# argument bytes. Same values, so the same results.
+
+
+def _traced_tap_positions(geo: geometry.ConvGeometry) -> list[jax.Array]:
+  """:func:`_tap_positions` in the computation (int32 ``[out_d, k_d]``)."""
+  return [lax.broadcasted_iota(jnp.int32, (out, k), 0) * s
+          + lax.broadcasted_iota(jnp.int32, (out, k), 1) * d - lo
+          for k, s, d, (lo, _), out in zip(geo.kernel_size, geo.strides,
+                                           geo.dilation, geo.padding,
+                                           geo.out_spatial)]
+
+
+def _traced_pad_reads(geo: geometry.ConvGeometry) -> jax.Array:
+  """:func:`_pad_reads` built in the computation (bool ``[O, taps]``)."""
+  inside = [(pos >= 0) & (pos < size)  # [out_d, k_d]
+            for pos, size in zip(_traced_tap_positions(geo),
+                                 geo.in_shape[1:-1])]
+  nsp = len(inside)
+  both = jnp.ones((1,) * (2 * nsp), bool)
+  for d, i in enumerate(inside):
+    shape = [1] * (2 * nsp)
+    shape[d], shape[nsp + d] = i.shape
+    both = both & i.reshape(shape)
+  return ~both.reshape(math.prod(geo.out_spatial), geo.taps)
+
+
 def _zero_unread(dx: jax.Array, geo: geometry.ConvGeometry) -> jax.Array:
   """``dx`` with exact zeros at the input positions no output reads."""
-  mask = read_mask(geo)
-  if mask is None:
+  if read_mask(geo) is None:  # Static: every position is read.
     return dx
+  mask = None
+  for pos, size in zip(_traced_tap_positions(geo), geo.in_shape[1:-1]):
+    coord = lax.broadcasted_iota(jnp.int32, (size, 1, 1), 0)
+    read = jnp.any(pos[None] == coord, axis=(1, 2))  # [size]
+    mask = read if mask is None else mask[..., None] & read
   return jnp.where(mask[None, ..., None], dx, jnp.zeros((), dx.dtype))
 
 
@@ -610,9 +644,9 @@ def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
     return pg.reshape(kd.shape) + rank1
   _, vjp = jax.vjp(lambda k: _lax_conv(xd - c, k, geo, precision, dt), kd)
   dw = vjp(gd)[0] + rank1
-  pad_reads = _pad_reads(geo)
-  if pad_reads is None:
+  if _pad_reads(geo) is None:  # Static: no tap reads padding.
     return dw
+  pad_reads = _traced_pad_reads(geo)
   # The convolution pads x - c with zeros, where the layer's padded zeros
   # give 0 - c: add -c times the cotangent summed over the output positions
   # at which each tap reads padding.
