@@ -244,8 +244,12 @@ class RematBlocksTest(parameterized.TestCase):
     self.assertEqual(shapes.count((4, 8, 8, 16)), 1, shapes)
 
   def test_bad_value(self):
-    model = models.create_model('resnet20', kind='adder', num_classes=10,
-                                remat_blocks='yes')
+    # Refused when the model is built (create_model checks the fields) and,
+    # for a model built directly, when it is called.
+    with self.assertRaisesRegex(ValueError, "remat_blocks.*'yes'"):
+      models.create_model('resnet20', kind='adder', num_classes=10,
+                          remat_blocks='yes')
+    model = models.ResNet20(num_classes=10, remat_blocks='yes')
     with self.assertRaisesRegex(ValueError, "remat_blocks.*'yes'"):
       jax.eval_shape(functools.partial(model.init, train=False),
                      jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
