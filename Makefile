@@ -28,7 +28,7 @@ endif
 # the library's doctests); TIER=full (default): the whole fast suite.
 TIER ?= full
 JAX_TIER := tests/test_adder_ops.py tests/test_layers.py tests/test_optim.py \
-  tests/test_optim_sharding.py tests/test_exactness.py tests/test_validation.py \
+  tests/test_optim_sharding.py tests/test_validation.py \
   tests/test_pallas_adder.py tests/test_pallas_conv.py tests/test_pallas_kernels.py \
   tests/test_pallas_lowering.py tests/test_pallas_conv_lowering.py \
   tests/test_pallas_sharding.py tests/test_pallas_benchmark.py \
