@@ -443,7 +443,11 @@ def _check_mask_against(name: str, mask: Any, params: Any) -> Any:
       and not (isinstance(tree, Mapping) and 'params' in tree)):
     hint = ("was the optimizer given the whole variables dict? pass "
             "variables['params']")
-  _checks.structure_prefix(name, tree, params, hint=hint)
+  # Only against real parameters: optax.tree_map_params initialises with a
+  # placeholder object standing for the whole tree.
+  leaves = jax.tree_util.tree_leaves(params)
+  if leaves and all(hasattr(leaf, 'shape') for leaf in leaves):
+    _checks.structure_prefix(name, tree, params, hint=hint)
   return tree
 
 
