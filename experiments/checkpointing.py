@@ -70,7 +70,7 @@ MODEL_KEYS_PREFIXES = ('model.', 'dataset.name', 'dataset.num_classes',
 #: Keys added after workdirs already existed: absent from an older stored
 #: config.json, they are not compared.
 ADDED_KEYS = frozenset({'dataset.mean', 'dataset.std', 'method',
-                        'loss_terms'})
+                        'loss_terms', 'optimizer.lr_scales'})
 
 
 class WorkdirMismatchError(errors.UserError, ValueError):

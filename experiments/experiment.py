@@ -115,7 +115,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not isinstance(lr, (int, float)) or not np.isfinite(lr) or lr <= 0:
     raise errors.ConfigError('optimizer.learning_rate must be a finite '
                              f'number > 0, got {lr!r}.')
-  methods.get_method(config.method)
+  methods.get_method(config.method).options(config)
+  if config.optimizer.lr_scales:
+    raise errors.ConfigError(
+        f'optimizer.lr_scales {config.optimizer.lr_scales!r}: per-parameter '
+        'learning-rate factors are not supported yet; leave it empty.')
   try:
     losses.parse_terms(config.loss_terms)
   except ValueError as e:
@@ -539,9 +543,14 @@ class Experiment:
       totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
     host = self.runner.get_metrics(totals)
     count = float(host['count'])
-    return {'loss': float(host['loss']) / count,
-            'top1': float(host['top1']) / count,
-            'top5': float(host['top5']) / count, 'count': count}
+    out = {'loss': float(host['loss']) / count,
+           'top1': float(host['top1']) / count,
+           'top5': float(host['top5']) / count}
+    # A method's extra figures (e.g. a teacher's 'teacher/top1'): also sums.
+    out.update({k: float(v) / count for k, v in sorted(host.items())
+                if k not in out and k != 'count'})
+    out['count'] = count
+    return out
 
   def recalibrate_batch_stats(self, state, num_batches: int | None = None):
     """Replaces the running statistics by their mean over training batches.

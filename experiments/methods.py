@@ -37,9 +37,34 @@ class Method:
 
   Attributes:
     name: the value of ``config.method`` that selects it.
+    defaults: the keys ``config.method_options`` may set, with their
+      defaults (a method token such as ``:pkkd`` writes them all out).
   """
 
   name: str = ''
+  defaults: dict[str, Any] = {}
+
+  def options(self, config) -> dict[str, Any]:
+    """``config.method_options`` over :attr:`defaults`, checked.
+
+    Raises:
+      experiments.errors.ConfigError: an unknown key, or a value
+        :meth:`check_options` refuses.
+    """
+    given = dict(config.method_options.to_dict()
+                 if hasattr(config.method_options, 'to_dict')
+                 else config.method_options)
+    unknown = sorted(set(given) - set(self.defaults))
+    if unknown:
+      raise errors.ConfigError(
+          f'method_options {unknown} are not options of method '
+          f'{self.name!r}; its options: {sorted(self.defaults) or "none"}.')
+    merged = {**self.defaults, **given}
+    self.check_options(merged)
+    return merged
+
+  def check_options(self, options: dict[str, Any]) -> None:
+    """Raises ``errors.ConfigError`` naming a bad option value."""
 
   def init_fn(self, exp) -> Callable[[jax.Array], Any]:
     """``key -> state``: the run's initial state."""

@@ -248,6 +248,18 @@ def _finish(exp, workdir, primary, loop, window, prior, resumed, wall,
       'devices': jax.device_count(), 'processes': jax.process_count(),
       'eval': loop.last_eval,
   }
+  if loop.last_eval:
+    # A method's extra figures ('teacher/top1', ...) under their own key
+    # ('teacher_eval'); 'eval' is the trained network's.
+    own, extra = {}, {}
+    for k, v in loop.last_eval.items():
+      prefix, sep, rest = k.rpartition('/')
+      if sep:
+        extra.setdefault(f'{prefix}_eval', {})[rest] = v
+      else:
+        own[k] = v
+    summary['eval'] = own
+    summary.update(extra)
   if primary:
     tmp = os.path.join(workdir, SUMMARY_FILE + '.tmp')
     with open(tmp, 'w') as f:

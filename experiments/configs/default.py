@@ -13,11 +13,17 @@ comma-separated list of tokens, parsed by :func:`parse_arg`:
 * ``cnn`` / ``adder`` / ``bnn``: the model kind (also ``--config.model.kind``);
 * ``runlocal``: shrink everything for a quick local run (small model, few
   steps; still needs the dataset);
-* ``full``: the paper's full schedule where the default is shortened (MNIST).
+* ``full``: the paper's full schedule where the default is shortened (MNIST);
+* a variant of :data:`TOKENS` (``pkkd``, ``adv``, ``slac``): a training method
+  or a model variant, set on top of the experiment's own settings
+  (:func:`apply_tokens`), so ``lenet5_mnist.py:pkkd`` and
+  ``resnet20_cifar10.py:adv`` work the same way on every config.
 
 Examples:
   >>> parse_arg('cnn,runlocal')
-  {'kind': 'cnn', 'runlocal': True, 'full': False}
+  {'kind': 'cnn', 'runlocal': True, 'full': False, 'variants': ()}
+  >>> parse_arg('adder,pkkd')['variants']
+  ('pkkd',)
   >>> get_config().model.kind
   'adder'
 """
@@ -30,6 +36,57 @@ from ml_collections import config_dict
 KINDS = ('cnn', 'adder', 'bnn')
 
 
+def _pkkd(c: ml_collections.ConfigDict) -> None:
+  """Kernel-based progressive distillation (Xu et al., NeurIPS 2020).
+
+  A CNN twin of the same architecture trains beside the adder student
+  (``teacher='joint'``) or is read from a finished run
+  (``teacher='workdir'`` with ``teacher_workdir``); see
+  :mod:`experiments.distillation` for every option.
+  """
+  c.method = 'pkkd'
+  c.method_options = ml_collections.ConfigDict({
+      'teacher': 'joint',        # 'joint' (trained together) | 'workdir'
+      'teacher_workdir': '',     # a finished CNN run (teacher='workdir')
+      'kernel': True,            # [not fixed] kernel maps on / raw features
+      'layers': 'all',           # [not fixed] 'all' | 'last' | '0,2,...'
+      'feature_weight': 1.0,     # [not fixed]
+      'kd_weight': 1.0,          # [not fixed] output distillation
+      'temperature': 4.0,        # [not fixed]
+      'align': True,             # [not fixed] learned 1x1 linear transform
+  })
+
+
+def _adv(c: ml_collections.ConfigDict) -> None:
+  """Adversarial training with PGD examples made in the step (Madry et
+  al.); see :mod:`experiments.adversarial` for every option."""
+  mnist = c.dataset.name in ('mnist', 'idx')
+  c.method = 'adversarial'
+  c.method_options = ml_collections.ConfigDict({
+      'attack': 'pgd',
+      # Pixel space ([0, 1]); the usual budgets: 0.3 on MNIST, 8/255 else.
+      'epsilon': 0.3 if mnist else 8 / 255,
+      'steps': 7,
+      'step_size': 0.1 if mnist else 2 / 255,
+      'random_start': True,
+      # The loss is clean_weight * clean + (1 - clean_weight) * adversarial.
+      'clean_weight': 0.0,
+  })
+
+
+def _slac(c: ml_collections.ConfigDict) -> None:
+  """The skew-Laplace classifier head (Dong et al., NeurIPS 2021) and its
+  losses: L = L_c + 0.01 L_nll + 0.1 L_ac, the Sigma learning rate / 100."""
+  c.model.overrides.head = 'slac'
+  c.loss_terms = 'slac_nll=0.01,slac_ac=0.1'
+  c.optimizer.lr_scales = 'sigma=0.01'
+
+
+#: Config-argument tokens that set a training method or a model variant on
+#: any experiment config: token -> ``fn(config)``, applied last.
+TOKENS = {'pkkd': _pkkd, 'adv': _adv, 'slac': _slac}
+
+
 def parse_arg(arg: str | None) -> dict:
   """Parses the config argument string (see module docstring).
 
@@ -37,15 +94,42 @@ def parse_arg(arg: str | None) -> dict:
     ValueError: an unknown token.
   """
   out = {'kind': None, 'runlocal': False, 'full': False}
+  variants = []
   for token in filter(None, (t.strip() for t in (arg or '').split(','))):
     if token in KINDS:
       out['kind'] = token
     elif token in ('runlocal', 'full'):
       out[token] = True
+    elif token in TOKENS:
+      if token not in variants:
+        variants.append(token)
     else:
       raise ValueError(f'unknown config argument {token!r}; use a kind '
-                       f'{KINDS}, runlocal or full.')
+                       f'{KINDS}, runlocal, full or one of {sorted(TOKENS)}.')
+  out['variants'] = tuple(variants)
   return out
+
+
+def apply_tokens(c: ml_collections.ConfigDict, arg: str | None) -> None:
+  """Applies the :data:`TOKENS` of the config argument ``arg`` to ``c``.
+
+  Raises:
+    ValueError: two tokens that set different training methods.
+
+  Examples:
+    >>> c = get_config()
+    >>> apply_tokens(c, 'pkkd')
+    >>> c.method, c.method_options.teacher
+    ('pkkd', 'joint')
+  """
+  variants = parse_arg(arg)['variants']
+  for token in variants:
+    before = c.method
+    TOKENS[token](c)
+    if before != 'supervised' and c.method != before:
+      raise ValueError(f'config arguments {list(variants)}: {token!r} sets '
+                       f'method {c.method!r} after {before!r}; a run has one '
+                       'training method.')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -95,6 +179,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.ilr_factor = config_dict.placeholder(float)
   # 'cosine_epoch': the official per-epoch cosine; 'cosine_step': smooth.
   c.optimizer.schedule = 'cosine_epoch'
+  # Per-parameter learning-rate factors, 'name=factor,...': every parameter
+  # whose path contains a path component 'name' has its update scaled
+  # (e.g. 'sigma=0.01' for the SLAC head's Sigma).
+  c.optimizer.lr_scales = ''
 
   c.num_epochs = 50
   c.batch_size = 256
@@ -115,6 +203,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The training method (experiments.methods.METHODS): how the state is
   # made and what one step does; 'supervised' is the paper's.
   c.method = 'supervised'
+  # The method's own settings (set by a method token, e.g. ':pkkd'; each
+  # method names the keys it takes).
+  c.method_options = ml_collections.ConfigDict()
   # Extra loss terms, 'name=weight,...' (experiments.losses.TERMS), e.g.
   # 'logit_l2=0.01'; each is logged as train/loss/<name>.
   c.loss_terms = ''
@@ -216,6 +307,7 @@ def mnist_config(arg: str | None, quick_epochs: int) -> ml_collections.ConfigDic
   c.log_every_steps = 50
   if args['runlocal']:
     shrink_for_runlocal(c)
+  apply_tokens(c, arg)
   return c
 
 
@@ -240,6 +332,7 @@ def cifar_config(arg: str | None, model: str,
   c.log_every_steps = 50
   if args['runlocal']:
     shrink_for_runlocal(c)
+  apply_tokens(c, arg)
   return c
 
 
@@ -267,4 +360,5 @@ def imagenet_config(arg: str | None, model: str) -> ml_collections.ConfigDict:
     shrink_for_runlocal(c)
     c.dataset.image_size = 64
     c.dataset.eval_resize = 73
+  apply_tokens(c, arg)
   return c
