@@ -192,7 +192,9 @@ class MetricsWindow(Duty):
                'train/images_per_second': ips,
                'train/epoch': done / self.steps_per_epoch}
     for key in sorted(host):
-      if key.startswith('loss/'):  # the objective's extra terms
+      # The objective's extra terms ('loss/<name>') and a method's own
+      # figures (e.g. 'teacher/top1'), all sums over the examples.
+      if key not in ('loss', 'top1', 'top5', 'count'):
         scalars[f'train/{key}'] = float(host[key]) / count
     self.writer.write(done, scalars)
     if not np.isfinite(scalars['train/loss']):

@@ -44,6 +44,7 @@ from adderjax import models
 from adderjax import optim
 from experiments import checkpointing
 from experiments import data as data_lib
+from experiments import distillation  # registers the pkkd method
 from experiments import errors
 from experiments import losses
 from experiments import methods
@@ -62,7 +63,10 @@ def _flat_keys(config: ml_collections.ConfigDict, prefix='') -> set[str]:
   keys = set()
   for k, v in config.items():
     key = prefix + k
-    if isinstance(v, ml_collections.ConfigDict) and key != 'model.overrides':
+    # model.overrides go to the model, method_options to the method: each
+    # checks its own keys.
+    if isinstance(v, ml_collections.ConfigDict) and key not in (
+        'model.overrides', 'method_options'):
       keys |= _flat_keys(v, key + '.')
     else:
       keys.add(key)
@@ -481,7 +485,8 @@ class Experiment:
 
   def init_host_state(self) -> steps.TrainState:
     """The initial state, as numpy arrays (the same on every process)."""
-    return numpy_tree(jax.jit(self.init_fn())(self.init_key()))
+    state = numpy_tree(jax.jit(self.init_fn())(self.init_key()))
+    return self.method.prepare_host_state(self, state)
 
   def abstract_state(self) -> steps.TrainState:
     """The initial state's shapes, placed as the runner places them."""

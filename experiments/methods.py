@@ -16,8 +16,8 @@ network, the objective of ``config.loss_terms``
 learning rate.
 
 Examples:
-  >>> sorted(METHODS)
-  ['supervised']
+  >>> 'supervised' in METHODS
+  True
   >>> get_method('supervised').name
   'supervised'
 """
@@ -69,6 +69,11 @@ class Method:
   def init_fn(self, exp) -> Callable[[jax.Array], Any]:
     """``key -> state``: the run's initial state."""
     raise NotImplementedError(f'{type(self).__name__}.init_fn')
+
+  def prepare_host_state(self, exp, host_state):
+    """The initial host state after ``init_fn`` (e.g. read a fixed teacher
+    from disk); the default returns it unchanged."""
+    return host_state
 
   def train_step_fn(self, exp, remat: str) -> Callable:
     """``(state, batch) -> (state, metric sums)`` (uncompiled)."""
