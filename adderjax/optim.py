@@ -89,18 +89,94 @@ SCALINGS = ('adaptive', 'ilr', 'none')
 _KERNEL = 'kernel'
 
 
-def _check_positive_scalar(name: str, value: Any) -> None:
+def _traced_in_range(value: Any, *, low: float, low_open: bool = False,
+                     high: float | None = None) -> jax.Array | None:
+  """For a traced ``value``: a traced bool, finite and in range; else None.
+
+  ``high`` is an open bound. Concrete values are checked by
+  :mod:`adderjax._checks` instead (they raise).
+  """
+  if not isinstance(value, jax.core.Tracer):
+    return None
+  v = jnp.asarray(value)
+  ok = jnp.isfinite(v) & (v > low if low_open else v >= low)
+  if high is not None:
+    ok = ok & (v < high)
+  return ok
+
+
+def _check_positive_scalar(name: str, value: Any) -> jax.Array | None:
   """Refuses ``value`` unless it is a positive finite real number.
 
-  NumPy / JAX scalars are accepted; strings and bools are not. Traced values
-  (a hyperparameter passed through jit) cannot be checked and are accepted as
-  they are.
+  NumPy / JAX scalars are accepted; strings and bools are not. A traced
+  value (a hyperparameter of :func:`optax.inject_hyperparams` under
+  ``jax.jit``) cannot be read: its check is returned as a traced bool, for
+  :func:`_nan_unless`.
   """
   _checks.finite_number(name, value, low=0, low_open=True)
+  return _traced_in_range(value, low=0, low_open=True)
 
 
-def _check_nonnegative_scalar(name: str, value: Any) -> None:
+def _check_nonnegative_scalar(name: str, value: Any) -> jax.Array | None:
   _checks.finite_number(name, value, low=0)
+  return _traced_in_range(value, low=0)
+
+
+def _nan_unless(tx: optax.GradientTransformation,
+                conditions: Sequence[jax.Array | None]
+                ) -> optax.GradientTransformation:
+  """``tx``, whose updates are NaN unless every traced condition holds.
+
+  The jax-side check of traced hyperparameters: a value out of range cannot
+  raise inside ``jax.jit``, so it makes every floating-point update NaN (as
+  a diverged step, which :func:`optax.apply_if_finite` and the training
+  loop's divergence check catch) instead of training with it. The state and
+  its structure are ``tx``'s. Without traced conditions, ``tx`` itself.
+  """
+  conditions = [c for c in conditions if c is not None]
+  if not conditions:
+    return tx
+  ok = conditions[0]
+  for c in conditions[1:]:
+    ok = ok & c
+
+  def poison(u):
+    if not jnp.issubdtype(u.dtype, jnp.inexact):
+      return u
+    return jnp.where(ok, u, jnp.asarray(jnp.nan, u.dtype))
+
+  def update_fn(updates, state, params=None):
+    updates, state = tx.update(updates, state, params)
+    return jax.tree.map(poison, updates), state
+
+  return optax.GradientTransformation(tx.init, update_fn)
+
+
+def _concrete(value: Any) -> float | None:
+  """``float(value)`` for a concrete number, ``None`` for a traced one.
+
+  A hyperparameter passed through :func:`optax.inject_hyperparams` is a JAX
+  array, traced inside ``jax.jit``: its value cannot be read, so the checks
+  that compare it are skipped (the construction-time checks of concrete
+  values stay).
+  """
+  if isinstance(value, jax.core.Tracer):
+    return None
+  return float(value)
+
+
+def _static_zero(value: Any) -> bool:
+  """Whether ``value`` is a Python / NumPy zero (a part can be left out).
+
+  A JAX array (concrete or traced) never counts as a static zero: with
+  :func:`optax.inject_hyperparams` the hyperparameters are concrete arrays at
+  ``init`` and traced ones at ``update``, and the chain must have the same
+  parts (the same state structure) in both. A part given a zero array
+  computes the same numbers as the part left out.
+  """
+  if isinstance(value, jax.Array):
+    return False
+  return float(value) == 0.0
 
 
 def _adaptive_leaf(g: jax.Array, eta, eps) -> jax.Array:
@@ -144,7 +220,9 @@ def scale_by_adaptive_lr(eta: float = 0.2,
   * The norm is computed as ``max|g| * ||g / max|g|| ||``, so gradients near
     the dtype's range (e.g. 1e30 in f32, whose square overflows) are rescaled
     correctly, and zero gradients give zero updates, never NaN.
-  * No state (:class:`optax.EmptyState`); works under ``jax.jit``.
+  * No state (:class:`optax.EmptyState`); works under ``jax.jit``, with
+    ``eta`` and ``eps`` traced too (:func:`optax.inject_hyperparams`; a
+    traced value out of range makes the updates NaN).
   * Data parallelism: under ``jax.jit`` with ``NamedSharding`` the gradient
     leaf is a global array and its norm is the norm of the globally reduced
     gradient (XLA inserts the cross-device reduction). The official multi-GPU
@@ -178,8 +256,8 @@ def scale_by_adaptive_lr(eta: float = 0.2,
     Chen et al., AdderNet: Do We Really Need Multiplications in Deep Learning?
     CVPR 2020, Sec. 3.3, eq. 12-13. https://arxiv.org/abs/1912.13200
   """
-  _check_positive_scalar('eta', eta)
-  _check_positive_scalar('eps', eps)
+  traced = [_check_positive_scalar('eta', eta),
+            _check_positive_scalar('eps', eps)]
 
   def init_fn(params):
     del params
@@ -189,7 +267,7 @@ def scale_by_adaptive_lr(eta: float = 0.2,
     del params
     return jax.tree.map(lambda g: _adaptive_leaf(g, eta, eps), updates), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _nan_unless(optax.GradientTransformation(init_fn, update_fn), traced)
 
 
 def increased_lr(factor: float) -> optax.GradientTransformation:
@@ -223,7 +301,7 @@ def increased_lr(factor: float) -> optax.GradientTransformation:
     Chen et al., AdderNet, CVPR 2020, Sec. 4.1 (ILR in Fig. 4).
     https://arxiv.org/abs/1912.13200
   """
-  _check_positive_scalar('factor', factor)
+  traced = [_check_positive_scalar('factor', factor)]
 
   def init_fn(params):
     del params
@@ -236,7 +314,7 @@ def increased_lr(factor: float) -> optax.GradientTransformation:
       return (g.astype(cdt) * jnp.asarray(factor, cdt)).astype(g.dtype)
     return jax.tree.map(leaf, updates), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _nan_unless(optax.GradientTransformation(init_fn, update_fn), traced)
 
 
 # ----------------------------------------------------------------------------
@@ -514,6 +592,19 @@ def addernet_sgd(
   ``jax.jit(tx.init)`` returns a replicated momentum buffer, and the second
   train step then recompiles for the sharded one the first step returns.
 
+  It composes with optax's wrappers as optax's own transforms do
+  (:func:`optax.MultiSteps`, :func:`optax.apply_if_finite`, ...), and every
+  numeric argument (``learning_rate``, ``momentum``, ``weight_decay``,
+  ``eta``, ``eps``, ``ilr_factor``) may be traced, so
+  ``optax.inject_hyperparams(addernet_sgd)(learning_rate=0.1, mask=mask)``
+  works under ``jax.jit`` (pass ``static_args='mask'`` for a callable mask,
+  which ``inject_hyperparams`` would take for a schedule). Concrete values
+  are checked when the transform is built (``inject_hyperparams``: at an
+  eager ``init``); a traced value out of range cannot raise, so it makes
+  every update NaN. A momentum or weight decay given as a JAX array keeps
+  its part of the chain even at 0 (the same numbers as without it), so that
+  ``init`` and ``update`` see the same state structure.
+
   Args:
     learning_rate: a float or an optax schedule of the step count (e.g.
       :func:`cosine_lr_schedule` or :func:`optax.cosine_decay_schedule`).
@@ -560,23 +651,40 @@ def addernet_sgd(
     >>> round(float(updates['bn']['scale'][0]), 7)               # -0.1 * 5e-4
     -5e-05
 
+    The learning rate as a hyperparameter of the state (logging, sweeps):
+
+    >>> import jax, optax
+    >>> tx = optax.inject_hyperparams(addernet_sgd)(learning_rate=0.1,
+    ...                                             mask=mask)
+    >>> state = tx.init(params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    >>> round(float(updates['bn']['scale'][0]), 7)
+    -5e-05
+    >>> state.hyperparams['learning_rate'] = 0.2  # takes effect next step
+
   References:
     Chen et al., AdderNet, CVPR 2020, Sec. 3.3 and 4 (SGD, momentum 0.9,
     weight decay 5e-4, cosine learning rate). https://arxiv.org/abs/1912.13200
   """
   _checks.choice('scaling', scaling, SCALINGS)
-  _check_nonnegative_scalar('momentum', momentum)
-  if not momentum < 1:
+  # Traced values (inject_hyperparams under jit) are checked jax-side.
+  traced = [_check_nonnegative_scalar('momentum', momentum)]
+  momentum_value = _concrete(momentum)  # None: traced
+  if momentum_value is None:
+    traced.append(_traced_in_range(momentum, low=0, high=1))
+  elif not momentum_value < 1:
     raise ValueError(f'momentum must be in [0, 1) (SGD momentum diverges at '
                      f'1 and above), got {momentum!r}.')
-  _check_nonnegative_scalar('weight_decay', weight_decay)
+  traced.append(_check_nonnegative_scalar('weight_decay', weight_decay))
   if callable(learning_rate):
     _check_schedule(learning_rate)
   else:
-    _check_nonnegative_scalar('learning_rate', learning_rate)
-  if nesterov and not momentum:
+    traced.append(_check_nonnegative_scalar('learning_rate', learning_rate))
+  if nesterov and momentum_value == 0:
     raise ValueError('nesterov=True needs momentum > 0, got '
                      f'momentum={momentum!r}.')
+  if nesterov and momentum_value is None:
+    traced.append(_traced_in_range(momentum, low=0, low_open=True))
   if scaling != 'none' and mask is None:
     raise ValueError(
         f"scaling={scaling!r} needs mask= (which leaves are adder kernels), "
@@ -595,6 +703,14 @@ def addernet_sgd(
   if scaling != 'ilr' and ilr_factor is not None:
     raise ValueError(f'ilr_factor={ilr_factor!r} is only used with '
                      f"scaling='ilr', got scaling={scaling!r}.")
+  # Checked here too (not only by the masked transform): the error names
+  # this function's argument, and a traced value out of range makes every
+  # update NaN, not only the masked ones.
+  if scaling == 'adaptive':
+    traced += [_check_positive_scalar('eta', eta),
+               _check_positive_scalar('eps', eps)]
+  elif scaling == 'ilr':
+    traced.append(_check_positive_scalar('ilr_factor', ilr_factor))
 
   parts = []
   if scaling == 'adaptive':
@@ -604,16 +720,16 @@ def addernet_sgd(
   elif scaling == 'ilr':
     parts.append(_checked_mask(
         optax.masked(increased_lr(ilr_factor), mask), mask, 'mask', scaling))
-  if weight_decay:
+  if not _static_zero(weight_decay):
     decay = optax.add_decayed_weights(weight_decay)
     if weight_decay_mask is not None:
       decay = _checked_mask(optax.masked(decay, weight_decay_mask),
                             weight_decay_mask, 'weight_decay_mask')
     parts.append(decay)
-  if momentum:
+  if not _static_zero(momentum):
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   parts.append(optax.scale_by_learning_rate(learning_rate))
-  return optax.chain(*parts)
+  return _nan_unless(optax.chain(*parts), traced)
 
 
 def cosine_lr_schedule(base_lr: float,

@@ -498,3 +498,174 @@ def test_nnx_mask_rejects_example_inputs():
   with pytest.raises(TypeError, match='no example inputs'):
     optim.adder_mask(nnx.eval_shape(lambda: NnxNet(nnx.Rngs(0))),
                      jnp.ones((1, 8, 8, 1)))
+
+
+# ---------------------------------------------------------------------------
+# optax wrappers: inject_hyperparams (every numeric argument traced under
+# jit), MultiSteps, apply_if_finite (issue 28 item 8).
+
+
+def _jit_steps(tx, params, grads_seq):
+  state = jax.jit(tx.init)(params)
+  update = jax.jit(tx.update)
+  p, out = params, []
+  for g in grads_seq:
+    u, state = update(g, state, p)
+    out.append(u)
+    p = optax.apply_updates(p, u)
+  return out, state
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(), dict(nesterov=True), dict(momentum=0.0, weight_decay=0.0),
+    dict(momentum=0.5, weight_decay=1e-2, eta=0.3, eps=1e-6),
+    dict(scaling='ilr', ilr_factor=5.0), dict(scaling='none'),
+])
+def test_inject_hyperparams_under_jit_matches_constants_and_numpy(kwargs):
+  params, grads, adder_keys = _recipe_case(seed=4)
+  mask = None if kwargs.get('scaling') == 'none' else {
+      k: k in adder_keys for k in params}
+  injected = optax.inject_hyperparams(optim.addernet_sgd)(
+      learning_rate=0.1, mask=mask, **kwargs)
+  got, state = _jit_steps(injected, params, grads)
+  numeric = {'learning_rate', 'momentum', 'weight_decay', 'eta', 'eps',
+             'ilr_factor'}
+  # Every numeric argument given (defaults included) is in the state, i.e.
+  # traced inside the jitted update.
+  assert set(state.hyperparams) == numeric & (
+      {'learning_rate', 'momentum', 'weight_decay', 'eta', 'eps'}
+      | set(kwargs))
+  plain, _ = _jit_steps(optim.addernet_sgd(0.1, mask=mask, **kwargs),
+                        params, grads)
+  hand = np_sgd_steps(
+      params, grads, [0.1, 0.1], adder_keys,
+      scaling=kwargs.get('scaling', 'adaptive'),
+      ilr_factor=kwargs.get('ilr_factor'),
+      momentum=kwargs.get('momentum', 0.9),
+      wd=kwargs.get('weight_decay', 5e-4), nesterov=kwargs.get('nesterov',
+                                                               False))
+  eta, eps = kwargs.get('eta', ETA), kwargs.get('eps', EPS)
+  if (eta, eps) != (ETA, EPS):  # np_sgd_steps's oracle has the defaults
+    hand = None
+  for step in range(2):
+    for k in params:
+      # Constants vs traced values: XLA may fold and reassociate the
+      # constant products differently (f32 rounding of the largest terms).
+      np.testing.assert_allclose(got[step][k], plain[step][k], rtol=1e-6,
+                                 atol=1e-8, err_msg=f'step {step} {k}')
+      if hand is not None:
+        np.testing.assert_allclose(got[step][k], hand[step][k], rtol=2e-5,
+                                   atol=1e-8, err_msg=f'step {step} {k}')
+
+
+def test_inject_hyperparams_eta_eps_by_hand_and_lr_change():
+  # One step by hand in numpy with eta / eps that are not the defaults.
+  params = {'a': jnp.asarray([3.0, 4.0, 0.0, 0.0]), 'b': jnp.asarray([2.0])}
+  grads = {'a': jnp.asarray([0.3, -0.4, 0.0, 1.2]), 'b': jnp.asarray([0.5])}
+  mask = {'a': True, 'b': False}
+  tx = optax.inject_hyperparams(optim.addernet_sgd)(
+      learning_rate=0.05, mask=mask, momentum=0.8, weight_decay=0.01,
+      eta=0.5, eps=1e-3)
+  (u,), state = _jit_steps(tx, params, [grads])
+  ga = np.array([0.3, -0.4, 0.0, 1.2])
+  want_a = -0.05 * (0.5 * 2.0 * ga / np.linalg.norm(ga)
+                    + 0.01 * np.array([3.0, 4.0, 0.0, 0.0]))
+  np.testing.assert_allclose(u['a'], want_a, rtol=1e-6)
+  np.testing.assert_allclose(u['b'], [-0.05 * (0.5 + 0.01 * 2.0)], rtol=1e-6)
+  # A new learning rate in the state: the next step uses it, no retrace.
+  update = jax.jit(tx.update)
+  p = optax.apply_updates(params, u)
+  a, _ = update(grads, state, p)
+  state.hyperparams['learning_rate'] = jnp.asarray(0.1, jnp.float32)
+  b, _ = update(grads, state, p)
+  np.testing.assert_allclose(b['b'], 2 * a['b'], rtol=1e-6)
+  assert update._cache_size() == 1  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('factory,kwargs', [
+    (optim.scale_by_adaptive_lr, dict(eta=0.3, eps=1e-8)),
+    (optim.increased_lr, dict(factor=4.0)),
+])
+def test_inject_hyperparams_of_the_scaling_transforms(factory, kwargs):
+  g = {'k': jnp.asarray([3.0, 4.0, 0.0])}
+  tx = optax.inject_hyperparams(factory)(**kwargs)
+  got = jax.jit(tx.update)(g, jax.jit(tx.init)(g))[0]['k']
+  ref = factory(**kwargs)
+  want = ref.update(g, ref.init(g))[0]['k']
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(momentum=1.5), dict(momentum=-0.1), dict(eta=-1.0),
+    dict(eps=0.0), dict(learning_rate=-0.1), dict(weight_decay=np.nan),
+    dict(momentum=0.0, nesterov=True),
+    dict(scaling='ilr', ilr_factor=-2.0),
+])
+def test_injected_bad_values_raise_eagerly_and_are_nan_under_jit(kwargs):
+  params = {'a': jnp.ones(3), 'b': jnp.ones(2)}
+  mask = {'a': True, 'b': False}
+  kwargs = {'learning_rate': 0.1, **kwargs}
+  tx = optax.inject_hyperparams(optim.addernet_sgd)(mask=mask, **kwargs)
+  name = [k for k in kwargs if k not in ('learning_rate', 'nesterov',
+                                         'scaling')]
+  name = name[0] if name else 'learning_rate'
+  with pytest.raises(ValueError, match=name):
+    tx.init(params)  # concrete: the same error as addernet_sgd's
+  with pytest.raises(ValueError, match=name):
+    optim.addernet_sgd(mask=mask, **kwargs)
+  # Traced (init and update under jit): no error can be raised, the updates
+  # are NaN.
+  grads = {'a': jnp.full(3, 0.1), 'b': jnp.full(2, 0.1)}
+  (u,), _ = _jit_steps(tx, params, [grads])
+  assert all(bool(jnp.all(jnp.isnan(leaf))) for leaf in jax.tree.leaves(u))
+
+
+def test_multisteps_wraps_addernet_sgd():
+  params, grads, adder_keys = _recipe_case(seed=5)
+  mask = {k: k in adder_keys for k in params}
+  tx = optim.addernet_sgd(0.1, mask=mask)
+  multi = optax.MultiSteps(tx, every_k_schedule=2)
+  state = jax.jit(multi.init)(params)
+  update = jax.jit(multi.update)
+  u0, state = update(grads[0], state, params)
+  for leaf in jax.tree.leaves(u0):  # accumulating: no update yet
+    np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+  u1, state = update(grads[1], state, params)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, grads[0], grads[1])
+  want = np_sgd_steps(params, [mean], [0.1], adder_keys)[0]
+  for k in params:
+    np.testing.assert_allclose(u1[k], want[k], rtol=2e-5, atol=1e-9,
+                               err_msg=k)
+  # And with injected hyperparameters inside.
+  inner = optax.inject_hyperparams(optim.addernet_sgd)(learning_rate=0.1,
+                                                       mask=mask)
+  multi = optax.MultiSteps(inner, every_k_schedule=2)
+  state = jax.jit(multi.init)(params)
+  _, state = jax.jit(multi.update)(grads[0], state, params)
+  u, _ = jax.jit(multi.update)(grads[1], state, params)
+  for k in params:
+    np.testing.assert_allclose(u[k], want[k], rtol=2e-5, atol=1e-9,
+                               err_msg=k)
+
+
+def test_apply_if_finite_wraps_addernet_sgd():
+  params, grads, adder_keys = _recipe_case(seed=6)
+  mask = {k: k in adder_keys for k in params}
+  for tx in (optim.addernet_sgd(0.1, mask=mask),
+             optax.inject_hyperparams(optim.addernet_sgd)(learning_rate=0.1,
+                                                          mask=mask)):
+    safe = optax.apply_if_finite(tx, max_consecutive_errors=3)
+    state = jax.jit(safe.init)(params)
+    update = jax.jit(safe.update)
+    bad = dict(grads[0], adder_conv=grads[0]['adder_conv'].at[0, 0, 0, 0].set(
+        jnp.nan))
+    u, state = update(bad, state, params)
+    for leaf in jax.tree.leaves(u):  # skipped step: zero updates
+      np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+    assert int(state.notfinite_count) == 1
+    u, state = update(grads[0], state, params)
+    want = np_sgd_steps(params, [grads[0]], [0.1], adder_keys)[0]
+    for k in params:
+      np.testing.assert_allclose(u[k], want[k], rtol=2e-5, atol=1e-9,
+                                 err_msg=k)
+    assert int(state.notfinite_count) == 0
