@@ -138,7 +138,9 @@ _KINDS = {}
 
 
 @pytest.fixture(scope='module', params=[
-    'cnn', pytest.param('adder', marks=pytest.mark.slow)])
+    'cnn', pytest.param('adder', marks=pytest.mark.slow),
+    # PKKD: the CNN teacher, the adder student and the alignment together.
+    pytest.param('adder,pkkd', marks=pytest.mark.slow)])
 def kind(request, tmp_path_factory):
   if request.param not in _KINDS:
     _KINDS[request.param] = _Kind(request.param,
