@@ -55,6 +55,7 @@ from adderjax import _checks
 from adderjax import bnn
 from adderjax import introspect
 from adderjax import linen as adder_linen
+from adderjax.models.common import ZooModel
 
 #: Layer kinds of :class:`LayerOps`.
 LAYER_KINDS = ('fp', 'adder', 'binary')
@@ -325,7 +326,16 @@ def count_params(variables: Any) -> int:
   """
   if hasattr(variables, 'keys') and 'params' in variables:
     variables = variables['params']
-  return sum(_size(jnp.shape(leaf)) for leaf in jax.tree.leaves(variables))
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  for path, leaf in leaves:
+    if not hasattr(leaf, 'shape') and (
+        isinstance(leaf, (bool, np.bool_))
+        or not isinstance(leaf, (int, float, np.number))):
+      where = jax.tree_util.keystr(tuple(path)) or '<root>'
+      raise _checks.ArgumentTypeError(
+          f'`variables` must be a tree of arrays (or jax.ShapeDtypeStruct), '
+          f'got {_checks.describe(leaf)} at {where}.')
+  return sum(_size(jnp.shape(leaf)) for _, leaf in leaves)
 
 
 def _accepts(fn, name: str) -> bool:
@@ -341,13 +351,21 @@ _ONE_EXAMPLE = 'pass the shape of one example, without the batch axis'
 
 
 def _check_top_level_rank(model: nn.Module, shape: tuple[int, ...]) -> None:
-  """Refuses an ``input_shape`` whose rank does not fit a counted layer.
+  """Refuses an ``input_shape`` whose rank does not fit the model.
 
   A plain layer given to :func:`count_ops` declares its example's rank: a
   convolution with an n-D kernel takes ``n + 1`` axes (spatial axes and
-  channels), a dense layer one (the features). One more axis is a batch
-  axis, which would multiply every count.
+  channels), a dense layer one (the features); a model of the zoo takes
+  images ``(H, W, C)``. One more axis is a batch axis, which would multiply
+  every count.
   """
+  if isinstance(model, ZooModel):
+    if len(shape) != 3:
+      raise ValueError(
+          f'`input_shape` {shape} has {len(shape)} axes, but '
+          f'{type(model).__name__} takes images of 3 axes (H, W, C)'
+          + ('; ' + _ONE_EXAMPLE if len(shape) > 3 else '') + '.')
+    return
   kinds = _layer_kind(model)
   if kinds is None:
     return
@@ -407,7 +425,12 @@ def count_ops(model: nn.Module, input_shape, *, dtype: Any = jnp.float32,
   Raises:
     ValueError: a bad ``input_shape``: not positive ints (``(28.9, 28, 1)``
       is refused, never truncated), or an extra batch axis (``(4, 16, 16,
-      4)`` for a 2-D convolution) or a missing axis for the model's layers.
+      4)`` for a 2-D convolution, ``(1, 28, 28, 1)`` for a model of the zoo)
+      or a missing axis for the model's layers. A batch axis is found from
+      the ranks that the model's convolutions (and a zoo model) take; a
+      model of dense layers only, which take any rank, cannot tell it from
+      a sequence axis: there the shape is counted as one example.
+    TypeError: ``model`` is not a Linen module.
 
   Examples:
     >>> import flax.linen as nn
@@ -420,6 +443,10 @@ def count_ops(model: nn.Module, input_shape, *, dtype: Any = jnp.float32,
     >>> count_ops(nn.Dense(10), (84,)).total
     OpCounts(mul=840, add=850, xnor=0)
   """
+  if not isinstance(model, nn.Module):
+    raise _checks.ArgumentTypeError(
+        '`model` must be an unbound flax.linen.Module (e.g. from '
+        f'adderjax.models.create_model), got {_checks.describe(model)}.')
   hint = ''
   if isinstance(input_shape, (int, np.integer)) and not isinstance(
       input_shape, (bool, np.bool_)):

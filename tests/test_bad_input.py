@@ -104,6 +104,12 @@ COUNT_OPS_CASES = [
      ['input_shape', '(4, 84)', 'without the batch axis']),
     (nn.Dense(3), 84, TypeError, ['input_shape', '(84,)']),
     (AdderDense(3), (0, 3), ValueError, ['input_shape', 'item 0']),
+    (create_model('lenet5_bn', num_classes=10), (1, 28, 28, 1), ValueError,
+     ['`input_shape`', '(1, 28, 28, 1)', 'LeNet5BN', 'without the batch axis']),
+    (create_model('resnet20', num_classes=10), (32, 32), ValueError,
+     ['`input_shape`', '(32, 32)', '3 axes (H, W, C)']),
+    (lambda x: x, (28, 28, 1), TypeError, ['`model`', 'flax.linen.Module',
+                                           '(function)']),
 ]
 
 
@@ -118,6 +124,11 @@ class _TwoConvs(nn.Module):
   def __call__(self, x):
     x = nn.relu(AdderConv(4, (3, 3))(x))
     return AdderConv(4, (3, 3), name='second')(x)
+
+
+def test_count_params_refuses_leaves_that_are_not_arrays():
+  _raises(lambda: adderjax.count_params({'params': {'d': {'kernel': 'w'}}}),
+          TypeError, ['`variables`', "'w' (str)", "['d']['kernel']"])
 
 
 def test_count_ops_refuses_batch_axis_inside_a_model():

@@ -314,3 +314,48 @@ def test_generic_modules_and_uncounted_layers():
 def test_bad_input_shape(bad):
   with pytest.raises(ValueError, match='input_shape'):
     count_ops(nn.Dense(3), bad)
+
+
+# A batched shape where one example's shape is expected (issue 28 item 7):
+# a named error, for the zoo models, a plain layer, and a model of one's own
+# whose convolutions take the input.
+
+
+@pytest.mark.parametrize('name', ['lenet5_bn', 'resnet20', 'vgg_small'])
+def test_batched_shape_refused_for_zoo_models(name):
+  model = create_model(name, kind='adder', num_classes=10)
+  image = INPUT_SHAPES[name]
+  for batched in ((1,) + image, (8,) + image):
+    with pytest.raises(ValueError) as info:
+      count_ops(model, batched)
+    message = str(info.value)
+    for word in ('`input_shape`', str(batched), '4 axes',
+                 'without the batch axis'):
+      assert word in message, (word, message)
+  # The shape of one example is counted as before.
+  assert count_ops(model, image).input_shape == image
+
+
+def test_batched_shape_refused_for_layers_and_own_models():
+  with pytest.raises(ValueError, match=r'\(4, 16, 16, 4\).*without the batch'):
+    count_ops(AdderConv(8, (3, 3)), (4, 16, 16, 4))
+
+  class Own(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(AdderConv(4, (3, 3))(x))
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  with pytest.raises(ValueError, match='without the batch axis'):
+    count_ops(Own(), (1, 28, 28, 1))
+  one = count_ops(Own(), (28, 28, 1))
+  assert one.layers[0].macs == 28 * 28 * 4 * 3 * 3 * 1
+
+
+def test_model_must_be_a_linen_module_and_params_arrays():
+  with pytest.raises(TypeError, match='`model`'):
+    count_ops(lambda x: x, (28, 28, 1))
+  with pytest.raises(TypeError, match="`variables`.*'abc'"):
+    count_params({'params': {'w': 'abc'}})
+  assert count_params({'w': jnp.ones((2, 3)), 'b': 1.0}) == 7
