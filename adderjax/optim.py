@@ -705,11 +705,11 @@ def addernet_sgd(
                      f"scaling='ilr', got scaling={scaling!r}.")
   # Checked here too (not only by the masked transform): the error names
   # this function's argument, and a traced value out of range makes every
-  # update NaN, not only the masked ones.
-  if scaling == 'adaptive':
-    traced += [_check_positive_scalar('eta', eta),
-               _check_positive_scalar('eps', eps)]
-  elif scaling == 'ilr':
+  # update NaN, not only the masked ones. eta and eps are checked with every
+  # scaling (a wrong value is refused even where it is unused).
+  traced += [_check_positive_scalar('eta', eta),
+             _check_positive_scalar('eps', eps)]
+  if scaling == 'ilr':
     traced.append(_check_positive_scalar('ilr_factor', ilr_factor))
 
   parts = []
