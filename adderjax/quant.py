@@ -81,7 +81,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -174,9 +174,11 @@ class QuantConfig:
         'percentile', self.percentile, low=0, high=100, low_open=True))
     _checks.choice('first_last', self.first_last, FIRST_LAST)
     for name in ('fold_bn', 'clip_kernel'):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f'{name} must be a bool, got '
-                         f'{getattr(self, name)!r}.')
+      value = getattr(self, name)
+      if not isinstance(value, (bool, np.bool_)):
+        raise _checks.ArgumentTypeError(
+            f'`{name}` must be a bool, got {_checks.describe(value)}.')
+      object.__setattr__(self, name, bool(value))
     _checks.choice('partial_dtype', self.partial_dtype, PARTIAL_DTYPES)
     _checks.choice('method', self.method, METHODS)
 
@@ -340,6 +342,17 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
   """
   if not isinstance(config, QuantConfig):
     raise TypeError(f'config must be a QuantConfig, got {config!r}.')
+  if not isinstance(model, nn.Module):
+    raise _checks.ArgumentTypeError(
+        '`model` must be an unbound flax.linen.Module, got '
+        f'{_checks.describe(model)}.')
+  if not (isinstance(variables, Mapping) and 'params' in variables):
+    raise _checks.ArgumentTypeError(
+        "`variables` must be the model's variables dict ({'params': ..., "
+        "'batch_stats': ...}), got "
+        + (f'a dict with keys {sorted(map(str, variables))}'
+           if isinstance(variables, Mapping)
+           else _checks.describe(variables)) + '.')
   if 'train' not in call_kwargs and _accepts_train(model):
     call_kwargs['train'] = False
   records: dict[str, _Record] = {}
@@ -405,7 +418,8 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
       rec.absmax = max(rec.absmax, float(absmax))
       rec.samples.append(np.asarray(sample))
   if not n_batches:
-    raise ValueError('calibrate needs at least one batch.')
+    raise ValueError('`batches` is empty: calibrate needs at least one '
+                     'batch.')
   if not any(r.kind == 'adder' for r in records.values()):
     raise ValueError('the model has no AdderConv / AdderDense layer to '
                      'quantize.')

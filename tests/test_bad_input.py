@@ -20,6 +20,7 @@ from adderjax import count_ops
 from adderjax import official
 from adderjax import nnx as adder_nnx
 from adderjax import optim
+from adderjax import quant
 from adderjax.linen import AdderConv
 from adderjax.linen import AdderDense
 from adderjax.models import create_model
@@ -468,3 +469,41 @@ def test_op_takes_numpy_arrays_like_jax_arrays():
   expected = -np.abs(x[:, :, None] - w[None]).sum(1)
   np.testing.assert_allclose(np.asarray(adderjax.adder_dense(x, w)), expected,
                              rtol=1e-6, atol=1e-6)
+
+
+# --- quantization: calibrate's arguments, QuantConfig's bools ----------------
+
+_LENET = create_model('lenet5_bn', kind='adder', num_classes=10)
+
+
+def _lenet_variables():
+  return jax.eval_shape(lambda x: _LENET.init(jax.random.key(0), x,
+                                              train=False),
+                        jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32))
+
+
+QUANT_CASES = [
+    (lambda: quant.calibrate(_LENET, _lenet_variables(), []), ValueError,
+     ['`batches`', 'empty']),
+    (lambda: quant.calibrate(_LENET, _lenet_variables()['params'],
+                             [jnp.ones((2, 28, 28, 1))]), TypeError,
+     ['`variables`', "'params'", 'keys']),
+    (lambda: quant.calibrate(_LENET, None, [jnp.ones((2, 28, 28, 1))]),
+     TypeError, ['`variables`', 'None (NoneType)']),
+    (lambda: quant.calibrate(lambda x: x, {'params': {}}, []), TypeError,
+     ['`model`', 'flax.linen.Module']),
+    (lambda: quant.QuantConfig(fold_bn='yes'), TypeError,
+     ['`fold_bn`', "'yes' (str)"]),
+    (lambda: quant.QuantConfig(clip_kernel=1), TypeError,
+     ['`clip_kernel`', '1 (int)']),
+]
+
+
+@pytest.mark.parametrize('fn,error,words', QUANT_CASES)
+def test_quant_refuses(fn, error, words):
+  _raises(fn, error, words)
+
+
+def test_quant_config_accepts_numpy_bools():
+  config = quant.QuantConfig(fold_bn=np.False_, clip_kernel=np.True_)
+  assert config.fold_bn is False and config.clip_kernel is True
