@@ -23,6 +23,7 @@ from experiments import errors
 from experiments import experiment
 from experiments import testing
 from experiments import train
+from experiments.benchmarks import models as models_bench
 from experiments.configs import default
 from experiments.configs import lenet5_mnist
 from test_train import tiny_mnist_config
@@ -273,3 +274,17 @@ def test_fixed_teacher_from_a_cnn_workdir_stays_fixed(mnist_dir, tmp_path):
   c.method_options.teacher_workdir = str(tmp_path / 'nothing')
   with pytest.raises(errors.UserError, match='holds no finished run'):
     experiment.Experiment.from_config(c).init_host_state()
+
+
+def test_models_benchmark_times_the_joint_step_against_the_addnn_step():
+  from_suite = models_bench.run_suite(
+      [models_bench.ModelCase('lenet5_bn', 8)], repeats=1, verbose=False,
+      pkkd=True)
+  (result,) = from_suite
+  assert set(result.cands) == {'cnn', 'adder', models_bench.PKKD}
+  assert all(not c.error and c.times for c in result.cands.values())
+  # The joint step holds two networks: more memory than the student alone.
+  assert (result.cands[models_bench.PKKD].peak_bytes >
+          result.cands['adder'].peak_bytes)
+  text = models_bench.report_pkkd(from_suite)
+  assert 'lenet5_bn b8 float32' in text and 'PKKD/AddNN' in text

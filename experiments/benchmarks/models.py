@@ -10,9 +10,14 @@ prints median step time, images/s, compile time and peak memory (XLA buffer
 assignment), with the AddNN/CNN ratios. The two kinds of one model are timed
 interleaved in one process (see :mod:`experiments.benchmarks.common`).
 
+``--pkkd`` adds the joint PKKD step (:mod:`experiments.distillation`: the
+AddNN student, its CNN twin as teacher and the kernel feature maps, one
+step) and a second table of its cost against the plain AddNN step.
+
 Examples:
   python -m experiments.benchmarks.models
   python -m experiments.benchmarks.models --models resnet20 --batches 64 128
+  python -m experiments.benchmarks.models --models lenet5_bn --pkkd
 """
 
 from __future__ import annotations
@@ -63,6 +68,14 @@ def make_train_step(model_name: str, kind: str, batch: int, dtype: str,
   paper's optimizer with the adaptive learning rate on the adder kernels,
   the CNN without it; BatchNorm in train mode; ``uint8`` images normalised in
   the step), on one device, uncompiled.
+
+  Args:
+    model_name: a key of :data:`CONFIGS`.
+    kind: the config argument: a kind (``'cnn'``, ``'adder'``), optionally
+      with a method token (``'adder,pkkd'``).
+    batch: the global batch size.
+    dtype: the compute dtype.
+    seed: the initialisation seed.
 
   Returns:
     ``(step, args)`` with ``step(state, batch) -> (state, metric sums)``.
@@ -135,6 +148,25 @@ def report(results: Sequence[ModelResult]) -> str:
   return text + '\n'
 
 
+def report_pkkd(results: Sequence[ModelResult]) -> str:
+  """The joint PKKD step against the plain AddNN step (``--pkkd``)."""
+  rows = []
+  for r in results:
+    add, pk = r.cands.get('adder'), r.cands.get(PKKD)
+    if add is None or pk is None:
+      continue
+    rows.append([
+        r.case.label, common.fmt_ms(add.median_s), common.fmt_ms(pk.median_s),
+        common.fmt_ratio(pk.median_s, add.median_s),
+        f'{pk.compile_s:.1f}', common.fmt_mb(add.peak_bytes),
+        common.fmt_mb(pk.peak_bytes),
+        common.fmt_ratio(pk.peak_bytes, add.peak_bytes)])
+  return common.table(
+      ['model', 'AddNN step ms', 'PKKD step ms', 'PKKD/AddNN',
+       'PKKD compile s', 'AddNN MB', 'PKKD MB', 'PKKD/AddNN MB'],
+      rows) + '\n'
+
+
 def default_cases(quick: bool = False) -> list[ModelCase]:
   cases = [ModelCase('lenet5_bn', 256), ModelCase('resnet20', 64),
            ModelCase('resnet20', 128)]
@@ -145,14 +177,21 @@ def default_cases(quick: bool = False) -> list[ModelCase]:
   return cases
 
 
+#: The candidate name of the joint PKKD step (a config argument).
+PKKD = 'adder,pkkd'
+
+
 def run_suite(cases: Sequence[ModelCase], *, repeats: int,
-              verbose: bool = True) -> list[ModelResult]:
+              verbose: bool = True, pkkd: bool = False) -> list[ModelResult]:
   results = []
+  kinds = ('cnn', 'adder') + ((PKKD,) if pkkd else ())
   for case in cases:
-    r = bench_model(case, repeats=repeats)
+    r = bench_model(case, repeats=repeats, kinds=kinds)
     if verbose:
       print(f'  {case.label}: CNN {common.fmt_ms(r.t("cnn"))} ms, AddNN '
-            f'{common.fmt_ms(r.t("adder"))} ms', flush=True)
+            f'{common.fmt_ms(r.t("adder"))} ms' +
+            (f', PKKD {common.fmt_ms(r.t(PKKD))} ms' if pkkd else ''),
+            flush=True)
     results.append(r)
   return results
 
@@ -169,6 +208,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_integer('repeats', 7, 'Timed rounds (median).', lower_bound=1,
                        flag_values=fv)
   flags.DEFINE_bool('quick', False, 'Fewer cases, 3 repeats.',
+                    flag_values=fv)
+  flags.DEFINE_bool('pkkd', False, 'Also time the joint PKKD step (AddNN '
+                    'student + CNN teacher) against the AddNN step.',
                     flag_values=fv)
 
 
@@ -187,11 +229,16 @@ def main(flag_values: flags.FlagValues, args: list[str]) -> None:
     cases = list(dict.fromkeys(dataclasses.replace(c, dtype=d)
                                for c in cases for d in fv.dtypes))
   print(common.machine_line(), flush=True)
-  results = run_suite(cases, repeats=3 if fv.quick else fv.repeats)
+  results = run_suite(cases, repeats=3 if fv.quick else fv.repeats,
+                      pkkd=fv.pkkd)
   print()
   print('## Train step (forward + backward + SGD momentum/weight decay '
         '(+ adaptive LR for AddNN), BN train mode)\n')
   print(report(results))
+  if fv.pkkd:
+    print('## PKKD joint step (student + CNN teacher + kernel maps) vs the '
+          'AddNN step\n')
+    print(report_pkkd(results))
   print(common.machine_line())
 
 
