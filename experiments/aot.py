@@ -38,7 +38,9 @@ import jax
 from jax.experimental import topologies
 import ml_collections
 
+from adderjax import models
 from experiments import cli
+from experiments import errors
 from experiments import experiment
 from experiments import parallel
 from experiments import steps
@@ -195,8 +197,20 @@ def main(flag_values: flags.FlagValues, args: list[str]) -> None:
   """Compiles the config's train step per kind; prints one row each."""
   cli.no_arguments(args)
   fv = flag_values
+  kinds = [k.strip() for k in fv.kinds.split(',')]
+  unknown = [k for k in kinds if k not in models.KINDS]
+  if unknown:  # before compiling anything (minutes per kind)
+    raise errors.UsageError(
+        f'--kinds {fv.kinds}: unknown kind(s) {unknown}; use '
+        f'{", ".join(map(repr, models.KINDS))}, comma-separated.')
+  try:
+    tpu_topology(fv.topology)
+  except (jax.errors.JaxRuntimeError, ValueError) as e:
+    raise errors.UsageError(
+        f'--topology {fv.topology!r}: {str(e).strip().splitlines()[0]} '
+        "(e.g. 'v5e:2x4', 'v4:2x2x1').") from e
   rows = []
-  for kind in fv.kinds.split(','):
+  for kind in kinds:
     config = copy.deepcopy(fv.config)
     config.model.kind = kind
     if fv.parallelism:

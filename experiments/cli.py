@@ -261,7 +261,8 @@ def parse_flags(argv: Sequence[str],
     ``argv`` without the flags: the program, then the positional arguments.
 
   A bad flag or value, or an unknown ``--config.KEY``, prints one line
-  ``error: ...`` and exits 2.
+  ``error: ...`` and exits 2 (with ``--traceback`` in ``argv`` or
+  ``ADDERJAX_TRACEBACK=1``, the error propagates with its traceback).
 
   Examples:
     >>> from absl import flags
@@ -271,9 +272,12 @@ def parse_flags(argv: Sequence[str],
     (['prog', 'extra'], 2)
   """
   argv = _join_values(list(argv), flag_values)
+  show = errors.traceback_requested(_traceback_in(argv))
   try:
     return flag_values(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: no such key
+    if show:
+      raise
     key = str(e).strip('"\'')
     overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--')
                  and '.' in a.split('=')[0]]
@@ -282,14 +286,42 @@ def parse_flags(argv: Sequence[str],
                  'keys are listed by --help (experiments/configs/'
                  'default.py).')
   except flags.Error as e:
+    if show:
+      raise
     cause = e.__context__ or e.__cause__
     if isinstance(cause, errors.UserError):  # e.g. load_config_file
       _usage_error(_squeeze(cause))
     _usage_error(f'{_squeeze(e)} (see --help).')
   except errors.UserError as e:
+    if show:
+      raise
     _usage_error(_squeeze(e))
   except (ValueError, TypeError) as e:  # a --config.KEY value
+    if show:
+      raise
     _usage_error(f'{_squeeze(e)} (see --help).')
+
+
+def _traceback_in(argv: Sequence[str]) -> bool:
+  """Whether ``argv`` turns ``--traceback`` on (read before the flags are).
+
+  Examples:
+    >>> _traceback_in(['prog', '--traceback', '--n=2'])
+    True
+    >>> _traceback_in(['prog', '--traceback', '--notraceback'])
+    False
+  """
+  on = False
+  for arg in argv[1:]:
+    if arg == '--':
+      break
+    if arg in ('--traceback', '--traceback=true', '--traceback=True',
+               '--traceback=1'):
+      on = True
+    elif arg in ('--notraceback', '--traceback=false', '--traceback=False',
+                 '--traceback=0'):
+      on = False
+  return on
 
 
 def _define(define_flags: DefineFlags, flag_values: flags.FlagValues) -> None:
