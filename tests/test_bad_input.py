@@ -507,3 +507,45 @@ def test_quant_refuses(fn, error, words):
 def test_quant_config_accepts_numpy_bools():
   config = quant.QuantConfig(fold_bn=np.False_, clip_kernel=np.True_)
   assert config.fold_bn is False and config.clip_kernel is True
+
+
+# --- layers: the Linen and NNX modules' arguments -----------------------------
+
+
+def _init_linen(layer, shape):
+  return jax.eval_shape(lambda x: layer.init(jax.random.key(0), x),
+                        jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+LAYER_CASES = [
+    (lambda: _init_linen(AdderConv(0, (3, 3)), (1, 4, 4, 2)), ValueError,
+     ['features', 'positive int', '0']),
+    (lambda: _init_linen(AdderConv(2.5, (3, 3)), (1, 4, 4, 2)), ValueError,
+     ['features', '2.5']),
+    (lambda: _init_linen(AdderConv(2, (0, 3)), (1, 4, 4, 2)), ValueError,
+     ['kernel_size', '(0, 3)']),
+    (lambda: _init_linen(AdderConv(2, '3'), (1, 4, 4, 2)), TypeError,
+     ['kernel_size', "'3'"]),
+    (lambda: _init_linen(AdderConv(2, (3, 3), grad='x'), (1, 4, 4, 2)),
+     ValueError, ['grad', "'x'", 'full_precision']),
+    (lambda: _init_linen(AdderConv(2, (3, 3), implementation='x'),
+                         (1, 4, 4, 2)), ValueError,
+     ['implementation', "'x'", 'xla']),
+    (lambda: _init_linen(AdderConv(2, (3, 3), strides=0), (1, 4, 4, 2)),
+     ValueError, ['strides', '0']),
+    (lambda: _init_linen(AdderConv(2, (3, 3), padding='HALF'), (1, 4, 4, 2)),
+     ValueError, ['padding', "'HALF'"]),
+    (lambda: _init_linen(AdderDense(-1), (1, 3)), ValueError,
+     ['features', '-1']),
+    (lambda: adder_nnx.AdderDense(0, 4, rngs=nnx.Rngs(0)), ValueError,
+     ['in_features', '0']),
+    (lambda: adder_nnx.AdderDense(3, '4', rngs=nnx.Rngs(0)), ValueError,
+     ['out_features', "'4'"]),
+    (lambda: adder_nnx.AdderConv(2, 4, 0, rngs=nnx.Rngs(0)), ValueError,
+     ['kernel_size', '0']),
+]
+
+
+@pytest.mark.parametrize('fn,error,words', LAYER_CASES)
+def test_layers_refuse(fn, error, words):
+  _raises(fn, error, words)
