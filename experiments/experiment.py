@@ -47,6 +47,7 @@ from experiments import data as data_lib
 from experiments import distillation  # registers the pkkd method
 from experiments import errors
 from experiments import losses
+from experiments import lr_scales
 from experiments import methods
 from experiments import parallel
 from experiments import steps
@@ -120,14 +121,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError('optimizer.learning_rate must be a finite '
                              f'number > 0, got {lr!r}.')
   methods.get_method(config.method).options(config)
-  if config.optimizer.lr_scales:
-    raise errors.ConfigError(
-        f'optimizer.lr_scales {config.optimizer.lr_scales!r}: per-parameter '
-        'learning-rate factors are not supported yet; leave it empty.')
   try:
-    losses.parse_terms(config.loss_terms)
+    lr_scales.parse_lr_scales(config.optimizer.lr_scales)
+  except ValueError as e:
+    raise errors.ConfigError(f'optimizer.{e}') from e
+  try:
+    terms = losses.parse_terms(config.loss_terms)
   except ValueError as e:
     raise errors.ConfigError(str(e)) from e
+  slac_terms = [name for name, _ in terms if name.startswith('slac_')]
+  if (slac_terms and ':' not in config.model.name
+      and config.model.overrides.get('head', 'dense') != 'slac'):
+    raise errors.ConfigError(
+        f'loss_terms {slac_terms} read the SLAC head, but the model has '
+        f"head={config.model.overrides.get('head', 'dense')!r}: set "
+        "--config.model.overrides.head=slac (or use the :slac config "
+        'argument).')
 
 
 def to_python(value):
@@ -262,7 +271,17 @@ def create_model(model_config, num_classes: int) -> nn.Module:
 
 def create_optimizer(config, model: nn.Module, example: jax.Array,
                      steps_per_epoch: int):
-  """The paper's optimizer and its learning-rate schedule."""
+  """The paper's optimizer and its learning-rate schedule.
+
+  ``config.optimizer.lr_scales`` (``'name=factor,...'``) scales the updates
+  of the parameters with a path component ``name``
+  (:func:`experiments.lr_scales.scale_updates`, chained last); empty, the
+  optimizer is the paper's chain alone.
+
+  Raises:
+    ValueError: a value the optimizer refuses, or an ``lr_scales`` name
+      that matches no parameter of ``model``.
+  """
   o = config.optimizer
   schedule = optim.cosine_lr_schedule(
       o.learning_rate, num_epochs=config.num_epochs,
@@ -278,6 +297,13 @@ def create_optimizer(config, model: nn.Module, example: jax.Array,
       schedule, mask=mask, momentum=o.momentum,
       weight_decay=o.weight_decay, eta=o.eta, nesterov=o.nesterov,
       scaling=scaling, ilr_factor=ilr_factor)
+  if o.lr_scales:
+    # Per-parameter learning-rate factors (experiments.lr_scales): the
+    # updates of the matched parameters scaled after the whole chain.
+    params = jax.eval_shape(
+        lambda x: model.init(jax.random.key(0), x, train=False),
+        example)['params']
+    tx = optax.chain(tx, lr_scales.scale_updates(params, o.lr_scales))
   return tx, schedule
 
 

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adderjax import slac
+
 
 @dataclasses.dataclass(frozen=True)
 class StepOutputs:
@@ -173,6 +175,34 @@ def register_term(name: str):
 def _logit_l2():
   """Mean squared logit (a small regulariser; also the test term)."""
   return lambda out: jnp.mean(jnp.square(out.logits.astype(jnp.float32)))
+
+
+@register_term('slac_nll')
+def _slac_nll():
+  """SLAC's ``L_nll``: ``-log f_y(x)`` of the head's class densities.
+
+  Reads the values the SLAC head (``model.overrides.head='slac'``) sows;
+  see :func:`adderjax.slac.nll_loss`. The paper's weight is 0.01.
+  """
+  def fn(out: StepOutputs) -> jax.Array:
+    return slac.nll_loss(slac.find_sown(out.intermediates)['log_density'],
+                         out.labels)
+  fn.needs_intermediates = True
+  return fn
+
+
+@register_term('slac_ac')
+def _slac_ac():
+  """SLAC's ``L_ac``: the skew directions aligned with the class distances.
+
+  Reads the head's ``mu``, ``sigma``, ``gamma``; see
+  :func:`adderjax.slac.ac_loss`. The paper's weight is 0.1.
+  """
+  def fn(out: StepOutputs) -> jax.Array:
+    sown = slac.find_sown(out.intermediates)
+    return slac.ac_loss(sown['mu'], sown['sigma'], sown['gamma'])
+  fn.needs_intermediates = True
+  return fn
 
 
 def parse_terms(spec: str) -> list[tuple[str, float]]:

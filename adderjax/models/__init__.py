@@ -113,7 +113,9 @@ def create_model(name: str, *, kind: str = 'adder', num_classes: int,
     dtype: computation dtype (parameters are float32).
     **overrides: other model fields, e.g. ``bn_momentum=0.9`` (Flax
       convention), ``grad='sign'`` / ``implementation='xla'`` (adder kind),
-      ``stride_in_1x1=True`` (ResNet-50), ``conv=...`` to inject another layer.
+      ``stride_in_1x1=True`` (ResNet-50), ``conv=...`` to inject another layer,
+      ``head='slac'`` for the skew-Laplace classifier
+      (:class:`adderjax.slac.SLACHead`) in place of the linear one.
 
   Returns:
     An unbound ``flax.linen.Module``.

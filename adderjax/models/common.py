@@ -18,11 +18,16 @@ import jax.numpy as jnp
 from adderjax import _checks
 from adderjax import bnn
 from adderjax import linen as adder_linen
+from adderjax import slac
 
 ModuleDef = Any
 
 #: Layer kinds of :func:`adderjax.models.create_model`.
 KINDS = ('cnn', 'adder', 'bnn')
+
+#: Classifier heads of the zoo (the ``head`` field): the paper's linear layer
+#: or the skew-Laplace classifier (:class:`adderjax.slac.SLACHead`).
+HEADS = ('dense', 'slac')
 
 #: He (Kaiming) normal init, fan-out, for full-precision convolutions (the
 #: official ResNet-50 code initialises its ``nn.Conv2d`` layers this way).
@@ -107,6 +112,15 @@ class ZooModel(nn.Module):
       layers with a ``grad`` field (adder layers) accept it.
     implementation: adder backend passed to the body layers (``None``: the
       layer default, i.e. the fastest available).
+    head: the classifier: ``'dense'`` (the ``classifier`` layer, the
+      paper's) or ``'slac'``: :class:`adderjax.slac.SLACHead` on the same
+      features, under the same name, in place of the classifier (and of the
+      ResNets' BatchNorm on the logits); its logits are class
+      log-densities + log(1/K).
+    slac_covariance: ``Sigma`` of the SLAC head, ``'full'`` or
+      ``'diagonal'`` (used with ``head='slac'`` only). Full for LeNet-5-BN
+      and the CIFAR ResNets (d = 84, 64), diagonal for VGG-small and the
+      ImageNet ResNets (d = 8192, 512, 2048).
   """
   num_classes: int
   conv: ModuleDef = adder_linen.AdderConv
@@ -119,6 +133,8 @@ class ZooModel(nn.Module):
   bn_axis_name: str | None = None
   grad: str | None = None
   implementation: str | None = None
+  head: str = 'dense'
+  slac_covariance: str = 'full'
 
   def _layer_kwargs(self, layer: ModuleDef) -> dict[str, Any]:
     names = _field_names(layer)
@@ -144,6 +160,11 @@ class ZooModel(nn.Module):
     """The body fully connected layer: no bias (BatchNorm follows)."""
     return functools.partial(self.dense, use_bias=False, dtype=self.dtype,
                              **self._layer_kwargs(self.dense))
+
+  def slac_head(self) -> ModuleDef:
+    """The SLAC classifier head of ``head='slac'`` (call with ``name=``)."""
+    return functools.partial(slac.SLACHead, self.num_classes,
+                             covariance=self.slac_covariance)
 
   def norm(self, train: bool) -> ModuleDef:
     """BatchNorm in training (batch statistics) or eval (running) mode."""
@@ -180,6 +201,8 @@ class ZooModel(nn.Module):
     """
     _checks.positive_int('num_classes', self.num_classes)
     self._check_batch_norm()
+    _checks.choice('head', self.head, HEADS)
+    _checks.choice('slac_covariance', self.slac_covariance, slac.COVARIANCES)
 
   def check_input(self, x, name: str) -> None:
     self.check_fields()

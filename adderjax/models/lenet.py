@@ -82,5 +82,8 @@ class LeNet5BN(ZooModel):
     x = nn.relu(norm(name='bn3')(x))
     x = dense(84, name='fc2')(x)
     x = nn.relu(norm(name='bn4')(x))
-    x = self.classifier(self.num_classes, dtype=self.dtype, name='fc3')(x)
+    if self.head == 'slac':
+      x = self.slac_head()(name='fc3')(x)
+    else:
+      x = self.classifier(self.num_classes, dtype=self.dtype, name='fc3')(x)
     return jnp.asarray(x, jnp.float32)

@@ -193,6 +193,8 @@ class ResNet(ZooModel):
             strides=2 if i > 0 and j == 0 else 1,
             stride_in_1x1=self.stride_in_1x1, name=f'layer{i + 1}_{j}')(x)
     x = jnp.mean(x, axis=(1, 2))
+    if self.head == 'slac':  # log-densities: no BatchNorm on them
+      return self.slac_head()(name='fc')(x)
     x = self.classifier(self.num_classes, use_bias=self.classifier_bias,
                         dtype=self.dtype, name='fc')(x)
     x = norm(name='fc_bn')(x)
@@ -203,10 +205,14 @@ ResNet20 = functools.partial(ResNet, stage_sizes=(3, 3, 3),
                              block_cls=BasicBlock, width=16, stem='cifar')
 ResNet32 = functools.partial(ResNet, stage_sizes=(5, 5, 5),
                              block_cls=BasicBlock, width=16, stem='cifar')
+# ImageNet: a full-covariance SLAC head would hold 1000 d x d matrices
+# (d = 512, 2048), so theirs is diagonal.
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
-                             block_cls=BasicBlock, width=64, stem='imagenet')
+                             block_cls=BasicBlock, width=64, stem='imagenet',
+                             slac_covariance='diagonal')
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3),
-                             block_cls=Bottleneck, width=64, stem='imagenet')
+                             block_cls=Bottleneck, width=64, stem='imagenet',
+                             slac_covariance='diagonal')
 # A one-block CIFAR ResNet for fast tests.
 _ResNet1 = functools.partial(ResNet, stage_sizes=(1,), block_cls=BasicBlock,
                              width=8, stem='cifar')

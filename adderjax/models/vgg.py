@@ -38,6 +38,8 @@ class VGGSmall(ZooModel):
 
   Attributes:
     widths: channels of the three conv pairs.
+    slac_covariance: ``'diagonal'`` here (d = 8192); see
+      :class:`adderjax.models.common.ZooModel`.
     (others): see :class:`adderjax.models.common.ZooModel`.
 
   Examples:
@@ -54,6 +56,9 @@ class VGGSmall(ZooModel):
     (2, 10)
   """
   widths: tuple[int, int, int] = (128, 256, 512)
+  # The flattened 4x4x512 features (d = 8192): a full d x d Sigma per class
+  # would not fit.
+  slac_covariance: str = 'diagonal'
 
   def check_fields(self) -> None:
     super().check_fields()
@@ -80,5 +85,8 @@ class VGGSmall(ZooModel):
         index += 1
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
-    x = self.classifier(self.num_classes, dtype=self.dtype, name='fc')(x)
+    if self.head == 'slac':
+      x = self.slac_head()(name='fc')(x)
+    else:
+      x = self.classifier(self.num_classes, dtype=self.dtype, name='fc')(x)
     return jnp.asarray(x, jnp.float32)
