@@ -42,6 +42,7 @@ import optax
 
 from adderjax import models
 from adderjax import optim
+from experiments import adversarial  # registers the 'adversarial' method
 from experiments import checkpointing
 from experiments import data as data_lib
 from experiments import distillation  # registers the pkkd method
