@@ -15,7 +15,10 @@ step size default: PGD ``2.5 * epsilon / steps``, BIM and MIM
 ``epsilon / steps``); ``--random_start`` (default on) starts PGD at a uniform
 point of the ball, drawn from ``--seed`` and the batch's position in the
 split. ``--max_examples`` evaluates the
-first N examples only.
+first N examples only. ``--adder_grad`` chooses the adder layers' input
+gradient the attacks follow (the run's by default: the paper's full-precision
+HardTanh surrogate; ``sign`` is the exact subgradient), to tell real
+robustness from a masked gradient.
 
 Writes ``robustness.json`` (every figure, the options, the command) and
 ``robustness.md`` (a table: attacks by rows, epsilons by columns) in the
@@ -86,6 +89,13 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                       flag_values=flag_values)
   flags.DEFINE_integer('eval_batch_size', None, 'Override eval_batch_size.',
                        flag_values=flag_values)
+  flags.DEFINE_enum('adder_grad', None, ['full_precision', 'sign',
+                                         'unclipped'],
+                    'Override model.grad, the input gradient of the adder '
+                    'layers the attacks follow (default: the run\'s, the '
+                    'paper\'s full-precision HardTanh surrogate; sign: the '
+                    'exact subgradient). The weights are the same.',
+                    flag_values=flag_values)
   flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.',
                     flag_values=flag_values)
   flags.DEFINE_bool('trust_workdir_code', False,
@@ -255,7 +265,8 @@ def evaluate_robustness(config, workdir: str, *, names=('fgsm', 'pgd'),
     bar.close()
   return {'workdir': os.path.abspath(workdir), 'step': step,
           'model': exp.config.model.name, 'kind': exp.config.model.kind,
-          'method': exp.config.method, 'dataset': exp.config.dataset.name,
+          'method': exp.config.method, 'grad': exp.config.model.grad,
+          'dataset': exp.config.dataset.name,
           'split': exp.config.dataset.eval_split, 'count': int(clean['count']),
           'clean_top1': clean['top1'], 'clean_loss': clean['loss'],
           'seed': seed, 'results': results,
@@ -304,7 +315,9 @@ def markdown(report: dict[str, Any]) -> str:
            f"{report['model']} ({report['kind']}, {report['method']}), "
            f"{report['dataset']} {report['split']}, {report['count']} "
            'examples; top-1 accuracy (%) under white-box l_inf attacks, '
-           'epsilon in pixels ([0, 1]).', '',
+           'epsilon in pixels ([0, 1])'
+           + (f"; adder input gradient {report['grad']!r}"
+              if report.get('grad') else '') + '.', '',
            '| attack | clean | ' + ' | '.join(f'{e:g}' for e in epsilons)
            + ' |', '|---|---|' + '---|' * len(epsilons)]
   names = list(dict.fromkeys(r['attack'] for r in report['results']))
@@ -328,7 +341,8 @@ def main(flag_values: flags.FlagValues, args: list[str]) -> None:
       flag_values.workdir, trust_code=flag_values.trust_workdir_code)
   for flag, key in (('data_dir', 'dataset.data_dir'),
                     ('split', 'dataset.eval_split'),
-                    ('eval_batch_size', 'eval_batch_size')):
+                    ('eval_batch_size', 'eval_batch_size'),
+                    ('adder_grad', 'model.grad')):
     value = flag_values[flag].value
     if value is not None:
       section, _, leaf = key.rpartition('.')

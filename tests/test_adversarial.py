@@ -254,12 +254,29 @@ def test_robustness_max_examples_and_default_out(trained_run):
   assert all(r['top1'] <= report['clean_top1'] for r in report['results'])
 
 
+@pytest.mark.slow
+def test_robustness_with_the_exact_adder_gradient(mnist_dir, tmp_path):
+  workdir = str(tmp_path / 'adder')
+  train.train_and_evaluate(adv_config(mnist_dir, kind='adder', arg='',
+                                      steps_per_epoch=2, num_epochs=1),
+                           workdir)
+  out = str(tmp_path / 'sign')
+  assert cli.call(robustness.main, robustness.define_flags, [
+      '--workdir', workdir, '--attacks', 'fgsm', '--epsilons', '0.2',
+      '--adder_grad', 'sign', '--noprogress_bar', '--out', out]) == 0
+  report = json.load(open(os.path.join(out, robustness.JSON_FILE)))
+  assert report['grad'] == 'sign'
+  assert "adder input gradient 'sign'" in open(
+      os.path.join(out, robustness.MD_FILE)).read()
+
+
 @pytest.mark.parametrize('argv, needle', [
     (['--attacks', 'fgsm,cw'], "--attacks: 'cw' is not an attack"),
     (['--epsilons', '0.1,-0.2'], '--epsilons: -0.2'),
     (['--steps', '0'], '--steps must be >= 1'),
     (['--step_size', '0'], '--step_size must be'),
     (['--max_examples', '0'], '--max_examples must be >= 1'),
+    (['--adder_grad', 'exact'], 'adder_grad'),
 ])
 def test_robustness_bad_flags_are_one_line_errors(trained_run, argv, needle,
                                                   capsys):
