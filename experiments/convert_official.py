@@ -111,6 +111,8 @@ def convert_to_workdir(checkpoint: str, name: str, workdir: str, *,
 
   Raises:
     adderjax.official.ConversionError: the checkpoint does not fit.
+    experiments.errors.UsageError: the file is not a readable checkpoint
+      (empty, truncated, corrupt, an unknown suffix).
     experiments.errors.UserError: no experiment config for the class count
       (:class:`~experiments.errors.ConfigError`), or ``workdir`` holds a run
       already (:class:`~experiments.checkpointing.WorkdirMismatchError`;
@@ -121,8 +123,13 @@ def convert_to_workdir(checkpoint: str, name: str, workdir: str, *,
     raise checkpointing.WorkdirMismatchError(
         f'{workdir} holds a run already; convert into a new --workdir '
         '(nothing was overwritten).')
-  converted = official.load_official(checkpoint, name, kind=kind,
-                                     reader=reader)
+  try:
+    converted = official.load_official(checkpoint, name, kind=kind,
+                                       reader=reader)
+  except official.ConversionError:
+    raise
+  except (ValueError, OSError) as e:  # not a readable checkpoint file
+    raise errors.UsageError(f'--checkpoint {checkpoint}: {e}') from e
   config = config_for(name, converted.num_classes, kind)
   config.seed = seed
   model = experiment.create_model(config.model, converted.num_classes)

@@ -28,6 +28,7 @@ _T0 = time.time()  # before the heavy imports: the wall time covers them
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import logging as std_logging
+import os
 
 from absl import flags
 from absl import logging
@@ -88,8 +89,17 @@ def main(flag_values: flags.FlagValues, args: list[str]) -> None:
     raise errors.UsageError(
         f'expected one argument, mnist or report, got {args} (see --help).')
   experiment = args[0]
+  if experiment == 'mnist':
+    cli.check_workdir(fv.out, '--out')
+    if fv.workdir:
+      cli.check_workdir(fv.workdir)
   command = cli.command_line('experiments.reproduce', fv, args)
   if experiment == 'report':
+    results = os.path.join(fv.out, 'results.json')
+    if not os.path.isfile(results):
+      raise errors.UsageError(
+          f'--out {fv.out}: no results.json to redraw the report from (run '
+          '`python -m experiments.reproduce mnist --out DIR` first).')
     pipeline.rerender(fv.out, command=command)
     return
   logging.set_verbosity(logging.WARNING)

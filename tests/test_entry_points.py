@@ -18,6 +18,10 @@ import sys
 
 import pytest
 
+from experiments import cli
+from experiments import convert_official
+from experiments import reproduce
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # absl log lines (I1207 06:23:08.757579 ... main.py:77] ...) are not errors.
@@ -115,3 +119,53 @@ def test_traceback_flag_and_environment_show_the_traceback(tmp_path):
   assert env.returncode not in (0, 2), env.stderr[-3000:]
   assert 'Traceback (most recent call last)' in env.stderr
   assert 'NoRunError' in env.stderr and 'holds no run' in env.stderr
+
+
+# More user errors, run in this process (experiments.cli.call: the same
+# output and exit status as the program, without the subprocess's imports).
+
+
+def _in_process_cases(tmp):
+  afile = os.path.join(tmp, 'afile')
+  with open(afile, 'w') as f:
+    f.write('')
+  empty = os.path.join(tmp, 'empty.pth')
+  with open(empty, 'wb') as f:
+    f.write(b'')
+  corrupt = os.path.join(tmp, 'corrupt.npz')
+  with open(corrupt, 'wb') as f:
+    f.write(b'PK\x03\x04' + bytes(range(200)))
+  new = os.path.join(tmp, 'new')
+  return [
+      ('reproduce', ['mnist', '--out', afile], ['--out', 'is a file']),
+      ('reproduce', ['report', '--out', os.path.join(tmp, 'none')],
+       ['--out', 'no results.json']),
+      ('reproduce', ['report', '--out', afile], ['--out', 'no results.json']),
+      ('reproduce', ['mnist', '--out', os.path.join(tmp, 'o'), '--workdir',
+                     os.path.join(afile, 'w')], ['--workdir', 'is a file']),
+      ('convert_official', ['--checkpoint', empty, '--workdir', new],
+       ['--checkpoint', 'empty.pth', 'not a valid', 'empty']),
+      ('convert_official', ['--checkpoint', corrupt, '--workdir', new],
+       ['--checkpoint', 'corrupt.npz', 'not a valid']),
+      ('convert_official', ['--checkpoint', afile, '--workdir', new],
+       ['--checkpoint', 'unknown suffix']),
+  ]
+
+
+@pytest.mark.parametrize('index', range(7))
+def test_more_user_errors_in_process(index, tmp_path, capsys, monkeypatch):
+  monkeypatch.delenv('ADDERJAX_TRACEBACK', raising=False)
+  cases = _in_process_cases(str(tmp_path))
+  assert len(cases) == 7
+  program, argv, words = cases[index]
+  module = {'reproduce': reproduce,
+            'convert_official': convert_official}[program]
+  with pytest.raises(SystemExit) as e:
+    cli.call(module.main, module.define_flags, argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  lines = _error_lines(err)
+  assert len(lines) == 1 and lines[0].startswith('error: '), err
+  for word in words:
+    assert word in err, (word, err)
+  assert not (tmp_path / 'new').exists() and not (tmp_path / 'o').exists()
