@@ -21,19 +21,25 @@ the paper trains ``L_c + 0.01 L_nll + 0.1 L_ac`` with the learning rate of
 ``Sigma`` divided by 100 (``experiments``: the ``:slac`` config token).
 
 Parametrisation (ours; the paper gives only the initial values): the
-parameter named ``sigma`` holds ``Sigma``'s log-Cholesky factor. With
-``covariance='full'`` it is a ``(K, d, d)`` array ``R`` and
-``Sigma = L L^T`` with ``L = tril(R, -1) + diag(exp(diag(R)))``, positive
-definite for every ``R``; with ``covariance='diagonal'`` it is ``(K, d)`` and
-``Sigma = diag(exp(2 R))``. Zero initialises ``Sigma`` to the identity, as
-the paper; ``gamma`` starts at zero (a symmetric Laplace) and ``mu`` Xavier
-uniform. The parameter names ``mu``, ``sigma`` and ``gamma`` are what a
-per-parameter learning-rate factor (``config.optimizer.lr_scales``) matches.
+parameter named ``sigma`` holds the log-Cholesky factor of the precision
+``Sigma^-1``. With ``covariance='full'`` it is a ``(K, d, d)`` array ``R``
+and ``Sigma^-1 = P P^T`` with ``P = tril(R, -1) + diag(exp(-diag(R)))``,
+positive definite for every ``R``; with ``covariance='diagonal'`` it is
+``(K, d)`` and ``Sigma = diag(exp(2 R))`` (``R`` the log standard
+deviations; the full form with a zero strict lower triangle is the same).
+Zero initialises ``Sigma`` to the identity, as the paper; ``gamma`` starts
+at zero (a symmetric Laplace) and ``mu`` Xavier uniform. Every quantity of
+the density is then a product with ``P`` (``(x - mu)^T Sigma^-1 (x - mu) =
+|P^T (x - mu)|^2``, ``log|Sigma| = -2 sum log diag P``): the head and its
+losses need no factorisation, inverse or triangular solve (no LAPACK call,
+whose OpenBLAS threads deadlocked a CPU training run). The parameter names
+``mu``, ``sigma`` and ``gamma`` are what a per-parameter learning-rate
+factor (``config.optimizer.lr_scales``) matches.
 
-In training the head sows ``{'log_density', 'mu', 'sigma', 'gamma'}``
-(``sigma`` as the covariance matrices, or the variances for a diagonal
-head) into the ``'intermediates'`` collection under the name ``'slac'``;
-the loss terms read them from there.
+In training the head sows ``{'log_density', 'mu', 'sigma_inv', 'gamma'}``
+(``sigma_inv``: the precision matrices ``Sigma^-1``, or the inverse
+variances for a diagonal head) into the ``'intermediates'`` collection
+under the name ``'slac'``; the loss terms read them from there.
 
 Examples:
   >>> import jax, jax.numpy as jnp
@@ -44,7 +50,7 @@ Examples:
   {'gamma': (3, 4), 'mu': (3, 4), 'sigma': (3, 4, 4)}
   >>> logits, state = head.apply(variables, x, mutable=['intermediates'])
   >>> logits.shape, sorted(state['intermediates']['slac'][0])
-  ((2, 3), ['gamma', 'log_density', 'mu', 'sigma'])
+  ((2, 3), ['gamma', 'log_density', 'mu', 'sigma_inv'])
 
 References:
   X. Dong, H. Chen, ..., Y. Wang. "Handling Long-tailed Feature Distribution
@@ -101,29 +107,29 @@ def log_normalizer(d: int) -> float:
           + math.lgamma(0.5 * (d + 1)))
 
 
-def scale_factor(raw: jax.Array, covariance: str = 'full') -> jax.Array:
-  """The Cholesky factor of ``Sigma`` from the head's ``sigma`` parameter.
+def precision_factor(raw: jax.Array, covariance: str = 'full') -> jax.Array:
+  """The factor ``P`` of ``Sigma^-1 = P P^T`` from the head's ``sigma``.
 
   Args:
-    raw: the log-Cholesky parameter: ``(..., d, d)`` for
+    raw: the head's ``sigma`` parameter: ``(..., d, d)`` for
       ``covariance='full'`` (the strict lower triangle as is, the diagonal
-      through ``exp``; the upper triangle is ignored), ``(..., d)`` for
+      through ``exp(-.)``; the upper triangle is ignored), ``(..., d)`` for
       ``'diagonal'`` (log standard deviations).
     covariance: ``'full'`` or ``'diagonal'``.
 
   Returns:
-    ``L`` with ``Sigma = L L^T``: lower-triangular ``(..., d, d)`` with a
-    positive diagonal, or the standard deviations ``(..., d)``.
+    ``P``: lower-triangular ``(..., d, d)`` with a positive diagonal, or the
+    inverse standard deviations ``(..., d)`` (``Sigma^-1 = diag(P^2)``).
 
   Raises:
     ValueError: an unknown ``covariance``, or ``raw`` of the wrong rank.
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> scale_factor(jnp.zeros((1, 2, 2))).tolist()
+    >>> precision_factor(jnp.zeros((1, 2, 2))).tolist()
     [[[1.0, 0.0], [0.0, 1.0]]]
-    >>> scale_factor(jnp.log(jnp.array([[2.0, 3.0]])), 'diagonal').tolist()
-    [[2.0, 3.0]]
+    >>> precision_factor(jnp.log(jnp.array([[2.0, 4.0]])), 'diagonal').tolist()
+    [[0.5, 0.25]]
   """
   _checks.choice('covariance', covariance, COVARIANCES)
   raw = jnp.asarray(raw)
@@ -131,40 +137,35 @@ def scale_factor(raw: jax.Array, covariance: str = 'full') -> jax.Array:
     if raw.ndim < 1:
       raise ValueError(f'`raw` of a diagonal covariance must be (..., d), got '
                        f'shape {raw.shape}.')
-    return jnp.exp(raw)
+    return jnp.exp(-raw)
   if raw.ndim < 2 or raw.shape[-1] != raw.shape[-2]:
     raise ValueError(f'`raw` of a full covariance must be (..., d, d), got '
                      f'shape {raw.shape}.')
   diag = jnp.diagonal(raw, axis1=-2, axis2=-1)
-  return jnp.tril(raw, -1) + jnp.exp(diag)[..., None] * jnp.eye(
+  return jnp.tril(raw, -1) + jnp.exp(-diag)[..., None] * jnp.eye(
       raw.shape[-1], dtype=raw.dtype)
 
 
-def _covariance_of(factor: jax.Array, diagonal: bool) -> jax.Array:
+def _precision_of(factor: jax.Array, diagonal: bool) -> jax.Array:
   if diagonal:
     return jnp.square(factor)
   return factor @ jnp.swapaxes(factor, -1, -2)
 
 
 def _whiten(factor: jax.Array, v: jax.Array, diagonal: bool) -> jax.Array:
-  """``L^-1 v`` for ``v`` of shape ``(K, M, d)`` (``factor``: K factors)."""
+  """``P^T v`` for ``v`` of shape ``(K, M, d)`` (``factor``: K factors)."""
   if diagonal:
-    return v / factor[:, None, :]
-  z = jax.scipy.linalg.solve_triangular(factor, jnp.swapaxes(v, -1, -2),
-                                        lower=True)
-  return jnp.swapaxes(z, -1, -2)
+    return v * factor[:, None, :]
+  return v @ factor
 
 
 def _log_density(x, mu, factor, gamma, diagonal: bool) -> jax.Array:
-  """``log f_k(x)`` as ``(N, K)`` from the Cholesky factors (no checks)."""
+  """``log f_k(x)`` as ``(N, K)`` from the precision factors (no checks)."""
   d = x.shape[-1]
   z = _whiten(factor, x[None, :, :] - mu[:, None, :], diagonal)  # (K, N, d)
   g = _whiten(factor, gamma[:, None, :], diagonal)[:, 0, :]      # (K, d)
-  if diagonal:
-    log_det = 2.0 * jnp.sum(jnp.log(factor), axis=-1)
-  else:
-    log_det = 2.0 * jnp.sum(
-        jnp.log(jnp.diagonal(factor, axis1=-2, axis2=-1)), axis=-1)
+  diag = factor if diagonal else jnp.diagonal(factor, axis1=-2, axis2=-1)
+  log_det = -2.0 * jnp.sum(jnp.log(diag), axis=-1)               # log|Sigma|
   alpha = jnp.sqrt(1.0 + jnp.sum(jnp.square(g), axis=-1))        # (K,)
   radius = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(z), axis=-1), _Q_FLOOR))
   skew = jnp.einsum('knd,kd->kn', z, g)
@@ -173,7 +174,8 @@ def _log_density(x, mu, factor, gamma, diagonal: bool) -> jax.Array:
   return log_f.T
 
 
-def _check_params(mu, sigma, gamma, x=None) -> tuple[Any, ...]:
+def _check_params(mu, sigma, gamma, x=None,
+                  sigma_name: str = 'sigma') -> tuple[Any, ...]:
   mu, sigma, gamma = (jnp.asarray(a) for a in (mu, sigma, gamma))
   if mu.ndim != 2:
     raise ValueError(f'`mu` must be (K, d) (one location per class), got '
@@ -183,9 +185,9 @@ def _check_params(mu, sigma, gamma, x=None) -> tuple[Any, ...]:
     raise ValueError(f'`gamma` must have the shape of `mu` {mu.shape}, got '
                      f'{gamma.shape}.')
   if sigma.shape not in ((k, d, d), (k, d)):
-    raise ValueError(f'`sigma` must be (K, d, d) covariance matrices or '
-                     f'(K, d) variances, i.e. {(k, d, d)} or {(k, d)} for '
-                     f'`mu` of shape {mu.shape}; got {sigma.shape}.')
+    raise ValueError(f'`{sigma_name}` must be (K, d, d) matrices or (K, d) '
+                     f'diagonals, i.e. {(k, d, d)} or {(k, d)} for `mu` of '
+                     f'shape {mu.shape}; got {sigma.shape}.')
   if x is not None:
     x = jnp.asarray(x)
     if x.ndim != 2 or x.shape[-1] != d:
@@ -194,8 +196,6 @@ def _check_params(mu, sigma, gamma, x=None) -> tuple[Any, ...]:
   return x, mu, sigma, gamma, sigma.ndim == 2
 
 
-def _factor_of_covariance(sigma: jax.Array, diagonal: bool) -> jax.Array:
-  return jnp.sqrt(sigma) if diagonal else jnp.linalg.cholesky(sigma)
 
 
 def skew_laplace_log_density(x: jax.Array, mu: jax.Array, sigma: jax.Array,
@@ -206,7 +206,8 @@ def skew_laplace_log_density(x: jax.Array, mu: jax.Array, sigma: jax.Array,
   - log alpha_k - alpha_k sqrt((x - mu_k)^T Sigma_k^-1 (x - mu_k))
   + (x - mu_k)^T Sigma_k^-1 gamma_k`` with
   ``alpha_k = sqrt(1 + gamma_k^T Sigma_k^-1 gamma_k)``, computed through
-  the Cholesky factor of ``Sigma_k`` (a triangular solve, no inverse).
+  the Cholesky factor of ``Sigma_k^-1`` (an inverse and a Cholesky
+  factorisation here; the head keeps that factor as its parameter).
 
   Args:
     x: ``(N, d)`` points.
@@ -229,8 +230,9 @@ def skew_laplace_log_density(x: jax.Array, mu: jax.Array, sigma: jax.Array,
     True
   """
   x, mu, sigma, gamma, diagonal = _check_params(mu, sigma, gamma, x)
-  return _log_density(x, mu, _factor_of_covariance(sigma, diagonal), gamma,
-                      diagonal)
+  factor = (1.0 / jnp.sqrt(sigma) if diagonal
+            else jnp.linalg.cholesky(jnp.linalg.inv(sigma)))
+  return _log_density(x, mu, factor, gamma, diagonal)
 
 
 def nll_loss(log_density: jax.Array, labels: jax.Array) -> jax.Array:
@@ -268,7 +270,7 @@ def nll_loss(log_density: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.mean(picked)
 
 
-def ac_loss(mu: jax.Array, sigma: jax.Array, gamma: jax.Array, *,
+def ac_loss(mu: jax.Array, sigma_inv: jax.Array, gamma: jax.Array, *,
             eps: float = 1e-8) -> jax.Array:
   """``L_ac``: skew directions aligned with the class-centre distances.
 
@@ -287,7 +289,8 @@ def ac_loss(mu: jax.Array, sigma: jax.Array, gamma: jax.Array, *,
 
   Args:
     mu: ``(K, d)`` locations, ``K >= 2``.
-    sigma: ``(K, d, d)`` covariance matrices or ``(K, d)`` variances.
+    sigma_inv: ``(K, d, d)`` precision matrices ``Sigma_k^-1`` or ``(K, d)``
+      inverse variances (the head sows them as ``'sigma_inv'``).
     gamma: ``(K, d)`` skew vectors.
     eps: floor of the cosine's denominator (> 0).
 
@@ -304,18 +307,21 @@ def ac_loss(mu: jax.Array, sigma: jax.Array, gamma: jax.Array, *,
     >>> round(float(ac_loss(mu, jnp.ones((3, 2)), gamma)), 4)
     0.1704
   """
-  _, mu, sigma, gamma, diagonal = _check_params(mu, sigma, gamma)
+  _, mu, sigma_inv, gamma, diagonal = _check_params(
+      mu, sigma_inv, gamma, sigma_name='sigma_inv')
   eps = _checks.finite_number('eps', eps, low=0, low_open=True)
   k = mu.shape[0]
   if k < 2:
     raise ValueError(f'`mu` must hold at least 2 classes for the pairwise '
                      f'loss, got shape {mu.shape}.')
-  mu, sigma, gamma = (a.astype(jnp.float32) for a in (mu, sigma, gamma))
-  factor = _factor_of_covariance(jax.lax.stop_gradient(sigma), diagonal)
-  mu_target = jax.lax.stop_gradient(mu)
-  # diff[n, m] = mu_m - mu_n, whitened by Sigma_n.
-  diff = mu_target[None, :, :] - mu_target[:, None, :]
-  d_mu = jnp.sum(jnp.square(_whiten(factor, diff, diagonal)), axis=-1).T
+  mu, sigma_inv, gamma = (a.astype(jnp.float32)
+                          for a in (mu, sigma_inv, gamma))
+  mu_t, prec = jax.lax.stop_gradient(mu), jax.lax.stop_gradient(sigma_inv)
+  diff = mu_t[:, None, :] - mu_t[None, :, :]        # [m, n] = mu_m - mu_n
+  if diagonal:
+    d_mu = jnp.einsum('mnd,nd,mnd->mn', diff, prec, diff)
+  else:
+    d_mu = jnp.einsum('mnd,nde,mne->mn', diff, prec, diff)
   d_max = jnp.max(d_mu, axis=1, keepdims=True)
   target = (d_max - 2.0 * d_mu) / jnp.where(d_max > 0, d_max, 1.0)
   sq_norm = jnp.sum(jnp.square(gamma), axis=-1)
@@ -334,11 +340,11 @@ def _check_head_input(x, d: int | None, layer: str) -> jax.Array:
 
 
 def _head_outputs(x, mu, raw, gamma, covariance: str):
-  factor = scale_factor(raw, covariance)
+  factor = precision_factor(raw, covariance)
   diagonal = covariance == 'diagonal'
   log_f = _log_density(x, mu, factor, gamma, diagonal)
   sown = {'log_density': log_f, 'mu': mu,
-          'sigma': _covariance_of(factor, diagonal), 'gamma': gamma}
+          'sigma_inv': _precision_of(factor, diagonal), 'gamma': gamma}
   return log_f - math.log(mu.shape[0]), sown
 
 
@@ -355,8 +361,9 @@ class SLACHead(nn.Module):
 
   Attributes:
     num_classes: ``K``, the number of classes.
-    covariance: ``'full'`` (``(K, d, d)`` log-Cholesky ``sigma``) or
-      ``'diagonal'`` (``(K, d)`` log standard deviations).
+    covariance: ``'full'`` (``(K, d, d)`` ``sigma``: the log-Cholesky
+      factor of ``Sigma^-1``) or ``'diagonal'`` (``(K, d)`` log standard
+      deviations).
     mu_init: initialiser of ``mu`` ``(K, d)`` (Xavier uniform, the paper's).
 
   Examples:
@@ -454,7 +461,7 @@ def find_sown(intermediates: Any) -> dict[str, jax.Array]:
       depth), or the ``nnx.Intermediate`` state of :func:`flax.nnx.capture`.
 
   Returns:
-    ``{'log_density', 'mu', 'sigma', 'gamma'}`` of the one SLAC head.
+    ``{'log_density', 'mu', 'sigma_inv', 'gamma'}`` of the one SLAC head.
 
   Raises:
     ValueError: no SLAC head sowed values (the model has none, or the
@@ -491,5 +498,5 @@ def find_sown(intermediates: Any) -> dict[str, jax.Array]:
 
 
 __all__ = ['COVARIANCES', 'SLACHead', 'SLACHeadNNX', 'ac_loss', 'find_sown',
-           'log_normalizer', 'nll_loss', 'scale_factor',
+           'log_normalizer', 'nll_loss', 'precision_factor',
            'skew_laplace_log_density']

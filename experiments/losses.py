@@ -195,12 +195,12 @@ def _slac_nll():
 def _slac_ac():
   """SLAC's ``L_ac``: the skew directions aligned with the class distances.
 
-  Reads the head's ``mu``, ``sigma``, ``gamma``; see
+  Reads the head's ``mu``, ``sigma_inv``, ``gamma``; see
   :func:`adderjax.slac.ac_loss`. The paper's weight is 0.1.
   """
   def fn(out: StepOutputs) -> jax.Array:
     sown = slac.find_sown(out.intermediates)
-    return slac.ac_loss(sown['mu'], sown['sigma'], sown['gamma'])
+    return slac.ac_loss(sown['mu'], sown['sigma_inv'], sown['gamma'])
   fn.needs_intermediates = True
   return fn
 
