@@ -171,6 +171,11 @@ MODEL_CASES = [
     (dict(name='vgg_small', widths=(8, 8)), ValueError, ['widths', '3']),
     (dict(name='vgg_small', widths=(8, 0, 8)), ValueError, ['widths', '0']),
     (dict(name='lenet5_bn', pool='sum'), ValueError, ['pool', "'sum'"]),
+    (dict(dtype=jnp.int8), TypeError, ['`dtype`', 'floating-point', 'int8']),
+    (dict(dtype='float33'), TypeError, ['`dtype`', "'float33' (str)"]),
+    (dict(grad='bogus'), ValueError, ['`grad`', "'bogus'", 'sign']),
+    (dict(implementation='bogus'), ValueError,
+     ['`implementation`', "'bogus'", 'xla']),
 ]
 
 
@@ -179,6 +184,17 @@ def test_create_model_refuses(overrides, error, words):
   kwargs = dict(name='resnet20', num_classes=10)
   kwargs.update(overrides)
   _raises(lambda: create_model(kwargs.pop('name'), **kwargs), error, words)
+
+
+@pytest.mark.parametrize('key,value', [('grad', 'sign'),
+                                       ('implementation', 'xla')])
+def test_adder_options_of_a_cnn_refused_when_built(key, value):
+  model = create_model('resnet20', kind='cnn', num_classes=10, **{key: value})
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  _raises(lambda: jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), x),
+          ValueError, [f'`{key}`', 'only meaningful for adder layers',
+                       'body layer Conv'])
 
 
 def test_zoo_model_refuses_at_call_when_built_directly():

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from adderjax import _checks
 from adderjax import bnn
 from adderjax import linen as adder_linen
+from adderjax.ops import backends
+from adderjax.ops import geometry
 from adderjax import slac
 
 ModuleDef = Any
@@ -77,6 +79,13 @@ def layers_for_kind(kind: str) -> tuple[ModuleDef, ModuleDef]:
   if kind == 'bnn':
     return BinaryConvDoReFa, BinaryDenseDoReFa
   raise ValueError(f'kind must be one of {KINDS}, got {kind!r}.')
+
+
+def _layer_name(layer: ModuleDef) -> str:
+  cls = layer
+  while isinstance(cls, functools.partial):
+    cls = cls.func
+  return getattr(cls, '__name__', repr(cls))
 
 
 def _field_names(layer: ModuleDef) -> set[str]:
@@ -145,9 +154,9 @@ class ZooModel(nn.Module):
         continue
       if key not in names:
         raise ValueError(
-            f'{key}={value!r} is only meaningful for adder layers, but the '
-            f'body layer {getattr(layer, "__name__", layer)!r} has no '
-            f'{key!r} field (kind is not "adder").')
+            f'`{key}`={value!r} is only meaningful for adder layers, but the '
+            f'body layer {_layer_name(layer)} has no {key!r} field (kind is '
+            'not "adder").')
       kwargs[key] = value
     return kwargs
 
@@ -189,6 +198,26 @@ class ZooModel(nn.Module):
                           low_open=True,
                           hint='PyTorch and the paper use 1e-5')
 
+  def _check_dtype_and_layer_options(self) -> None:
+    if self.dtype is not None:
+      try:
+        dtype = jnp.dtype(self.dtype)
+      except TypeError:
+        dtype = None
+      if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise _checks.ArgumentTypeError(
+            '`dtype` must be a floating-point dtype (float32, bfloat16, '
+            'float16), got '
+            f'{dtype if dtype is not None else _checks.describe(self.dtype)}'
+            '.')
+    if self.grad is not None:
+      _checks.choice('grad', self.grad, geometry.GRAD_MODES)
+    if self.implementation is not None:
+      _checks.choice('implementation', self.implementation,
+                     backends.available())
+    # grad / implementation given to a kind without adder layers are
+    # refused when the body layers are built (_layer_kwargs).
+
   def check_fields(self) -> None:
     """Refuses a field value the model cannot run with, naming the field.
 
@@ -201,6 +230,7 @@ class ZooModel(nn.Module):
     """
     _checks.positive_int('num_classes', self.num_classes)
     self._check_batch_norm()
+    self._check_dtype_and_layer_options()
     _checks.choice('head', self.head, HEADS)
     _checks.choice('slac_covariance', self.slac_covariance, slac.COVARIANCES)
 
