@@ -52,9 +52,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.',
                       flag_values=flag_values)
   flags.DEFINE_integer('num_processes', None, 'Number of processes.',
-                       flag_values=flag_values)
+                       lower_bound=1, flag_values=flag_values)
   flags.DEFINE_integer('process_id', None, 'This process\'s index.',
-                       flag_values=flag_values)
+                       lower_bound=0, flag_values=flag_values)
   flags.DEFINE_string('init_from', None,
                       'Start a new run from the weights of this run '
                       'directory (e.g. experiments.convert_official).',

@@ -20,6 +20,7 @@ import pytest
 
 from experiments import cli
 from experiments import convert_official
+from experiments import main
 from experiments import reproduce
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,16 +150,22 @@ def _in_process_cases(tmp):
        ['--checkpoint', 'corrupt.npz', 'not a valid']),
       ('convert_official', ['--checkpoint', afile, '--workdir', new],
        ['--checkpoint', 'unknown suffix']),
+      ('main', ['--config', 'experiments/configs/lenet5_mnist.py:cnn',
+                '--workdir', new, '--num_processes', '0'],
+       ['--num_processes', '0']),
+      ('main', ['--config', 'experiments/configs/lenet5_mnist.py:cnn',
+                '--workdir', new, '--process_id=-1'],
+       ['--process_id', '-1']),
   ]
 
 
-@pytest.mark.parametrize('index', range(7))
+@pytest.mark.parametrize('index', range(9))
 def test_more_user_errors_in_process(index, tmp_path, capsys, monkeypatch):
   monkeypatch.delenv('ADDERJAX_TRACEBACK', raising=False)
   cases = _in_process_cases(str(tmp_path))
-  assert len(cases) == 7
+  assert len(cases) == 9
   program, argv, words = cases[index]
-  module = {'reproduce': reproduce,
+  module = {'reproduce': reproduce, 'main': main,
             'convert_official': convert_official}[program]
   with pytest.raises(SystemExit) as e:
     cli.call(module.main, module.define_flags, argv)
