@@ -4,6 +4,9 @@ from adderjax.ops import adder_conv
 from adderjax.ops import adder_dense
 from adderjax.ops import available_implementations
 from adderjax.ops import GRAD_MODES
+from adderjax import attacks
+from adderjax import datasets
+from adderjax import distill
 from adderjax import introspect
 from adderjax import linen
 from adderjax import nnx
@@ -12,6 +15,7 @@ from adderjax import bnn
 from adderjax import models
 from adderjax import official
 from adderjax import quant
+from adderjax import slac
 from adderjax.introspect import trace_layers
 from adderjax.models import create_model
 from adderjax.ops_count import count_ops
@@ -24,4 +28,5 @@ __version__ = '0.1.0'
 __all__ = ['adder_conv', 'adder_dense', 'available_implementations',
            'GRAD_MODES', 'linen', 'nnx', 'optim', 'bnn', 'models', 'official',
            'create_model', 'count_ops', 'count_params', 'EnergyModel',
-           'quant', 'layer_outputs_saveable', 'introspect', 'trace_layers']
+           'quant', 'layer_outputs_saveable', 'introspect', 'trace_layers',
+           'attacks', 'datasets', 'distill', 'slac']
