@@ -249,9 +249,14 @@ def create_model(model_config, num_classes: int) -> nn.Module:
   Raises:
     experiments.errors.ConfigError: the model rejects the config's fields.
   """
+  try:
+    dtype = jnp.dtype(model_config.dtype)
+  except TypeError as e:
+    raise errors.ConfigError(
+        f'model.dtype {model_config.dtype!r} is not a dtype; use '
+        "'float32', 'bfloat16' or 'float16'.") from e
   kwargs = dict(kind=model_config.kind, num_classes=num_classes,
-                dtype=jnp.dtype(model_config.dtype),
-                bn_momentum=model_config.bn_momentum)
+                dtype=dtype, bn_momentum=model_config.bn_momentum)
   if model_config.grad is not None:
     kwargs['grad'] = model_config.grad
   if model_config.implementation is not None:

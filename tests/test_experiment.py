@@ -153,3 +153,11 @@ def test_a_registered_method_trains_and_resumes_without_loop_edits(
     assert any(moved)
   finally:
     del methods.METHODS[method.name]
+
+
+def test_a_config_dtype_that_is_no_dtype_is_named(mnist_dir):
+  config = tiny_config(mnist_dir)
+  config.model.dtype = 'float33'
+  with pytest.raises(errors.ConfigError,
+                     match="model.dtype 'float33' is not a dtype"):
+    experiment.Experiment.from_config(config)
