@@ -201,6 +201,7 @@ def adder_conv(x: jax.Array,
   dtype = jnp.result_type(x.dtype, kernel.dtype)
   cfg = _Config(geo, grad, backends.resolve(implementation),
                 _hashable_precision(precision))
+  backends.check_symbolic(cfg.backend, geo)
   return checkpoint_name(_adder(x.astype(dtype), kernel.astype(dtype), cfg),
                          ADDER_OUTPUT)
 

@@ -22,6 +22,15 @@ a computation placed on the CPU of a TPU host gets XLA, and one multi-platform
 Naming a backend that is unknown or cannot run on the default backend raises
 ``ValueError``.
 
+Symbolic shapes (``jax.export`` with ``jax.export.symbolic_shape``): the XLA
+backend takes a symbolic batch (and a symbolic spatial size where
+:func:`adderjax.ops.geometry.make_geometry` allows one). The Pallas kernels
+need static sizes, so :data:`AUTO` (and ``'pallas'``) lower a layer with a
+symbolic size with the XLA backend on every platform; a lowering for an
+accelerator warns (:data:`SYMBOLIC_FALLBACK_WARNING`). A named backend that
+takes no symbolic sizes (the interpret backends) is refused by
+:func:`check_symbolic`.
+
 Examples:
   >>> from adderjax.ops import backends
   >>> backends.available()[-1]
@@ -33,9 +42,11 @@ Examples:
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 
+from adderjax.ops import geometry
 from adderjax.ops import platform_dispatch
 from adderjax.ops import protocol
 from adderjax.ops import xla_backend
@@ -111,6 +122,53 @@ def resolve(implementation: str | None,
   return implementation
 
 
+def check_symbolic(name: str | None, geo) -> None:
+  """Refuses a symbolic geometry for a backend that cannot take one.
+
+  Args:
+    name: a registered backend name or ``None`` (:data:`AUTO`, which takes
+      symbolic sizes).
+    geo: the layer's :class:`~adderjax.ops.geometry.ConvGeometry`.
+
+  Raises:
+    ValueError: ``geo`` has a symbolic size and the backend takes none; the
+      message names the dimension and what to do.
+  """
+  backend = get(name)
+  if backend.symbolic_shapes or not geo.symbolic:
+    return
+  dims = ', '.join(repr(str(d)) for d in geo.in_shape
+                   if geometry.is_symbolic(d))
+  shape = '(' + ', '.join(str(d) for d in geo.in_shape) + ')'
+  reason = backend.symbolic_reason or 'it takes static sizes only'
+  raise ValueError(
+      f'implementation={name!r} cannot take the symbolic dimension {dims} of '
+      f'the input shape {shape}: {reason}.'
+      f" Use implementation=None (which lowers the XLA backend for a layer "
+      f"with symbolic sizes) or 'xla', or export with static sizes.")
+
+
+#: Warned when a layer with a symbolic size is lowered for an accelerator.
+SYMBOLIC_FALLBACK_WARNING = (
+    'adderjax: adder layers with a symbolic batch or spatial size (here the '
+    'input shape {shape}) are lowered for {platform} with the XLA backend, '
+    'not the Pallas kernels, which need static sizes. Export with a static '
+    'batch to get the kernels.')
+
+
+@functools.lru_cache(maxsize=4096)
+def _symbolic_branch(platform: str, xla_branch, shape: str):
+  """``xla_branch``, warning when it is lowered for ``platform``."""
+
+  def run(*arrays):
+    warnings.warn(SYMBOLIC_FALLBACK_WARNING.format(shape=shape,
+                                                   platform=platform),
+                  stacklevel=2)
+    return xla_branch(*arrays)
+
+  return run
+
+
 def get(name: str | None) -> protocol.Backend:
   """The backend registered as ``name``; ``None`` gives :data:`AUTO`."""
   if name is None:
@@ -174,6 +232,15 @@ class DispatchBackend(xla_backend.XlaBackend):
     per_platform = {p: _branch(getattr(b, method), static, precision)
                     for p, b in _PLATFORM.items()}
     xla_branch = _branch(xla, static, precision)
+    geo = static[0]
+    if geo.symbolic:
+      # The kernels need static sizes (pallas_backend.SYMBOLIC_REASON): the
+      # XLA computation on every platform; the accelerators' branches warn
+      # when (and only if) they are lowered.
+      shape = '(' + ', '.join(str(d) for d in geo.in_shape) + ')'
+      return platform_dispatch.platform_dispatch(
+          *arrays, default=xla_branch,
+          **{p: _symbolic_branch(p, xla_branch, shape) for p in _PLATFORM})
     # With a mesh context the TPU branch runs the kernels per shard
     # (shard_map); without one it calls them directly, which only a
     # single-device (or manual) lowering can take: XLA is the fallback.

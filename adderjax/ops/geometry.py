@@ -16,6 +16,17 @@ layout and the canonical *patch layout* that the l1 kernels work on:
 
 ``M`` is last so the long axis is contiguous: it is the vector axis of the XLA
 loops and the lane axis of the TPU kernels.
+
+Shape polymorphism (``jax.export`` with ``jax.export.symbolic_shape``): the
+batch dimension of the input may be symbolic in every layer; a spatial
+dimension may be symbolic in a layer with unit strides and unit dilation
+(any zero padding: ``'SAME'`` then pads by a constant). The kernel and the
+feature dimension must be static. :func:`make_geometry` raises a
+``ValueError`` naming the symbolic dimension where that does not hold, and
+where an output size cannot be proved positive (add a constraint such as
+``'h >= 5'`` to ``symbolic_shape``). The geometry arithmetic on symbolic
+sizes uses only operations that JAX decides for every value of the symbols
+(sums, products, floor division by constants).
 """
 
 from __future__ import annotations
@@ -41,6 +52,16 @@ def is_int(value) -> bool:
   """A Python or numpy integer (not a bool, not a float such as ``2.0``)."""
   return (isinstance(value, (int, np.integer)) and
           not isinstance(value, (bool, np.bool_)))
+
+
+def is_symbolic(dim) -> bool:
+  """Whether ``dim`` is a symbolic dimension of ``jax.export`` (not an int)."""
+  return jax.export.is_symbolic_dim(dim)
+
+
+def _static_or_symbolic(dim):
+  """A constant dimension as a Python int; a symbolic one unchanged."""
+  return dim if is_symbolic(dim) else int(dim)
 
 
 def as_int_tuple(value, n: int, name: str) -> tuple[int, ...]:
@@ -161,7 +182,23 @@ class ConvGeometry:
 
   @property
   def batch(self) -> int:
+    """``N``: an int, or a symbolic dimension under ``jax.export``."""
     return self.in_shape[0]
+
+  @property
+  def symbolic_batch(self) -> bool:
+    """Whether the batch is a symbolic dimension (``jax.export``)."""
+    return is_symbolic(self.batch)
+
+  @property
+  def symbolic_spatial(self) -> bool:
+    """Whether a spatial input size is a symbolic dimension."""
+    return any(is_symbolic(d) for d in self.in_shape[1:-1])
+
+  @property
+  def symbolic(self) -> bool:
+    """Whether any input size (batch or spatial) is symbolic."""
+    return self.symbolic_batch or self.symbolic_spatial
 
   @property
   def out_spatial(self) -> tuple[int, ...]:
@@ -259,15 +296,104 @@ class ConvGeometry:
                  if ph == phase)
 
 
+def _check_symbolic_spatial(x_shape, strides, dilation) -> None:
+  """A symbolic spatial size needs unit strides and dilation (named if not)."""
+  for i, d in enumerate(x_shape[1:-1]):
+    if not is_symbolic(d):
+      continue
+    if strides[i] != 1 or dilation[i] != 1:
+      raise ValueError(
+          f'input spatial dimension {i} is the symbolic dimension {str(d)!r} '
+          f'(input shape {_shape_str(x_shape)}): an adder convolution with a '
+          f'symbolic spatial size needs strides 1 and kernel_dilation 1 in '
+          f'that dimension, got strides {tuple(strides)} and kernel_dilation '
+          f'{tuple(dilation)}; export with a static size for it (only the '
+          'batch may be symbolic in every layer).')
+
+
+def _shape_str(shape) -> str:
+  return '(' + ', '.join(str(d) for d in shape) + (',)' if len(shape) == 1
+                                                   else ')')
+
+
+def _output_size_error(geo: 'ConvGeometry', dim: int) -> ValueError:
+  """The error for a symbolic output size JAX cannot prove positive."""
+  size, out = geo.in_shape[1 + dim], geo.out_spatial[dim]
+  need = ((geo.kernel_size[dim] - 1) * geo.dilation[dim] + 1 -
+          sum(geo.padding[dim]))
+  return ValueError(
+      f'input spatial dimension {dim} is the symbolic dimension {str(size)!r} '
+      f'and the output size {str(out)!r} (kernel size {geo.kernel_size}, '
+      f'padding {geo.padding}) cannot be proved positive from it: JAX decides '
+      f'sums and products of dimension variables only when each is known to '
+      f"be >= 1. Write that input size as '{size} + {need - 1}' in "
+      f"jax.export.symbolic_shape (then the output size is '{size}'), or "
+      "pad the layer so that it keeps the size ('SAME').")
+
+
+def _check_output_size(geo: 'ConvGeometry') -> None:
+  """Every output size must be at least 1 (provably, for symbolic sizes).
+
+  For a symbolic size, the sizes of the layer's layouts (products of the
+  output and padded sizes) must be decidable too, which holds when every
+  output size is a dimension variable plus a non-negative constant.
+  """
+  inconclusive = jax.errors.InconclusiveDimensionOperation
+  for i, o in enumerate(geo.out_spatial):
+    try:
+      small = o < 1
+    except inconclusive:
+      raise _output_size_error(geo, i) from None
+    if small:
+      raise ValueError(
+          f'input spatial shape {_shape_str(geo.in_shape[1:-1])} with padding '
+          f'{geo.padding} is smaller than the dilated kernel '
+          f'{geo.kernel_size} (dilation {geo.dilation}); the output would '
+          f'have spatial shape {_shape_str(geo.out_spatial)}.')
+  if not geo.symbolic_spatial:
+    return
+  try:
+    decidable = (geo.flat_length_out >= 1 and geo.flat_length_in >= 1 and
+                 math.prod(geo.out_spatial) >= 1)
+  except inconclusive:
+    decidable = False
+  if not decidable:
+    dims = [i for i, (size, o) in enumerate(zip(geo.in_shape[1:-1],
+                                                geo.out_spatial))
+            if is_symbolic(size) and o != size]
+    raise _output_size_error(geo, dims[0] if dims else 0)
+
+
 def make_geometry(x_shape, kernel_shape, strides, padding, kernel_dilation,
                   feature_group_count) -> ConvGeometry:
   """Validates conv arguments and returns their :class:`ConvGeometry`.
 
+  ``x_shape`` may hold symbolic dimensions of ``jax.export``: the batch in
+  every layer, a spatial size where the stride and dilation of that
+  dimension are 1 (see the module docstring).
+
   Raises:
     ValueError: a shape, padding, stride, dilation or group count that does not
-      make a valid convolution; the message names the offending value.
+      make a valid convolution, or a symbolic dimension where the geometry
+      needs a static one; the message names the offending value.
+
+  Examples:
+    >>> import jax
+    >>> from adderjax.ops import geometry
+    >>> b, h = jax.export.symbolic_shape('b, h', constraints=['h >= 3'])
+    >>> geo = geometry.make_geometry((b, h, 8, 1), (3, 3, 1, 4), 1, 'VALID',
+    ...                              1, 1)
+    >>> geo.out_shape
+    (b, h - 2, 6, 4)
+    >>> geometry.make_geometry((b, h, 8, 1), (3, 3, 1, 4), 2, 'VALID', 1, 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: input spatial dimension 0 is the symbolic dimension 'h' (input shape (b, h, 8, 1)): an adder convolution with a symbolic spatial size needs strides 1 and kernel_dilation 1 in that dimension, got strides (2, 2) and kernel_dilation (1, 1); export with a static size for it (only the batch may be symbolic in every layer).
   """
-  x_shape = tuple(int(d) for d in x_shape)
+  x_shape = tuple(_static_or_symbolic(d) for d in x_shape)
+  if any(is_symbolic(d) for d in kernel_shape):
+    raise ValueError(f'kernel shape must be static, got the symbolic shape '
+                     f'{_shape_str(kernel_shape)}.')
   kernel_shape = tuple(int(d) for d in kernel_shape)
   nsp = len(kernel_shape) - 2
   if nsp < 1:
@@ -276,10 +402,15 @@ def make_geometry(x_shape, kernel_shape, strides, padding, kernel_dilation,
                      f'got shape {kernel_shape}.')
   if len(x_shape) != nsp + 2:
     raise ValueError(
-        f'input of shape {x_shape} (rank {len(x_shape)}) does not match a '
-        f'kernel with {nsp} spatial dims (shape {kernel_shape}): expected a '
-        f'feature-last input of rank {nsp + 2} (batch, {nsp} spatial dims, '
-        'features).')
+        f'input of shape {_shape_str(x_shape)} (rank {len(x_shape)}) does not '
+        f'match a kernel with {nsp} spatial dims (shape {kernel_shape}): '
+        f'expected a feature-last input of rank {nsp + 2} (batch, {nsp} '
+        'spatial dims, features).')
+  if is_symbolic(x_shape[-1]):
+    raise ValueError(
+        f'the feature dimension of the input (shape {_shape_str(x_shape)}) is '
+        f'the symbolic dimension {str(x_shape[-1])!r}; it must be static (the '
+        'kernel fixes it).')
   if not isinstance(feature_group_count, (int, np.integer)) or isinstance(
       feature_group_count, bool) or feature_group_count < 1:
     raise ValueError(f'feature_group_count must be a positive int, got '
@@ -296,21 +427,18 @@ def make_geometry(x_shape, kernel_shape, strides, padding, kernel_dilation,
     raise ValueError(
         f'kernel shape {kernel_shape} expects {kernel_shape[-2]} features per '
         f'group x {groups} groups = {kernel_shape[-2] * groups} input '
-        f'features, but the input of shape {x_shape} has {c_in}.')
+        f'features, but the input of shape {_shape_str(x_shape)} has {c_in}.')
   if any(d < 1 for d in kernel_shape):
     raise ValueError(f'kernel shape must be positive, got {kernel_shape}.')
   kernel_size = kernel_shape[:-2]
   strides_t = as_int_tuple(strides, nsp, 'strides')
   dilation_t = as_int_tuple(kernel_dilation, nsp, 'kernel_dilation')
+  _check_symbolic_spatial(x_shape, strides_t, dilation_t)
   pads = canonicalize_padding(padding, kernel_size, strides_t, dilation_t,
                               x_shape[1:-1])
   geo = ConvGeometry(x_shape, kernel_size, c_in, c_out, strides_t, pads,
                      dilation_t, groups)
-  if any(o < 1 for o in geo.out_spatial):
-    raise ValueError(
-        f'input spatial shape {x_shape[1:-1]} with padding {pads} is smaller '
-        f'than the dilated kernel {kernel_size} (dilation {dilation_t}); the '
-        f'output would have spatial shape {geo.out_spatial}.')
+  _check_output_size(geo)
   return geo
 
 

@@ -76,6 +76,16 @@ from pallas_kernels import conv_gpu
 from pallas_kernels import conv_tpu
 from pallas_kernels import conv_tpu_config
 
+#: Why the Pallas kernels take no symbolic sizes (``jax.export`` shape
+#: polymorphism): the lowering of a layer with a symbolic batch or spatial
+#: size for an accelerator runs the XLA backend instead
+#: (:class:`adderjax.ops.backends.DispatchBackend`), and naming an interpret
+#: backend for it is an error that says this.
+SYMBOLIC_REASON = (
+    "the Pallas kernels need static sizes: Pallas' Triton lowering has no "
+    'dynamic grid bounds, and the kernels choose their blocks, grids and the '
+    'VMEM fit (TPU) from the batch and spatial sizes when they are traced')
+
 #: ``jax.default_backend()`` names on which the compiled kernels run.
 ACCELERATOR_PLATFORMS = ('gpu', 'tpu')
 
@@ -391,6 +401,9 @@ class PallasBackend(xla_backend.XlaBackend):
     name: registry name.
     kernels: which kernels to run.
   """
+
+  symbolic_shapes = False
+  symbolic_reason = SYMBOLIC_REASON
 
   def __init__(self, name: str, kernels: KernelSet):
     super().__init__(XLA_CONFIG)

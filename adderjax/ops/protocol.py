@@ -58,10 +58,16 @@ class Backend:
     name: the registry name, what ``implementation=`` selects.
     explicit_only: ``implementation=None`` never picks it (e.g. Pallas
       interpret mode, which runs anywhere but slowly).
+    symbolic_shapes: it takes a geometry with symbolic sizes (``jax.export``
+      shape polymorphism); when ``False``, naming it for such a layer is a
+      ``ValueError`` that gives :attr:`symbolic_reason`.
+    symbolic_reason: why it does not take symbolic sizes.
   """
 
   name: str = ''
   explicit_only: bool = False
+  symbolic_shapes: bool = True
+  symbolic_reason: str = ''
 
   def supported_on(self, platform: str) -> bool:  # pylint: disable=unused-argument
     """Whether this backend can run on ``platform`` ('cpu', 'gpu', 'tpu')."""

@@ -199,9 +199,13 @@ def _input_grad_bytes_per_example(geo: geometry.ConvGeometry) -> int:
 
 def _batch_tile(geo: geometry.ConvGeometry, per_example: int,
                 tile_bytes: float) -> int:
-  """Largest divisor of the batch whose working set fits ``tile_bytes``."""
+  """Largest divisor of the batch whose working set fits ``tile_bytes``.
+
+  A symbolic batch or spatial size (``jax.export``) is one tile: the tiles
+  are divisors of the batch, which is not known when exporting.
+  """
   n = geo.batch
-  if tile_bytes is None:
+  if tile_bytes is None or geo.symbolic:
     return n
   want = max(1, int(tile_bytes // max(per_example, 1)))
   if want >= n:
@@ -358,6 +362,49 @@ def _tap_positions(geo: geometry.ConvGeometry) -> list[np.ndarray]:
                                            geo.out_spatial)]
 
 
+def _dim_tap_positions(geo: geometry.ConvGeometry, dim: int) -> np.ndarray:
+  """``[out_d, k_d]`` input coordinates read in spatial ``dim`` (static)."""
+  k, s, d = geo.kernel_size[dim], geo.strides[dim], geo.dilation[dim]
+  lo, out = geo.padding[dim][0], geo.out_spatial[dim]
+  return (np.arange(out) * s)[:, None] + (np.arange(k) * d)[None, :] - lo
+
+
+def _every_position_read(geo: geometry.ConvGeometry) -> bool:
+  """Whether every input position is read by some output (static).
+
+  ``read_mask(geo) is None``, decided per spatial dim so that a symbolic
+  size (``jax.export``) is allowed: :func:`~adderjax.ops.geometry.
+  make_geometry` takes one only with unit stride and dilation, where the
+  taps' windows ``[i - lo, i - lo + out)`` cover ``[0, size)``.
+  """
+  for dim, size in enumerate(geo.in_shape[1:-1]):
+    if geometry.is_symbolic(size):
+      continue
+    pos = _dim_tap_positions(geo, dim)
+    read = np.zeros(size, bool)
+    read[pos[(pos >= 0) & (pos < size)]] = True
+    if not read.all():
+      return False
+  return True
+
+
+def _no_tap_reads_padding(geo: geometry.ConvGeometry) -> bool:
+  """Whether no tap of any output reads padding (static).
+
+  ``_pad_reads(geo) is None``, decided per spatial dim (a symbolic size, with
+  unit stride and dilation, reads padding exactly where it has padding).
+  """
+  for dim, size in enumerate(geo.in_shape[1:-1]):
+    if geometry.is_symbolic(size):
+      if geo.padding[dim] != (0, 0):
+        return False
+      continue
+    pos = _dim_tap_positions(geo, dim)
+    if not ((pos >= 0) & (pos < size)).all():
+      return False
+  return True
+
+
 def read_mask(geo: geometry.ConvGeometry):
   """Spatial mask of the input positions that some output reads, or None.
 
@@ -426,7 +473,7 @@ def _traced_pad_reads(geo: geometry.ConvGeometry) -> jax.Array:
 
 def _zero_unread(dx: jax.Array, geo: geometry.ConvGeometry) -> jax.Array:
   """``dx`` with exact zeros at the input positions no output reads."""
-  if read_mask(geo) is None:  # Static: every position is read.
+  if _every_position_read(geo):  # Static: every position is read.
     return dx
   mask = None
   for pos, size in zip(_traced_tap_positions(geo), geo.in_shape[1:-1]):
@@ -644,7 +691,7 @@ def conv_weight_grad(x: jax.Array, kernel: jax.Array, gy: jax.Array,
     return pg.reshape(kd.shape) + rank1
   _, vjp = jax.vjp(lambda k: _lax_conv(xd - c, k, geo, precision, dt), kd)
   dw = vjp(gd)[0] + rank1
-  if _pad_reads(geo) is None:  # Static: no tap reads padding.
+  if _no_tap_reads_padding(geo):  # Static: no tap reads padding.
     return dw
   pad_reads = _traced_pad_reads(geo)
   # The convolution pads x - c with zeros, where the layer's padded zeros
