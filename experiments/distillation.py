@@ -30,7 +30,8 @@ option             default   meaning
 =================  ========  =================================================
 ``teacher``        'joint'   'joint' (trained together) or 'workdir' (fixed)
 ``teacher_workdir`` ''       a finished CNN run of the same architecture
-``kernel``         True      kernel maps; False compares the raw outputs
+``kernel``         True      kernel maps; False: the raw outputs, each over
+                             its batch mean magnitude
 ``layers``         'all'     'all' adder layers, 'last', or indices '0,2'
 ``feature_weight`` 1.0       weight of the summed feature losses
 ``kd_weight``      1.0       weight of the output distillation
@@ -146,6 +147,20 @@ def _bias_free(module: nn.Module, out: jax.Array) -> jax.Array:
   if getattr(module, 'use_bias', False):
     return out - module.variables['params']['bias']
   return out
+
+
+def _scaled(y: jax.Array) -> jax.Array:
+  """A raw layer output over its batch mean magnitude (``kernel=False``).
+
+  The kernels' bandwidths put both networks' features on one scale; the
+  raw outputs are not (an adder output is a distance in the hundreds): a
+  run comparing them unscaled with ``feature_weight=1`` diverged (NaN loss
+  by step 50, LeNet-5-BN on MNIST). Dividing each by its batch mean
+  magnitude (no gradient through the divisor) keeps the ablation to the
+  one thing it removes, the kernel's non-linearity.
+  """
+  y = y.astype(jnp.float32)
+  return y / jax.lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(y)), 1e-12))
 
 
 def _align(params: PyTree, features: jax.Array) -> jax.Array:
@@ -312,7 +327,7 @@ class PKKD(methods.Method):
         kernel = module.variables['params']['kernel']
         z = _bias_free(module, out)
         if not options['kernel']:
-          feats[layer.name] = z.astype(jnp.float32)
+          feats[layer.name] = _scaled(z)
           continue
         if layer.conv:
           g = geometry[layer.path]
@@ -331,8 +346,7 @@ class PKKD(methods.Method):
       for layer in layers:
         module, _, out = seen[layer.path]
         y = _bias_free(module, out)
-        f = (distill.laplace_kernel(y) if options['kernel']
-             else y.astype(jnp.float32))
+        f = distill.laplace_kernel(y) if options['kernel'] else _scaled(y)
         feats[layer.name] = (_align(align_params[layer.name], f)
                              if options['align'] else f)
       return feats

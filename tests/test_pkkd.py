@@ -175,11 +175,13 @@ def _distances(x, w):
   return (np.stack(l1, 1).reshape(shape), np.stack(l2, 1).reshape(shape))
 
 
+@pytest.mark.parametrize('kernel', [True, False])
 def test_logged_distillation_terms_match_numpy_from_explicit_patches(
-    mnist_dir):
+    mnist_dir, kernel):
   temp = 3.0
   c = pkkd_config(mnist_dir)
   c.method_options.temperature = temp
+  c.method_options.kernel = kernel
   exp = experiment.Experiment.from_config(c)
   state = _state(exp)
   batch = exp.datasets.train.batch(0)
@@ -200,8 +202,18 @@ def test_logged_distillation_terms_match_numpy_from_explicit_patches(
   for name in ('conv2', 'fc1', 'fc2'):
     l1, _ = _distances(*s_seen[name])
     _, l2 = _distances(*t_seen[name])
-    k_a = np.exp(-l1 / l1.mean())      # alignment: identity at init
-    k_c = np.exp(-l2 / l2.mean())
+    if kernel:
+      k_a = np.exp(-l1 / l1.mean())      # alignment: identity at init
+      k_c = np.exp(-l2 / l2.mean())
+    else:  # the raw outputs -l1 and x.w, each over its mean magnitude
+      x, w = t_seen[name]
+      if w.ndim == 2:
+        dot = x @ w
+      else:  # x.w per patch: (||x_p||^2 + ||w||^2 - ||x_p - w||^2) / 2
+        _, x2 = _distances(x, np.zeros_like(w))
+        dot = (x2 + np.sum(w ** 2, axis=(0, 1, 2)) - l2) / 2
+      k_a = -l1 / l1.mean()
+      k_c = dot / np.abs(dot).mean()
     feature += np.mean((k_a - k_c) ** 2)
   np.testing.assert_allclose(float(metrics['loss/pkkd_feature']) / count,
                              feature, rtol=2e-3)
