@@ -302,6 +302,6 @@ def test_a_small_network_exports_with_a_symbolic_batch():
 @pytest.mark.parametrize('name,image_shape', [('lenet5_bn', (28, 28, 1)),
                                               ('resnet20', (32, 32, 3))])
 def test_zoo_model_exports_with_a_symbolic_batch(name, image_shape):
-  # LeNet-5-BN ~2 min, ResNet-20 ~5 min on 2 shared cores.
+  # LeNet-5-BN ~35 s, ResNet-20 ~100 s on 2 shared cores.
   model = models.create_model(name, kind='adder', num_classes=10)
   _check_network(model, image_shape, (1, 3), (2, 5))
