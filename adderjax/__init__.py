@@ -7,6 +7,7 @@ from adderjax.ops import GRAD_MODES
 from adderjax import attacks
 from adderjax import datasets
 from adderjax import distill
+from adderjax import export
 from adderjax import introspect
 from adderjax import linen
 from adderjax import nnx
@@ -16,6 +17,7 @@ from adderjax import models
 from adderjax import official
 from adderjax import quant
 from adderjax import slac
+from adderjax.export import export_safety_checks
 from adderjax.introspect import trace_layers
 from adderjax.models import create_model
 from adderjax.ops_count import count_ops
@@ -29,4 +31,5 @@ __all__ = ['adder_conv', 'adder_dense', 'available_implementations',
            'GRAD_MODES', 'linen', 'nnx', 'optim', 'bnn', 'models', 'official',
            'create_model', 'count_ops', 'count_params', 'EnergyModel',
            'quant', 'layer_outputs_saveable', 'introspect', 'trace_layers',
-           'attacks', 'datasets', 'distill', 'slac']
+           'attacks', 'datasets', 'distill', 'slac', 'export',
+           'export_safety_checks']
