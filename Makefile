@@ -33,7 +33,8 @@ JAX_TIER := tests/test_adder_ops.py tests/test_layers.py tests/test_optim.py \
   tests/test_pallas_lowering.py tests/test_pallas_conv_lowering.py \
   tests/test_pallas_sharding.py tests/test_pallas_benchmark.py \
   tests/test_platform_dispatch.py tests/test_accelerator_compile.py \
-  tests/test_benchmarks.py tests/test_mosaic_gpu.py adderjax pallas_kernels
+  tests/test_benchmarks.py tests/test_mosaic_gpu.py tests/test_export.py \
+  adderjax pallas_kernels
 TESTS_full :=
 TESTS_jax := $(JAX_TIER)
 ifeq ($(filter $(TIER),full jax),)
