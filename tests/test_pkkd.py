@@ -10,6 +10,9 @@ the CNN run's weights bit for bit.
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -300,3 +303,60 @@ def test_models_benchmark_times_the_joint_step_against_the_addnn_step():
           result.cands['adder'].peak_bytes)
   text = models_bench.report_pkkd(from_suite)
   assert 'lenet5_bn b8 float32' in text and 'PKKD/AddNN' in text
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MULTI = textwrap.dedent('''
+    import json, os, sys
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+    import jax
+    from experiments import experiment, testing
+    from experiments.configs import lenet5_mnist
+
+    data_dir = testing.write_synthetic_mnist(sys.argv[1], 64, 16)
+    out = {}
+    for name in ('one', 'jit', 'pmap'):
+      c = lenet5_mnist.get_config('runlocal,adder,pkkd')
+      c.dataset.data_dir = data_dir
+      c.batch_size, c.eval_batch_size, c.dataset.prefetch = 16, 16, 1
+      c.parallelism = 'pmap' if name == 'pmap' else 'jit'
+      exp = experiment.Experiment.from_config(
+          c, devices=jax.devices()[:1] if name == 'one' else None)
+      state = exp.runner.put_state(exp.init_host_state())
+      rows = []
+      for s in range(2):
+        state, m = exp.train_step(state, exp.put_batch(
+            exp.datasets.train.batch(s)))
+        m = exp.runner.get_metrics(m)
+        rows.append({k: float(v) / float(m['count']) for k, v in m.items()
+                     if k != 'count'})
+      out[name] = rows
+    print('RESULT' + json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+def test_jit_mesh_and_pmap_train_the_pair(tmp_path):
+  script = tmp_path / 'run.py'
+  script.write_text(MULTI)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, str(script), str(tmp_path / 'm')],
+                        cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')][-1]
+  out = json.loads(line[len('RESULT'):])
+  # The jit mesh computes the one-device step on a split batch: the same
+  # student and teacher figures, the distillation terms included.
+  for one, jit in zip(out['one'], out['jit']):
+    assert set(one) >= {'loss', 'loss/pkkd_feature', 'loss/pkkd_kd',
+                        'teacher/top1'}
+    for key in one:
+      np.testing.assert_allclose(jit[key], one[key], rtol=2e-4, atol=1e-6)
+  # pmap: BatchNorm statistics are averaged over the devices, but the
+  # kernels' bandwidths are each device's batch mean: close, not equal.
+  for one, pm in zip(out['one'], out['pmap']):
+    for key in ('loss', 'teacher/loss', 'loss/pkkd_kd'):
+      np.testing.assert_allclose(pm[key], one[key], rtol=0.05)
+    assert np.isfinite(pm['loss/pkkd_feature'])
