@@ -351,17 +351,6 @@ def channel_shift(kernel: jax.Array, geo: geometry.ConvGeometry
   return c.T.reshape(g * cg), ck
 
 
-def _tap_positions(geo: geometry.ConvGeometry) -> list[np.ndarray]:
-  """Per spatial dim, ``[out_d, k_d]`` input coordinates read (static).
-
-  Coordinates outside ``[0, size_d)`` are padding.
-  """
-  return [(np.arange(out) * s)[:, None] + (np.arange(k) * d)[None, :] - lo
-          for k, s, d, (lo, _), out in zip(geo.kernel_size, geo.strides,
-                                           geo.dilation, geo.padding,
-                                           geo.out_spatial)]
-
-
 def _dim_tap_positions(geo: geometry.ConvGeometry, dim: int) -> np.ndarray:
   """``[out_d, k_d]`` input coordinates read in spatial ``dim`` (static)."""
   k, s, d = geo.kernel_size[dim], geo.strides[dim], geo.dilation[dim]
@@ -372,8 +361,8 @@ def _dim_tap_positions(geo: geometry.ConvGeometry, dim: int) -> np.ndarray:
 def _every_position_read(geo: geometry.ConvGeometry) -> bool:
   """Whether every input position is read by some output (static).
 
-  ``read_mask(geo) is None``, decided per spatial dim so that a symbolic
-  size (``jax.export``) is allowed: :func:`~adderjax.ops.geometry.
+  Decided per spatial dim so that a symbolic size (``jax.export``) is
+  allowed: :func:`~adderjax.ops.geometry.
   make_geometry` takes one only with unit stride and dilation, where the
   taps' windows ``[i - lo, i - lo + out)`` cover ``[0, size)``.
   """
@@ -391,8 +380,8 @@ def _every_position_read(geo: geometry.ConvGeometry) -> bool:
 def _no_tap_reads_padding(geo: geometry.ConvGeometry) -> bool:
   """Whether no tap of any output reads padding (static).
 
-  ``_pad_reads(geo) is None``, decided per spatial dim (a symbolic size, with
-  unit stride and dilation, reads padding exactly where it has padding).
+  Decided per spatial dim (a symbolic size, with unit stride and dilation,
+  reads padding exactly where it has padding).
   """
   for dim, size in enumerate(geo.in_shape[1:-1]):
     if geometry.is_symbolic(size):
@@ -405,42 +394,6 @@ def _no_tap_reads_padding(geo: geometry.ConvGeometry) -> bool:
   return True
 
 
-def read_mask(geo: geometry.ConvGeometry):
-  """Spatial mask of the input positions that some output reads, or None.
-
-  ``None`` when every position is read (the usual case). Static (numpy).
-  """
-  per_dim = []
-  for pos, size in zip(_tap_positions(geo), geo.in_shape[1:-1]):
-    read = np.zeros(size, bool)
-    read[pos[(pos >= 0) & (pos < size)]] = True
-    per_dim.append(read)
-  if all(r.all() for r in per_dim):
-    return None
-  mask = per_dim[0]
-  for r in per_dim[1:]:
-    mask = np.logical_and.outer(mask, r)
-  return mask
-
-
-def _pad_reads(geo: geometry.ConvGeometry):
-  """``[prod(out_spatial), taps]`` indicator of taps reading padding, or None.
-
-  Static (numpy); ``None`` when no tap of any output reads padding.
-  """
-  inside = [(pos >= 0) & (pos < size)  # [out_d, k_d]
-            for pos, size in zip(_tap_positions(geo), geo.in_shape[1:-1])]
-  if all(i.all() for i in inside):
-    return None
-  nsp = len(inside)
-  both = np.ones((1,) * (2 * nsp), bool)
-  for d, i in enumerate(inside):
-    shape = [1] * (2 * nsp)
-    shape[d], shape[nsp + d] = i.shape
-    both = both & i.reshape(shape)
-  return ~both.reshape(math.prod(geo.out_spatial), geo.taps)
-
-
 # The masks below are built inside the computation (iota and compares) from
 # static shapes, not closed over as numpy arrays: jax >= 0.12 passes
 # closed-over constants over 1 KiB to the executable as arguments
@@ -449,7 +402,8 @@ def _pad_reads(geo: geometry.ConvGeometry):
 
 
 def _traced_tap_positions(geo: geometry.ConvGeometry) -> list[jax.Array]:
-  """:func:`_tap_positions` in the computation (int32 ``[out_d, k_d]``)."""
+  """Per spatial dim, the ``[out_d, k_d]`` input coordinates the taps read
+  (int32, built in the computation; outside ``[0, size_d)`` is padding)."""
   return [lax.broadcasted_iota(jnp.int32, (out, k), 0) * s
           + lax.broadcasted_iota(jnp.int32, (out, k), 1) * d - lo
           for k, s, d, (lo, _), out in zip(geo.kernel_size, geo.strides,
@@ -458,7 +412,8 @@ def _traced_tap_positions(geo: geometry.ConvGeometry) -> list[jax.Array]:
 
 
 def _traced_pad_reads(geo: geometry.ConvGeometry) -> jax.Array:
-  """:func:`_pad_reads` built in the computation (bool ``[O, taps]``)."""
+  """``[prod(out_spatial), taps]``: True where a tap reads padding (bool,
+  built in the computation)."""
   inside = [(pos >= 0) & (pos < size)  # [out_d, k_d]
             for pos, size in zip(_traced_tap_positions(geo),
                                  geo.in_shape[1:-1])]
