@@ -45,13 +45,13 @@ import tqdm
 
 from adderjax import attacks
 from experiments import adversarial
-from experiments import checkpointing
 from experiments import cli
 from experiments import errors
 from experiments import experiment
 from experiments import losses
 from experiments import parallel
 from experiments import steps
+from experiments import train
 
 JSON_FILE = 'robustness.json'
 MD_FILE = 'robustness.md'
@@ -186,20 +186,11 @@ def _batches(exp, max_examples: int | None):
 
 def _load(config, workdir: str, step: int | None):
   """``(exp, state, step)``: the run's experiment and restored state."""
-  experiment.validate_config(config)
-  with checkpointing.Checkpointer(workdir, primary=False) as ckpt:
-    if step is None:
-      step = ckpt.newest_verified_step()
-      if step is None:
-        raise checkpointing.NoRunError(f'no checkpoint in {ckpt.directory}.')
-    else:
-      ckpt.verify(step)
-    exp = experiment.Experiment.from_config(config)
-    host_state, _ = ckpt.restore(step, exp.init_host_state())
+  exp, host_state, step = train.restore_checkpoint(config, workdir, step)
   state = exp.runner.put_state(host_state)
   if exp.config.bn_recalibration_batches > 0:
     state = exp.recalibrate_batch_stats(state)
-  return exp, state, int(step)
+  return exp, state, step
 
 
 def evaluate_robustness(config, workdir: str, *, names=('fgsm', 'pgd'),

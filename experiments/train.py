@@ -353,10 +353,27 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       fails its checksums (with ``step=None``: every checkpoint does; a
       corrupt newest one falls back to the newest intact one).
   """
+  exp, host_state, step = restore_checkpoint(config, workdir, step)
+  _, result = exp.evaluate_state(exp.runner.put_state(host_state))
+  result['step'] = step
+  return result
+
+
+def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                       step: int | None = None) -> tuple[Any, Any, int]:
+  """``(experiment, host state, step)`` of a checkpoint of ``workdir``.
+
+  The checkpoint's checksums are verified first, so a corrupt one fails
+  before anything is compiled; with ``step=None`` the newest intact one is
+  taken. The checkpointer is closed on every path (Orbax's threads
+  otherwise print errors at exit after a user error).
+
+  Raises:
+    experiments.checkpointing.NoRunError: no checkpoint.
+    experiments.checkpointing.CheckpointCorruptError: checkpoint ``step``
+      fails its checksums.
+  """
   validate_config(config)
-  # The checkpoint's checksums first: a corrupt one fails before compiling.
-  # The checkpointer is closed on every path (Orbax's threads otherwise
-  # print errors at exit after a user error).
   with checkpointing.Checkpointer(workdir, primary=False) as ckpt:
     if step is None:
       step = ckpt.newest_verified_step()
@@ -366,6 +383,4 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       ckpt.verify(step)
     exp = Experiment.from_config(config)
     host_state, _ = ckpt.restore(step, exp.init_host_state())
-  _, result = exp.evaluate_state(exp.runner.put_state(host_state))
-  result['step'] = int(step)
-  return result
+  return exp, host_state, int(step)
