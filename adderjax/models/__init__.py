@@ -68,6 +68,7 @@ from adderjax.models.resnet import ResNet20
 from adderjax.models.resnet import ResNet32
 from adderjax.models.resnet import ResNet50
 from adderjax.models.vgg import VGGSmall
+from adderjax.models.vit import ViT
 
 _REGISTRY: dict[str, Any] = {
     'lenet5_bn': LeNet5BN,
@@ -76,6 +77,7 @@ _REGISTRY: dict[str, Any] = {
     'resnet32': ResNet32,
     'resnet18': ResNet18,
     'resnet50': ResNet50,
+    'vit_tiny': ViT,
 }
 
 #: Names accepted by :func:`create_model`.
@@ -89,6 +91,7 @@ INPUT_SHAPES = {
     'resnet32': (32, 32, 3),
     'resnet18': (224, 224, 3),
     'resnet50': (224, 224, 3),
+    'vit_tiny': (28, 28, 1),
 }
 
 
@@ -158,6 +161,6 @@ def create_model(name: str, *, kind: str = 'adder', num_classes: int,
 __all__ = [
     'BasicBlock', 'Bottleneck', 'FirstConv', 'HE_NORMAL', 'INPUT_SHAPES',
     'KINDS', 'LeNet5BN', 'MODEL_NAMES', 'ModuleDef', 'ResNet', 'ResNet18',
-    'ResNet20', 'ResNet32', 'ResNet50', 'VGGSmall', 'ZooModel',
+    'ResNet20', 'ResNet32', 'ResNet50', 'VGGSmall', 'ViT', 'ZooModel',
     'create_model', 'layers_for_kind',
 ]

@@ -266,6 +266,9 @@ _ARCH = {
     'resnet32': {'stage_sizes': (5, 5, 5), 'width': 16},
     'resnet18': {'stage_sizes': (2, 2, 2, 2), 'width': 64},
     'resnet50': {'stage_sizes': (3, 4, 6, 3), 'width': 64},
+    # 'attention': 'l1' | 'dot'; 'identity': 'output' | 'logits' | 'none'.
+    'vit_tiny': {'patch_size': 7, 'hidden': 64, 'depth': 4, 'num_heads': 4,
+                 'mlp_dim': 128, 'attention': 'l1', 'identity': 'output'},
 }
 _RUNLOCAL_ARCH = {
     'lenet5_bn': {},
@@ -274,6 +277,7 @@ _RUNLOCAL_ARCH = {
     'resnet32': {'stage_sizes': (1, 1, 1), 'width': 8},
     'resnet18': {'stage_sizes': (1, 1, 1, 1), 'width': 8},
     'resnet50': {'stage_sizes': (1, 1, 1, 1), 'width': 8},
+    'vit_tiny': {'hidden': 16, 'depth': 1, 'num_heads': 2, 'mlp_dim': 16},
 }
 
 
@@ -284,15 +288,17 @@ def _set_model(c, name: str, runlocal: bool) -> None:
     c.model.overrides.update(_RUNLOCAL_ARCH[name])
 
 
-def mnist_config(arg: str | None, quick_epochs: int) -> ml_collections.ConfigDict:
-  """LeNet-5-BN on MNIST (the paper's recipe: lr 0.1 cosine, batch 256).
+def mnist_config(arg: str | None, quick_epochs: int,
+                 model: str = 'lenet5_bn') -> ml_collections.ConfigDict:
+  """A model (LeNet-5-BN) on MNIST with the paper's recipe (lr 0.1 cosine,
+  batch 256).
 
   The default runs ``quick_epochs`` (minutes on 2 CPU cores); the ``full``
   argument gives the paper's 50 epochs.
   """
   args = parse_arg(arg)
   c = get_config(arg)
-  _set_model(c, 'lenet5_bn', args['runlocal'])
+  _set_model(c, model, args['runlocal'])
   c.dataset.name = 'mnist'
   c.dataset.data_dir = 'data/mnist'
   c.dataset.num_classes = 10
