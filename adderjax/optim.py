@@ -79,7 +79,8 @@ __all__ = [
 #: Linen module classes whose ``kernel`` :func:`adder_mask` selects by default
 #: (subclasses included).
 LINEN_ADDER_TYPES: tuple[type, ...] = (adder_linen.AdderConv,
-                                       adder_linen.AdderDense)
+                                       adder_linen.AdderDense,
+                                       adder_linen.AdderDenseGeneral)
 #: NNX module classes whose ``kernel`` :func:`adder_mask` selects by default
 #: (subclasses included).
 NNX_ADDER_TYPES: tuple[type, ...] = (adder_nnx.AdderConv, adder_nnx.AdderDense)
