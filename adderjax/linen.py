@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -468,3 +469,51 @@ class AdderMultiHeadAttention(nn.Module):
     y = self._projection(features, (-2, -1), out_init,
                          self.out_bias_init or self.bias_init, 'out')(out)
     return self._normed(y, 'out')
+
+
+def attention_maps(model: nn.Module, variables, *args,
+                   **kwargs) -> dict[str, jax.Array]:
+  """The attention maps of every :class:`AdderMultiHeadAttention` in a model.
+
+  Runs ``model.apply(variables, *args, **kwargs)`` with ``sow_weights=True``
+  forced on each attention call (through ``flax.linen.intercept_methods``;
+  the model's code is not changed) and returns the maps the attentions
+  applied to their values, identity fix included, keyed by the module path.
+
+  Args:
+    model: a Linen model holding :class:`AdderMultiHeadAttention` modules.
+    variables: its variables.
+    *args: inputs of ``model.apply``.
+    **kwargs: keyword inputs (e.g. ``train=False``); ``mutable`` must not be
+      given.
+
+  Returns:
+    ``{'block0/attn': [batch..., heads, q_length, kv_length], ...}``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from adderjax.models import create_model
+    >>> model = create_model('vit_tiny', kind='adder', num_classes=10,
+    ...                      depth=1, hidden=8, num_heads=2, mlp_dim=8)
+    >>> x = jnp.zeros((3, 28, 28, 1))
+    >>> v = model.init(jax.random.key(0), x)
+    >>> {k: m.shape for k, m in attention_maps(model, v, x).items()}
+    {'block0/attn': (3, 2, 16, 16)}
+  """
+  if 'mutable' in kwargs:
+    raise ValueError('attention_maps sets `mutable` itself; do not pass it.')
+
+  def force_sow(next_fun, args_, kwargs_, context):
+    if (isinstance(context.module, AdderMultiHeadAttention) and
+        context.method_name == '__call__'):
+      kwargs_ = dict(kwargs_, sow_weights=True)
+    return next_fun(*args_, **kwargs_)
+
+  with nn.intercept_methods(force_sow):
+    _, state = model.apply(variables, *args, mutable=['intermediates'],
+                           **kwargs)
+  flat = flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(state.get('intermediates', {})), sep='/')
+  suffix = '/attention_weights'
+  return {k[:-len(suffix)]: v[0] for k, v in flat.items()
+          if k.endswith(suffix)}
