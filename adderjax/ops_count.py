@@ -8,12 +8,14 @@ Nothing is read from hand tables.
 
 Counting convention (per image, batch of one):
 
-* Counted layers: ``nn.Conv``, ``nn.Dense`` (full precision),
-  :class:`adderjax.linen.AdderConv` / ``AdderDense`` and
-  :class:`adderjax.bnn.BinaryConv` / ``BinaryDense``, wherever they are in
-  the model: the stem, the classifier and the 1x1 projection shortcuts
-  included. A layer has ``MACs = output elements x taps per output``
-  (``kh * kw * C_in / groups`` for a conv, ``C_in`` for a dense layer).
+* Counted layers: ``nn.Conv``, ``nn.Dense``, ``nn.DenseGeneral`` (full
+  precision), :class:`adderjax.linen.AdderConv` / ``AdderDense`` /
+  ``AdderDenseGeneral`` and :class:`adderjax.bnn.BinaryConv` /
+  ``BinaryDense``, wherever they are in the model: the stem, the classifier,
+  the 1x1 projection shortcuts and the projections of an attention included.
+  A layer has ``MACs = output elements x taps per output``
+  (``kh * kw * C_in / groups`` for a conv, ``C_in`` for a dense layer, the
+  product of the contracted input axes for a ``DenseGeneral``).
 * Full-precision layer: ``#Mul = MACs`` and ``#Add = MACs`` (one
   multiply-accumulate per tap).
 * Adder layer: ``#Add = 2 x MACs`` (a subtraction and an accumulation per tap;
@@ -21,16 +23,45 @@ Counting convention (per image, batch of one):
 * Binary layer: ``#XNOR = MACs`` (the bit product; an AND for {0, 1}
   activations) and ``#Add = MACs`` (the popcount accumulation).
 * A bias adds ``output elements`` to ``#Add``.
+* Attention cores: a call of :class:`adderjax.linen.AdderMultiHeadAttention`
+  or ``nn.MultiHeadDotProductAttention`` (its four projections are counted
+  above, as layers) adds rows for the arithmetic between the projections,
+  computed from the call's input shapes and the module's fields. With
+  ``H`` heads of size ``D``, ``Lq`` queries and ``Lk`` keys (times the batch
+  elements, one per image):
+
+  - ``scores``: ``H Lq Lk D`` MACs; l1 scores (``score='l1'``, kind
+    ``'adder'``) are a subtraction and an accumulation per tap, ``2 H Lq Lk
+    D`` Add, as an adder layer (the sign is folded into the scale); dot
+    scores (kind ``'fp'``) a multiply-accumulate per tap.
+  - ``scale``: one Mul per scaled element: ``H Lq Lk`` (the logits, as
+    :func:`adderjax.attention.attention_weights` does) or ``H Lq D`` (flax
+    divides the queries by ``sqrt(D)``, a multiplication by the constant
+    ``1 / sqrt(D)``).
+  - ``identity`` (the rank fix of :mod:`adderjax.attention`):
+    ``'output'``, ``(A v + lambda v) / (1 + lambda)``, is ``H Lq D`` x (2
+    Mul + 1 Add): ``lambda v``, the sum, and the division as a
+    multiplication by the constant ``1 / (1 + lambda)``; ``'logits'`` adds
+    ``lambda`` to the diagonal logits, ``H Lq`` Add.
+  - ``av`` (attention map times values): ``H Lq Lk D`` multiply-accumulates
+    for both scores: the weighted average multiplies.
+
+  Not counted: the softmax (the exponentials, max, sums and divisions of
+  ``H Lq Lk`` logits: ``OpsReport.softmax_logits`` gives their number), masks
+  and dropout, as activations are not.
 * Not counted: BatchNorm (an affine map per channel; the binary layers'
-  per-channel scale folds into it), activations, pooling, residual additions,
-  the binarisation of activations, and layers of other types (reported in
-  ``OpsReport.uncounted``).
+  per-channel scale folds into it), LayerNorm, activations, pooling, residual
+  additions, the binarisation of activations, and layers of other types
+  (reported in ``OpsReport.uncounted``).
 
 The paper's Tables 1-2 attribute the model's kind to all its layers: with
 ``M`` the total MACs of all counted layers, a CNN has ``M`` Mul + ``M`` Add, an
 AdderNet ``2M`` Add and a BNN ``M`` XNOR + ``M`` Add, though the stem and
 classifier are full precision in every kind. :attr:`OpsReport.paper_total`
 gives that; :attr:`OpsReport.total` is the layer-by-layer (honest) count.
+The kind is read from the weight layers only, and attributed to them only:
+an attention core's rows (``LayerOps.role == 'attention'``) enter the paper
+total as they are counted (its values product multiplies in every kind).
 
 Energy: :meth:`OpsReport.energy_pj` prices the counts per operation with an
 :class:`EnergyModel`; :data:`FP32_45NM` and :data:`INT8_45NM` hold the 45 nm
@@ -59,6 +90,11 @@ from adderjax.models.common import ZooModel
 
 #: Layer kinds of :class:`LayerOps`.
 LAYER_KINDS = ('fp', 'adder', 'binary')
+#: Roles of :class:`LayerOps` rows: a weight layer, or a part of an attention
+#: core (the arithmetic between an attention's projections).
+ROLES = ('layer', 'attention')
+#: The parts of an attention core, each one row (module docstring).
+ATTENTION_PARTS = ('scores', 'scale', 'identity', 'av')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,18 +165,25 @@ class OpCounts:
 
 @dataclasses.dataclass(frozen=True)
 class LayerOps:
-  """One counted layer call.
+  """One counted layer call, or one part of an attention core.
 
   Attributes:
-    path: module path in the model, e.g. ``'layer2_0/conv1'``.
-    layer: class name of the layer.
-    kind: ``'fp'``, ``'adder'`` or ``'binary'``.
+    path: module path in the model, e.g. ``'layer2_0/conv1'``; an attention
+      core's part is ``'<attention path>:<part>'`` (``'block0/attn:scores'``,
+      a part of :data:`ATTENTION_PARTS`).
+    layer: class name of the layer (of the attention module for its parts).
+    kind: ``'fp'``, ``'adder'`` or ``'binary'``: the arithmetic (an l1
+      scores row is ``'adder'``, the other attention parts ``'fp'``).
     input_shape: input shape (batch of one).
     output_shape: output shape.
-    kernel_shape: kernel shape.
-    macs: output elements x taps per output.
+    kernel_shape: kernel shape (``()`` for an attention part).
+    macs: output elements x taps per output (``0`` for the elementwise
+      attention parts, ``scale`` and ``identity``).
     ops: :class:`OpCounts` of this layer.
-    params: parameters of this layer (kernel and bias).
+    params: parameters of this layer (kernel and bias; ``0`` for an
+      attention part, whose projections are layers of their own).
+    role: ``'layer'`` (a weight layer) or ``'attention'`` (a part of an
+      attention core).
   """
   path: str
   layer: str
@@ -151,6 +194,13 @@ class LayerOps:
   macs: int
   ops: OpCounts
   params: int
+  role: str = 'layer'
+
+
+def _is_scores(row: LayerOps) -> bool:
+  """Whether ``row`` is the ``scores`` part of an attention core (one per
+  attention call)."""
+  return row.role == 'attention' and row.path.rsplit(':', 1)[-1] == 'scores'
 
 
 def _human(n: float) -> str:
@@ -179,8 +229,22 @@ class OpsReport:
 
   @property
   def macs(self) -> int:
-    """Total multiply-accumulate positions of all counted layers."""
+    """Total multiply-accumulate positions of all counted rows (the layers'
+    and the attention cores' scores and values products)."""
     return sum(layer.macs for layer in self.layers)
+
+  @property
+  def layer_macs(self) -> int:
+    """Multiply-accumulate positions of the weight layers only (the ``M``
+    of :attr:`paper_total`); :attr:`macs` for a model without attention."""
+    return sum(l.macs for l in self.layers if l.role == 'layer')
+
+  @property
+  def softmax_logits(self) -> int:
+    """Logits that go through an attention softmax (not counted): the
+    output elements of the attention cores' ``scores`` rows."""
+    return sum(_size(l.output_shape) for l in self.layers
+               if _is_scores(l))
 
   @property
   def total(self) -> OpCounts:
@@ -193,8 +257,12 @@ class OpsReport:
   @property
   def model_kind(self) -> str:
     """``'adder'``, ``'bnn'`` or ``'cnn'`` from the body layers
-    (``'mixed'`` if the model has both adder and binary layers)."""
-    kinds = {layer.kind for layer in self.layers}
+    (``'mixed'`` if the model has both adder and binary layers).
+
+    Only the weight layers tell the kind: an attention core's rows (l1
+    scores are ``'adder'``) do not.
+    """
+    kinds = {layer.kind for layer in self.layers if layer.role == 'layer'}
     if 'adder' in kinds and 'binary' in kinds:
       return 'mixed'
     if 'adder' in kinds:
@@ -207,12 +275,19 @@ class OpsReport:
   def paper_total(self) -> OpCounts | None:
     """The paper's convention: every layer counted as the model's kind.
 
-    ``M`` = :attr:`macs`: CNN ``(M, M, 0)``, AdderNet ``(0, 2M, 0)``, BNN
-    ``(0, M, M)`` as (Mul, Add, XNOR); ``None`` for a mixed model.
+    ``M`` = :attr:`layer_macs`: CNN ``(M, M, 0)``, AdderNet ``(0, 2M, 0)``,
+    BNN ``(0, M, M)`` as (Mul, Add, XNOR), plus the attention cores' rows as
+    they are counted; ``None`` for a mixed model.
     """
-    m = self.macs
-    return {'cnn': OpCounts(m, m, 0), 'adder': OpCounts(0, 2 * m, 0),
-            'bnn': OpCounts(0, m, m)}.get(self.model_kind)
+    m = self.layer_macs
+    layers = {'cnn': OpCounts(m, m, 0), 'adder': OpCounts(0, 2 * m, 0),
+              'bnn': OpCounts(0, m, m)}.get(self.model_kind)
+    if layers is None:
+      return None
+    for l in self.layers:
+      if l.role == 'attention':
+        layers = layers + l.ops
+    return layers
 
   def energy_pj(self, energy: EnergyModel = FP32_45NM, *,
                 paper_convention: bool = False) -> float:
@@ -254,10 +329,13 @@ class OpsReport:
       lines.append('  '.join(cells).rstrip())
       if i == 0 or i == len(self.layers):
         lines.append('-' * len(lines[-1]))
+    n_layers = sum(l.role == 'layer' for l in self.layers)
+    n_cores = sum(_is_scores(l) for l in self.layers)
+    cores = f' and {n_cores} attention cores' if n_cores else ''
     lines.append(
-        f'input {"x".join(map(str, self.input_shape))}: {len(self.layers)} '
-        f'counted layers, {_human(self.macs)} MACs, #Mul {_human(t.mul)}, '
-        f'#Add {_human(t.add)}, #XNOR {_human(t.xnor)}; '
+        f'input {"x".join(map(str, self.input_shape))}: {n_layers} '
+        f'counted layers{cores}, {_human(self.macs)} MACs, #Mul '
+        f'{_human(t.mul)}, #Add {_human(t.add)}, #XNOR {_human(t.xnor)}; '
         f'params {self.params:,} ({_human(self.params)})')
     if p is not None:
       lines.append(f'paper convention: #Mul {_human(p.mul)}, #Add '
@@ -270,6 +348,9 @@ class OpsReport:
         e += t.xnor * energy.xnor_pj
       lines.append(f'energy ({energy.name}): {e / 1e6:,.3f} uJ per image'
                    f'{unpriced}')
+    if n_cores:
+      lines.append(f'not counted: the attention softmax of '
+                   f'{self.softmax_logits:,} logits (exp, max, sum, division)')
     if self.uncounted:
       lines.append('not counted (other layer types): '
                    + ', '.join(self.uncounted))
@@ -277,7 +358,8 @@ class OpsReport:
 
 
 def _layer_kind(module: nn.Module) -> tuple[str, str] | None:
-  """``(kind, 'conv' | 'dense')`` of a counted layer, else ``None``."""
+  """``(kind, 'conv' | 'dense' | 'general')`` of a counted layer, else
+  ``None`` (``'general'``: a ``DenseGeneral``)."""
   if isinstance(module, bnn.BinaryConv):
     return 'binary', 'conv'
   if isinstance(module, bnn.BinaryDense):
@@ -286,10 +368,14 @@ def _layer_kind(module: nn.Module) -> tuple[str, str] | None:
     return 'adder', 'conv'
   if isinstance(module, adder_linen.AdderDense):
     return 'adder', 'dense'
+  if isinstance(module, adder_linen.AdderDenseGeneral):
+    return 'adder', 'general'
   if isinstance(module, nn.Conv):
     return 'fp', 'conv'
   if isinstance(module, nn.Dense):
     return 'fp', 'dense'
+  if isinstance(module, nn.DenseGeneral):
+    return 'fp', 'general'
   return None
 
 
@@ -303,6 +389,83 @@ def _layer_ops(kind: str, macs: int, bias_adds: int) -> OpCounts:
 
 def _size(shape) -> int:
   return int(math.prod(shape))
+
+
+def _contracted_size(axis, input_shape: tuple[int, ...]) -> int:
+  """Product of the input axes a ``DenseGeneral`` contracts."""
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  ndim = len(input_shape)
+  return _size(input_shape[a] for a in {int(a) % ndim for a in axes})
+
+
+def _attention_core(module: nn.Module) -> tuple[str, str | None, str] | None:
+  """``(score, identity, scaled)`` of an attention whose core is counted.
+
+  ``scaled`` is ``'logits'`` (the scores are scaled) or ``'queries'`` (flax
+  divides the queries by ``sqrt(D)``). ``None`` for other modules.
+  """
+  if isinstance(module, adder_linen.AdderMultiHeadAttention):
+    return module.score, module.identity, 'logits'
+  if isinstance(module, nn.MultiHeadDotProductAttention):
+    return 'dot', None, 'queries'
+  return None
+
+
+def _attention_inputs(call) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Shapes of the queries' and keys' inputs of an attention call."""
+  given = dict(zip(('inputs_q', 'inputs_k', 'inputs_v'), call.inputs))
+  given.update({k: v for k, v in call.kwargs.items()
+                if k in ('inputs_q', 'inputs_k', 'inputs_v', 'inputs_kv')})
+  q = given.get('inputs_q')
+  k = given.get('inputs_k')
+  if k is None:
+    k = given.get('inputs_kv')
+  if k is None:
+    k = q
+  return tuple(q.shape), tuple(k.shape)
+
+
+def _attention_rows(call, core) -> list[LayerOps]:
+  """The rows of one attention core (module docstring), in compute order."""
+  score, identity, scaled = core
+  module = call.module
+  q_shape, k_shape = _attention_inputs(call)
+  heads = int(module.num_heads)
+  d = int(module.qkv_features or q_shape[-1]) // heads
+  batch, lq, lk = q_shape[:-2], int(q_shape[-2]), int(k_shape[-2])
+  nb = _size(batch)
+  tokens = (*batch, lq, heads, d)       # queries, outputs
+  logits = (*batch, heads, lq, lk)      # scores, map
+  taps = nb * heads * lq * lk * d
+  prefix = f'{call.name}:' if call.name else ''
+  layer = call.type.__name__
+
+  def row(part, kind, in_shape, out_shape, macs, ops):
+    return LayerOps(path=prefix + part, layer=layer, kind=kind,
+                    input_shape=in_shape, output_shape=out_shape,
+                    kernel_shape=(), macs=int(macs), ops=ops, params=0,
+                    role='attention')
+
+  score_kind = 'adder' if score == 'l1' else 'fp'
+  scores = row('scores', score_kind, tokens, logits, taps,
+               _layer_ops(score_kind, taps, 0))
+  rows = []
+  if scaled == 'queries':
+    rows += [row('scale', 'fp', tokens, tokens, 0,
+                 OpCounts(mul=_size(tokens), add=0, xnor=0)), scores]
+  else:
+    rows += [scores, row('scale', 'fp', logits, logits, 0,
+                         OpCounts(mul=_size(logits), add=0, xnor=0))]
+  if identity == 'logits':
+    rows.append(row('identity', 'fp', logits, logits, 0,
+                    OpCounts(mul=0, add=nb * heads * lq, xnor=0)))
+  rows.append(row('av', 'fp', logits, tokens, taps,
+                  _layer_ops('fp', taps, 0)))
+  if identity == 'output':
+    n = _size(tokens)
+    rows.append(row('identity', 'fp', tokens, tokens, 0,
+                    OpCounts(mul=2 * n, add=n, xnor=0)))
+  return rows
 
 
 def count_params(variables: Any) -> int:
@@ -369,6 +532,8 @@ def _check_top_level_rank(model: nn.Module, shape: tuple[int, ...]) -> None:
   kinds = _layer_kind(model)
   if kinds is None:
     return
+  if kinds[1] == 'general':
+    return  # contracts any axes: a batch axis cannot be told apart.
   if kinds[1] == 'conv':
     kernel_size = getattr(model, 'kernel_size', None)
     if isinstance(kernel_size, int) or kernel_size is None:
@@ -442,6 +607,17 @@ def count_ops(model: nn.Module, input_shape, *, dtype: Any = jnp.float32,
     True
     >>> count_ops(nn.Dense(10), (84,)).total
     OpCounts(mul=840, add=850, xnor=0)
+
+    An attention's projections are layers; its core adds rows (2 heads of
+    4, 5 tokens: 2 x 5 x 5 x 4 = 200 taps in the scores and in ``av``):
+
+    >>> from adderjax.linen import AdderMultiHeadAttention
+    >>> report = count_ops(AdderMultiHeadAttention(
+    ...     num_heads=2, qkv_features=8, use_bias=False), (5, 6))
+    >>> [(l.path, l.macs, l.ops.mul, l.ops.add) for l in report.layers
+    ...  if l.role == 'attention']  # doctest: +NORMALIZE_WHITESPACE
+    [('scores', 200, 0, 400), ('scale', 0, 50, 0), ('av', 200, 200, 200),
+     ('identity', 0, 80, 40)]
   """
   if not isinstance(model, nn.Module):
     raise _checks.ArgumentTypeError(
@@ -464,11 +640,25 @@ def count_ops(model: nn.Module, input_shape, *, dtype: Any = jnp.float32,
                                                           dtype))
   records: list[LayerOps] = []
   uncounted: list[str] = []
-  for call in calls:
+  for i, call in enumerate(calls):
     params = call.variables.get('params', {})
     kinds = _layer_kind(call.module)
     if kinds is None:
-      if 'kernel' in params:
+      core = _attention_core(call.module)
+      if (core is not None and i and calls[i - 1].path == call.path and
+          _attention_core(calls[i - 1].module) is not None):
+        continue  # a subclass's __call__ around its parent's (SelfAttention)
+      if (isinstance(call.module, nn.MultiHeadDotProductAttention) and
+          call.module.attention_fn is not nn.dot_product_attention):
+        uncounted.append(f'{call.name} ({call.type.__name__} core: a custom '
+                         'attention_fn)')
+      elif core is not None:
+        rows = _attention_rows(call, core)
+        out = f'{call.name}/out' if call.name else 'out'
+        at = next((j for j in range(len(records) - 1, -1, -1)
+                   if records[j].path == out), len(records))
+        records[at:at] = rows
+      elif 'kernel' in params:
         uncounted.append(f'{call.name} ({call.type.__name__})')
       continue
     kind, op = kinds
@@ -477,10 +667,16 @@ def count_ops(model: nn.Module, input_shape, *, dtype: Any = jnp.float32,
       _check_conv_call_rank(call, kernel, shape)
     has_bias = 'bias' in params
     out_shape = call.output_shape
-    taps = _size(kernel[:-1]) if op == 'conv' else kernel[0]
+    if op == 'conv':
+      taps = _size(kernel[:-1])
+    elif op == 'general':
+      taps = _contracted_size(call.module.axis, call.input_shape)
+    else:
+      taps = kernel[0]
     macs = _size(out_shape) * taps
     bias_adds = _size(out_shape) if has_bias else 0
-    n_params = _size(kernel) + (kernel[-1] if has_bias else 0)
+    n_params = _size(kernel) + (_size(params['bias'].shape) if has_bias
+                                else 0)
     records.append(LayerOps(
         path=call.name, layer=call.type.__name__, kind=kind,
         input_shape=call.input_shape, output_shape=out_shape,
