@@ -5,6 +5,7 @@ from adderjax.ops import adder_dense
 from adderjax.ops import available_implementations
 from adderjax.ops import GRAD_MODES
 from adderjax import attacks
+from adderjax import attention
 from adderjax import datasets
 from adderjax import distill
 from adderjax import export
@@ -31,5 +32,5 @@ __all__ = ['adder_conv', 'adder_dense', 'available_implementations',
            'GRAD_MODES', 'linen', 'nnx', 'optim', 'bnn', 'models', 'official',
            'create_model', 'count_ops', 'count_params', 'EnergyModel',
            'quant', 'layer_outputs_saveable', 'introspect', 'trace_layers',
-           'attacks', 'datasets', 'distill', 'slac', 'export',
+           'attacks', 'attention', 'datasets', 'distill', 'slac', 'export',
            'export_safety_checks']
