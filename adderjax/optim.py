@@ -83,7 +83,8 @@ LINEN_ADDER_TYPES: tuple[type, ...] = (adder_linen.AdderConv,
                                        adder_linen.AdderDenseGeneral)
 #: NNX module classes whose ``kernel`` :func:`adder_mask` selects by default
 #: (subclasses included).
-NNX_ADDER_TYPES: tuple[type, ...] = (adder_nnx.AdderConv, adder_nnx.AdderDense)
+NNX_ADDER_TYPES: tuple[type, ...] = (adder_nnx.AdderConv, adder_nnx.AdderDense,
+                                     adder_nnx.AdderLinearGeneral)
 #: Accepted values of ``addernet_sgd(scaling=...)``.
 SCALINGS = ('adaptive', 'ilr', 'none')
 
