@@ -19,11 +19,14 @@ choices below are ours, each documented where it is made, and
   subgradient and ``'unclipped'`` drops the HardTanh. (The paper's
   unclipped ``X - F`` filter gradient is meant for weights trained with the
   adaptive learning rate; keys are not weights.)
-* Scale: the l1 score of two i.i.d. standard normal vectors of size ``D``
-  varies over keys with standard deviation ``sqrt(2 (1 - 2/pi) D)``
-  (``|N(0, 2)|`` has variance ``2 (1 - 2/pi)``), where a dot product varies
-  with ``sqrt(D)``. :func:`default_scale` is the inverse of that spread, so the
-  logits spread as ``dot_product_attention``'s ``q.k / sqrt(D)`` do.
+* Scale: the l1 score of two independent standard normal vectors of size
+  ``D`` has standard deviation ``sqrt(2 (1 - 2/pi) D)`` (``|N(0, 2)|`` has
+  variance ``2 (1 - 2/pi)``), where their dot product has ``sqrt(D)``.
+  :func:`default_scale` is the inverse of that spread, so the logits have unit
+  variance over random query-key pairs, as ``dot_product_attention``'s
+  ``q.k / sqrt(D)`` do. (Over the keys of one fixed query the l1 spread is a
+  little smaller, ``sqrt(0.564 D)``: part of the variance is the query's own
+  offset, which the softmax removes.)
 * Identity (the rank fix): an attention map built from distances is close to
   low rank (neighbouring queries see almost the same distances to every
   key). ``identity='output'`` mixes the identity into the normalised map,
@@ -73,13 +76,13 @@ _ABS_DIFF_STD = math.sqrt(2.0 * (1.0 - 2.0 / math.pi))
 def default_scale(head_dim: int) -> float:
   """The logit scale of l1 scores: ``1 / sqrt(2 (1 - 2/pi) head_dim)``.
 
-  With queries and keys of i.i.d. unit-variance entries, the scaled scores of
-  one query vary over the keys with unit standard deviation, as
-  ``q.k / sqrt(head_dim)`` does in dot-product attention.
+  With queries and keys of i.i.d. standard normal entries, the scaled scores
+  have unit variance over random query-key pairs, as ``q.k / sqrt(head_dim)``
+  has in dot-product attention.
 
   Examples:
     >>> round(default_scale(64), 4)
-    0.1464
+    0.1466
   """
   head_dim = _checks.positive_int('head_dim', head_dim)
   return 1.0 / (_ABS_DIFF_STD * math.sqrt(head_dim))
@@ -344,7 +347,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
       :func:`attention_weights`.
     dropout_rng: key for attention dropout (needed when dropping).
     dropout_rate: probability of dropping an attention weight.
-    broadcast_dropout: one dropout mask for all batch dims.
+    broadcast_dropout: one dropout mask for all batch dims and heads.
     deterministic: no dropout.
     grad, implementation, precision: of :func:`l1_scores`.
     dtype: of the result (``None``: promoted).
@@ -406,8 +409,8 @@ def attend(query, key, value, *, score, bias, mask, scale, identity,
                        'dropout_rng.')
     keep = 1.0 - rate
     shape = list(w.shape)
-    if broadcast_dropout:
-      shape[:-3] = [1] * (len(shape) - 3)
+    if broadcast_dropout:  # one mask for every batch dim and head (flax)
+      shape[:-2] = [1] * (len(shape) - 2)
     kept = jax.random.bernoulli(dropout_rng, keep, tuple(shape))
     w = jnp.where(kept, w / keep, 0.0)
   out = jnp.einsum('...hqk,...khd->...qhd', w.astype(dtype),

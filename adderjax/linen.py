@@ -245,14 +245,19 @@ class AdderDenseGeneral(nn.Module):
     axes = _axes_tuple(self.axis, ndim, 'axis')
     shape = jnp.shape(inputs)
     in_shape = tuple(shape[a] for a in axes)
-    kernel = self.param('kernel', self.kernel_init, in_shape + features,
+    n_in, n_out = math.prod(in_shape), math.prod(features)
+
+    def kernel_init(rng, shape, dtype):
+      # As flax's DenseGeneral: a fan-based initialiser sees (in, out).
+      return jnp.reshape(self.kernel_init(rng, (n_in, n_out), dtype), shape)
+
+    kernel = self.param('kernel', kernel_init, in_shape + features,
                         self.param_dtype)
     bias = (self.param('bias', self.bias_init, features, self.param_dtype)
             if self.use_bias else None)
     batch_axes = tuple(a for a in range(ndim) if a not in axes)
     x = jnp.transpose(inputs, batch_axes + axes)
     batch_shape = x.shape[:len(batch_axes)]
-    n_in, n_out = math.prod(in_shape), math.prod(features)
     y = _module_utils.apply_adder_dense(
         x.reshape(*batch_shape, n_in), kernel.reshape(n_in, n_out),
         None if bias is None else bias.reshape(n_out), grad=self.grad,
@@ -285,7 +290,8 @@ class AdderMultiHeadAttention(nn.Module):
     qkv_features: total q/k/v features (``None``: the input features);
       divisible by ``num_heads``.
     out_features: output features (``None``: the query's features).
-    broadcast_dropout: one attention-dropout mask for all batch dims.
+    broadcast_dropout: one attention-dropout mask for all batch dims and
+      heads.
     dropout_rate: attention dropout.
     deterministic: no dropout (also a call argument).
     precision: matmul precision.
