@@ -62,6 +62,7 @@ from adderjax import _checks
 from adderjax.ops import adder as adder_ops
 from adderjax.ops import backends
 from adderjax.ops import geometry
+from adderjax.ops import platform_dispatch
 
 #: Values of ``identity`` (the rank fix), ``None`` for none.
 IDENTITY_MODES = ('output', 'logits')
@@ -201,6 +202,29 @@ def l1_scores(query: jax.Array, key: jax.Array, *,
   query, key = _check_qk(query, key)
   adder_ops.check_grad(grad)
   adder_ops.check_precision(precision)
+  implementation = backends.resolve(implementation)
+  precision = adder_ops._hashable_precision(precision)  # pylint: disable=protected-access
+  local = functools.partial(_local_scores, grad=grad,
+                            implementation=implementation,
+                            precision=precision)
+  # Under a mesh context (jax.set_mesh, the experiments' runners) the
+  # example batch is split with shard_map, so that each device computes its
+  # own examples' scores (the grouped convolution folds the batch into its
+  # groups, which XLA's partitioner would otherwise gather, and a Pallas
+  # call cannot be partitioned at all).
+  axes = (platform_dispatch.shard_map_axes(jax.sharding.get_abstract_mesh(),
+                                           query, 0)
+          if query.ndim > 3 else None)
+  if not axes:
+    return local(query, key)
+  spec = jax.sharding.PartitionSpec(axes)
+  return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                       in_specs=(spec, spec), out_specs=spec,
+                       check_vma=False)(query, key)
+
+
+def _local_scores(query, key, *, grad, implementation, precision):
+  """:func:`l1_scores` of checked arguments, on the local batch."""
   dtype = jnp.result_type(query.dtype, key.dtype)
   *batch, lq, heads, d = query.shape
   lk = key.shape[-3]
@@ -219,9 +243,7 @@ def l1_scores(query: jax.Array, key: jax.Array, *,
                                  groups)
   geo_k = geometry.make_geometry(k.shape, (1, d, groups * lq), 1, 'VALID', 1,
                                  groups)
-  cfg = _ScoreConfig(geo_q, geo_k, groups, grad,
-                     backends.resolve(implementation),
-                     adder_ops._hashable_precision(precision))  # pylint: disable=protected-access
+  cfg = _ScoreConfig(geo_q, geo_k, groups, grad, implementation, precision)
   y = _scores(q, k, cfg)                                 # (Lq, 1, G*Lk)
   y = y.reshape(lq, nb, heads, lk).transpose(1, 2, 0, 3)
   return checkpoint_name(y.reshape(out_shape), adder_ops.ADDER_OUTPUT)
@@ -394,6 +416,8 @@ def attend(query, key, value, *, score, bias, mask, scale, identity,
                      f'got value shape {value.shape}.')
   rate = _checks.finite_number('dropout_rate', dropout_rate, low=0, high=1,
                                high_open=True)
+  weight = _check_identity(identity, identity_weight, query.shape[-3],
+                           key.shape[-3])
   dtype = dtype or jnp.result_type(query.dtype, key.dtype, value.dtype)
   output_identity = identity == 'output'
   w = attention_weights(
@@ -401,8 +425,6 @@ def attend(query, key, value, *, score, bias, mask, scale, identity,
       identity=None if output_identity else identity,
       identity_weight=identity_weight, grad=grad,
       implementation=implementation, precision=precision, dtype=jnp.float32)
-  weight = _check_identity(identity, identity_weight, query.shape[-3],
-                           key.shape[-3])
   if not deterministic and rate > 0:
     if dropout_rng is None:
       raise ValueError(f'dropout_rate={rate} with deterministic=False needs a '

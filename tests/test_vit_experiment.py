@@ -19,11 +19,11 @@ def mnist_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize('arg,kind,attention,identity', [
-    ('', 'adder', 'l1', 'output'),
-    ('cnn', 'cnn', 'dot', 'output'),
+    ('', 'adder', 'auto', 'output'),
+    ('cnn', 'cnn', 'auto', 'output'),
     ('adder,dot', 'adder', 'dot', 'output'),
-    ('adder,noid', 'adder', 'l1', 'none'),
-    ('idlogits', 'adder', 'l1', 'logits'),
+    ('adder,noid', 'adder', 'auto', 'none'),
+    ('idlogits', 'adder', 'auto', 'logits'),
 ])
 def test_tokens_set_the_variant(arg, kind, attention, identity):
   c = vit_mnist.get_config(arg)
@@ -31,6 +31,9 @@ def test_tokens_set_the_variant(arg, kind, attention, identity):
   assert c.model.name == 'vit_tiny' and c.model.kind == kind
   assert c.model.overrides.attention == attention
   assert c.model.overrides.identity == identity
+  model = experiment.Experiment.from_config(c, data=False).model
+  assert model.scores() == {('cnn', 'auto'): 'dot'}.get(
+      (kind, attention), 'dot' if attention == 'dot' else 'l1')
   # The paper's LeNet-5 recipe, unchanged.
   assert (c.optimizer.learning_rate, c.batch_size, c.num_epochs) == (0.1, 256,
                                                                      3)

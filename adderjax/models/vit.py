@@ -21,7 +21,7 @@ grows with the kernel norm; the normalisation removes it, as in the adder
 CNNs. The CNN kind has the same BatchNorms, so the kinds differ only in
 their layers.
 
-The attention of each kind (``attention=None``): ``'l1'`` (negative l1
+The attention of each kind (``attention='auto'``): ``'l1'`` (negative l1
 distance scores, :func:`adderjax.attention.l1_scores`) for the adder kind,
 ``'dot'`` for the CNN kind; ``attention='dot'`` with ``kind='adder'`` is the
 "adder-linear" ViT (adder projections, dot-product scores). ``identity`` is
@@ -64,7 +64,7 @@ class ViT(ZooModel):
     depth: number of encoder blocks.
     num_heads: attention heads (divides ``hidden``).
     mlp_dim: hidden width of each MLP.
-    attention: ``'l1'``, ``'dot'`` or ``None`` (``'l1'`` with adder
+    attention: ``'l1'``, ``'dot'`` or ``'auto'`` (``'l1'`` with adder
       projections, ``'dot'`` with multiplying ones).
     identity: the rank fix of l1 attention, ``'output'``, ``'logits'`` or
       ``'none'`` (ignored for dot-product attention).
@@ -90,7 +90,7 @@ class ViT(ZooModel):
   depth: int = 4
   num_heads: int = 4
   mlp_dim: int = 128
-  attention: str | None = None
+  attention: str = 'auto'
   identity: str = 'output'
   identity_weight: float = 1.0
   pool: str = 'mean'
@@ -102,8 +102,7 @@ class ViT(ZooModel):
     if self.hidden % self.num_heads:
       raise ValueError(f'num_heads={self.num_heads} does not divide '
                        f'hidden={self.hidden}.')
-    if self.attention is not None:
-      _checks.choice('attention', self.attention, ATTENTIONS)
+    _checks.choice('attention', self.attention, ATTENTIONS + ('auto',))
     _checks.choice('identity', self.identity, IDENTITIES)
     _checks.finite_number('identity_weight', self.identity_weight, low=0)
     _checks.choice('pool', self.pool, POOLS)
@@ -123,7 +122,7 @@ class ViT(ZooModel):
 
   def scores(self) -> str:
     """The attention scores: ``attention``, or the kind's default."""
-    if self.attention is not None:
+    if self.attention != 'auto':
       return self.attention
     return 'l1' if self.projection() == 'adder' else 'dot'
 

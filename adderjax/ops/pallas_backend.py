@@ -150,13 +150,7 @@ class KernelSet:
 # --- sharding ---------------------------------------------------------------
 
 
-def _spec(sharding, ndim: int) -> tuple:
-  if not isinstance(sharding, NamedSharding):
-    raise NotImplementedError(
-        f'the Pallas adder kernels are partitioned from NamedShardings (jit '
-        f'over a jax.sharding.Mesh); got {sharding!r}.')
-  spec = tuple(sharding.spec)
-  return spec + (None,) * (ndim - len(spec))
+_spec = platform_dispatch.named_spec
 
 
 def _patch_shardings(mesh, p_sharding):
@@ -189,27 +183,7 @@ def _input_grad_infer(kernels, mode, mesh, arg_shapes, result_shape):
   return _patch_shardings(mesh, arg_shapes[0].sharding)[0]
 
 
-def _shard_map_axes(mesh, a, axis: int) -> tuple[str, ...] | None:
-  """Mesh axes to split ``a``'s ``axis`` over with shard_map, or None.
-
-  None when there is no mesh context; ``()`` when ``a`` is already local
-  (every mesh axis manual) or not split.
-  """
-  if mesh.empty:
-    return None
-  types = dict(zip(mesh.axis_names, mesh.axis_types))
-  free = [n for n in mesh.axis_names if types[n] != jax.sharding.AxisType.Manual]
-  if not free:  # Already inside a shard_map over every axis: per shard.
-    return ()
-  if all(types[n] == jax.sharding.AxisType.Explicit for n in free):
-    spec = _spec(jax.typeof(a).sharding, a.ndim)[axis]
-    if spec is None:
-      return ()
-    return (spec,) if isinstance(spec, str) else tuple(spec)
-  size = a.shape[axis]
-  while free and size % math.prod(mesh.shape[n] for n in free):
-    free.pop()
-  return tuple(free)
+_shard_map_axes = platform_dispatch.shard_map_axes
 
 
 def _shard_map_m_axes(mesh, p) -> tuple[str, ...] | None:

@@ -43,6 +43,7 @@ Examples:
 from __future__ import annotations
 
 import contextvars
+import math
 import warnings
 from typing import Any, Callable
 
@@ -273,3 +274,40 @@ for _platform in PLATFORMS:
                          platform=_platform)
 mlir.register_lowering(_dispatch_p, _lowering_rule('default'))
 batching.primitive_batchers[_dispatch_p] = _batching_rule
+
+
+# -- Sharding of the kernels' batch (shared by the Pallas backend and the
+# adder attention).
+
+
+def named_spec(sharding, ndim: int) -> tuple:
+  """A NamedSharding's spec padded with ``None`` to ``ndim`` entries."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    raise NotImplementedError(
+        f'the Pallas adder kernels are partitioned from NamedShardings (jit '
+        f'over a jax.sharding.Mesh); got {sharding!r}.')
+  spec = tuple(sharding.spec)
+  return spec + (None,) * (ndim - len(spec))
+
+
+def shard_map_axes(mesh, a, axis: int) -> tuple[str, ...] | None:
+  """Mesh axes to split ``a``'s ``axis`` over with shard_map, or None.
+
+  None when there is no mesh context; ``()`` when ``a`` is already local
+  (every mesh axis manual) or not split.
+  """
+  if mesh.empty:
+    return None
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  free = [n for n in mesh.axis_names if types[n] != jax.sharding.AxisType.Manual]
+  if not free:  # Already inside a shard_map over every axis: per shard.
+    return ()
+  if all(types[n] == jax.sharding.AxisType.Explicit for n in free):
+    spec = named_spec(jax.typeof(a).sharding, a.ndim)[axis]
+    if spec is None:
+      return ()
+    return (spec,) if isinstance(spec, str) else tuple(spec)
+  size = a.shape[axis]
+  while free and size % math.prod(mesh.shape[n] for n in free):
+    free.pop()
+  return tuple(free)

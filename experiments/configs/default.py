@@ -266,9 +266,10 @@ _ARCH = {
     'resnet32': {'stage_sizes': (5, 5, 5), 'width': 16},
     'resnet18': {'stage_sizes': (2, 2, 2, 2), 'width': 64},
     'resnet50': {'stage_sizes': (3, 4, 6, 3), 'width': 64},
-    # 'attention': 'l1' | 'dot'; 'identity': 'output' | 'logits' | 'none'.
+    # 'attention': 'auto' (l1 for the adder kind, dot for cnn) | 'l1' |
+    # 'dot'; 'identity': 'output' | 'logits' | 'none'.
     'vit_tiny': {'patch_size': 7, 'hidden': 64, 'depth': 4, 'num_heads': 4,
-                 'mlp_dim': 128, 'attention': 'l1', 'identity': 'output'},
+                 'mlp_dim': 128, 'attention': 'auto', 'identity': 'output'},
 }
 _RUNLOCAL_ARCH = {
     'lenet5_bn': {},

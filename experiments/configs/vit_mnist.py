@@ -11,7 +11,8 @@ before each evaluation (``bn_recalibration_batches``).
 Config argument tokens, besides the common ones (``cnn`` / ``adder``,
 ``runlocal``, ``full``, the method tokens):
 
-* ``cnn``: the multiplying ViT (dot-product attention);
+* ``cnn``: the multiplying ViT (dot-product attention: ``attention='auto'``
+  follows the kind, also when the kind is set with ``--config.model.kind``);
 * ``adder``: adder projections and MLPs with l1 attention scores and the
   identity fix (``identity='output'``), the full adder ViT;
 * ``dot``: with ``adder``, dot-product scores (the "adder-linear" ViT);
@@ -21,7 +22,7 @@ Config argument tokens, besides the common ones (``cnn`` / ``adder``,
 Examples:
   >>> c = get_config('adder,noid')
   >>> c.model.name, c.model.overrides.attention, c.model.overrides.identity
-  ('vit_tiny', 'l1', 'none')
+  ('vit_tiny', 'auto', 'none')
 """
 
 from experiments.configs import default
@@ -44,8 +45,6 @@ def get_config(arg=None):
                            model='vit_tiny')
   for token in own:
     c.model.overrides.update(VIT_TOKENS[token])
-  if c.model.kind == 'cnn' and c.model.overrides.attention == 'l1':
-    c.model.overrides.attention = 'dot'
   # [not fixed] BatchNorm statistics recomputed from 50 training batches
   # before each evaluation, for every variant: the adder layers' output
   # statistics drift faster than the running averages follow (3-epoch
