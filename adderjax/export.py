@@ -6,8 +6,8 @@ adder layer for ``'cuda'`` (or ``'rocm'``) holds the Pallas Triton kernels,
 one custom call each (target
 :data:`pallas_kernels.gpu_lowering.TRITON_CUSTOM_CALL`); the Mosaic (TPU)
 kernels' ``tpu_custom_call`` and the XLA code of the CPU need nothing.
-:func:`export_safety_checks` returns the checks to disable for a list of
-platforms, so that callers need not name the kernels' targets, and
+:func:`~adderjax.export_safety_checks` returns the checks to disable for a
+list of platforms, so that callers need not name the kernels' targets, and
 :func:`export` is ``jax.export.export`` with them:
 
 >>> import jax, jax.numpy as jnp
@@ -131,7 +131,7 @@ def export(fn: Callable[..., Any], *,
       already.
     platforms: as in ``jax.export.export`` (``None``: the default backend).
     disabled_checks: further checks to disable, added to
-      :func:`export_safety_checks` of ``platforms``.
+      :func:`~adderjax.export_safety_checks` of ``platforms``.
     **kwargs: passed to ``jax.export.export``.
 
   Returns:

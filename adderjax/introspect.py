@@ -17,8 +17,9 @@ it the same way: :func:`intercept_layers` registers one
   the module, the method name, the abstract shapes and dtypes of its inputs
   and output, its own variables, and a convolution's geometry.
 
-:func:`trace_layers` runs ``model.init`` abstractly (:func:`jax.eval_shape`:
-nothing is computed or allocated) under the walker and returns the records.
+:func:`~adderjax.trace_layers` runs ``model.init`` abstractly
+(:func:`jax.eval_shape`: nothing is computed or allocated) under the walker
+and returns the records.
 The *observe* users read the records (:func:`adderjax.optim.adder_mask`,
 :func:`adderjax.count_ops`) or, to see the real arrays, pass a replacement
 that calls the module itself (the calibration of :mod:`adderjax.quant`); the
@@ -371,20 +372,24 @@ def trace_layers(model: nn.Module, *args: Any, init_rngs: Any = None,
                  **kwargs: Any) -> list[LayerCall]:
   """The layer calls of ``model.init(init_rngs, *args, **kwargs)``.
 
-  Runs :func:`abstract_init` (``jax.eval_shape``: nothing is computed or
-  allocated) under :func:`intercept_layers`.
+  Runs :func:`~adderjax.introspect.abstract_init` (``jax.eval_shape``:
+  nothing is computed or allocated) under
+  :func:`~adderjax.introspect.intercept_layers`.
 
   Args:
     model: an unbound Linen module.
     *args: positional inputs (arrays or :class:`jax.ShapeDtypeStruct`).
     init_rngs: the ``rngs`` of ``model.init`` (default
       ``jax.random.key(0)``).
-    select: which modules to record (see :func:`intercept_layers`).
-    methods: which methods to record (see :func:`intercept_layers`).
+    select: which modules to record (see
+      :func:`~adderjax.introspect.intercept_layers`).
+    methods: which methods to record (see
+      :func:`~adderjax.introspect.intercept_layers`).
     **kwargs: keyword inputs of the model (e.g. ``train=False``).
 
   Returns:
-    A list of :class:`LayerCall`, in the order the calls return.
+    A list of :class:`~adderjax.introspect.LayerCall`, in the order the
+    calls return.
 
   Examples:
     >>> import jax, jax.numpy as jnp

@@ -80,9 +80,12 @@ CONVERT_KINDS = ('adder', 'cnn')
 
 #: CIFAR normalisation of the official code (on [0, 1] pixels).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+#: The standard deviations of the CIFAR normalisation (see :data:`CIFAR_MEAN`).
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 #: ImageNet normalisation of the official code (after resize 256, crop 224).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+#: The standard deviations of the ImageNet normalisation (see
+#: :data:`IMAGENET_MEAN`).
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Architecture facts the checkpoint does not say: the head's bias.

@@ -1,8 +1,8 @@
 """Operation counts per image (#Mul, #Add, #XNOR) and an energy estimate.
 
-:func:`count_ops` runs a Linen model abstractly (``jax.eval_shape`` of
-``model.init``, nothing is allocated or computed) under the layer walker of
-:mod:`adderjax.introspect` (``flax.linen.intercept_methods``) and records
+:func:`~adderjax.count_ops` runs a Linen model abstractly (``jax.eval_shape``
+of ``model.init``, nothing is allocated or computed) under the layer walker
+of :mod:`adderjax.introspect` (``flax.linen.intercept_methods``) and records
 every call of a counted layer with its input, output and kernel shapes.
 Nothing is read from hand tables.
 
@@ -585,7 +585,8 @@ def count_ops(model: nn.Module, input_shape, *, dtype: Any = jnp.float32,
       passed by default when the model's ``__call__`` takes ``train``.
 
   Returns:
-    An :class:`OpsReport` (``str()`` of it is a readable table).
+    An :class:`~adderjax.ops_count.OpsReport` (``str()`` of it is a
+    readable table).
 
   Raises:
     ValueError: a bad ``input_shape``: not positive ints (``(28.9, 28, 1)``

@@ -310,7 +310,7 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
     BatchNorm fold).
 
   Args:
-    model: an unbound Linen model (e.g. :func:`adderjax.create_model`).
+    model: an unbound Linen model (e.g. :func:`adderjax.models.create_model`).
     variables: its trained variables (``params`` and ``batch_stats``).
     batches: a few preprocessed input batches (e.g. 4 training batches).
     config: :class:`QuantConfig`.

@@ -13,12 +13,12 @@ keeps one.
 :data:`layer_outputs_saveable` is a ``jax.checkpoint`` policy that gives the
 adder network the CNN's trade: it keeps the outputs of adder layers (every
 output of :func:`adderjax.adder_conv` and :func:`adderjax.adder_dense` is
-named :data:`ADDER_OUTPUT`), of convolutions and matmuls, and of reductions
-that shrink their operand at least ``min_reduction`` times (BatchNorm's
-statistics, pooled features) and of cross-device sums; everything else is
-recomputed in the backward pass from those. No layer runs twice: the
-recomputed ops are elementwise. Gradients are the same (the recomputation
-repeats the forward's ops in the same order).
+named :data:`~adderjax.ops.ADDER_OUTPUT`), of convolutions and matmuls, and
+of reductions that shrink their operand at least ``min_reduction`` times
+(BatchNorm's statistics, pooled features) and of cross-device sums;
+everything else is recomputed in the backward pass from those. No layer
+runs twice: the recomputed ops are elementwise. Gradients are the same (the
+recomputation repeats the forward's ops in the same order).
 
 Measured on TPU v5e (AOT through libtpu, ResNet-20, 128 images per chip, f32;
 see ``docs/roofline.md``), the AddNN's train step holds 74 MB instead of 89 MB
@@ -58,10 +58,10 @@ class LayerOutputsSaveable:
   """``jax.checkpoint`` policy: save layer outputs, recompute the rest.
 
   Saves (returns ``True`` for) the outputs of adder layers (named
-  :data:`ADDER_OUTPUT`), of ``conv_general_dilated`` and ``dot_general``
-  (full-precision layers, the CNN twin's convolutions), of cross-device sums
-  and maxima, and of reductions whose operand is at least ``min_reduction``
-  times their output; everything else is recomputed.
+  :data:`~adderjax.ops.ADDER_OUTPUT`), of ``conv_general_dilated`` and
+  ``dot_general`` (full-precision layers, the CNN twin's convolutions), of
+  cross-device sums and maxima, and of reductions whose operand is at least
+  ``min_reduction`` times their output; everything else is recomputed.
 
   Attributes:
     min_reduction: a reduction is kept when it shrinks its operand by at
@@ -93,7 +93,7 @@ class LayerOutputsSaveable:
     return False
 
 
-#: The default :class:`LayerOutputsSaveable` policy.
+#: The default :class:`~adderjax.remat.LayerOutputsSaveable` policy.
 layer_outputs_saveable = LayerOutputsSaveable()
 
 __all__ = ['ADDER_OUTPUT', 'LayerOutputsSaveable', 'layer_outputs_saveable']

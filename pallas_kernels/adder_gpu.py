@@ -86,7 +86,9 @@ def l1_forward(p: jax.Array, w: jax.Array, *,
   Args:
     p: patches ``[G, K, M]``, any float dtype (read as is, upcast in-kernel).
     w: kernel ``[G, K, T]``.
-    config: block sizes; ``None`` uses :meth:`ForwardConfig.get_default`.
+    config: block sizes; ``None`` uses
+      :meth:`adder_gpu_config.ForwardConfig.get_default
+      <pallas_kernels.adder_gpu_config.ForwardConfig.get_default>`.
     interpret: run the kernel in the Pallas interpreter (any backend).
 
   Returns:
@@ -151,7 +153,9 @@ def l1_input_grad(p: jax.Array, w: jax.Array, gy: jax.Array,
     w: kernel ``[G, K, T]``.
     gy: output cotangent ``[G, T, M]``.
     mode: ``'full_precision'``, ``'sign'`` or ``'unclipped'``.
-    config: block sizes; ``None`` uses :meth:`InputGradConfig.get_default`.
+    config: block sizes; ``None`` uses
+      :meth:`adder_gpu_config.InputGradConfig.get_default
+      <pallas_kernels.adder_gpu_config.InputGradConfig.get_default>`.
     interpret: run the kernel in the Pallas interpreter (any backend).
 
   Returns:

@@ -111,7 +111,9 @@ def l1_forward(p: jax.Array, w: jax.Array, *,
   Args:
     p: patches ``[G, K, M]``, any float dtype (read as is, upcast in-kernel).
     w: kernel ``[G, K, T]`` (read as float32: it is small).
-    config: block sizes; ``None`` uses :meth:`ForwardConfig.get_default`.
+    config: block sizes; ``None`` uses
+      :meth:`adder_tpu_config.ForwardConfig.get_default
+      <pallas_kernels.adder_tpu_config.ForwardConfig.get_default>`.
     interpret: run the kernel in the Pallas interpreter (any backend).
 
   Returns:
@@ -176,7 +178,9 @@ def l1_input_grad(p: jax.Array, w: jax.Array, gy: jax.Array,
     w: kernel ``[G, K, T]`` (read as float32).
     gy: output cotangent ``[G, T, M]`` (read as float32).
     mode: ``'full_precision'``, ``'sign'`` or ``'unclipped'``.
-    config: block sizes; ``None`` uses :meth:`InputGradConfig.get_default`.
+    config: block sizes; ``None`` uses
+      :meth:`adder_tpu_config.InputGradConfig.get_default
+      <pallas_kernels.adder_tpu_config.InputGradConfig.get_default>`.
     interpret: run the kernel in the Pallas interpreter (any backend).
 
   Returns:

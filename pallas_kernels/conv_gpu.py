@@ -125,7 +125,9 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpecLike, *,
       :class:`~pallas_kernels.conv_spec.ConvSpec` or a geometry with those
       attributes (``adderjax.ops.geometry.ConvGeometry``).
     interpret: run the kernel in the Pallas interpreter (any backend).
-    config: block sizes; ``None`` uses :meth:`ForwardConfig.get_default`.
+    config: block sizes; ``None`` uses
+      :meth:`conv_gpu_config.ForwardConfig.get_default
+      <pallas_kernels.conv_gpu_config.ForwardConfig.get_default>`.
     generation: GPU generation for the default config (``'a100'``,
       ``'h100'``; ``None``: A100).
 
@@ -267,7 +269,9 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
       attributes).
     mode: ``'full_precision'``, ``'sign'`` or ``'unclipped'``.
     interpret: run the kernel in the Pallas interpreter (any backend).
-    config: block sizes; ``None`` uses :meth:`InputGradConfig.get_default`.
+    config: block sizes; ``None`` uses
+      :meth:`conv_gpu_config.InputGradConfig.get_default
+      <pallas_kernels.conv_gpu_config.InputGradConfig.get_default>`.
     generation: GPU generation for the default config (``None``: A100).
 
   Returns:

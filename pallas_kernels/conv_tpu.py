@@ -455,7 +455,9 @@ def l1_conv_forward(x: jax.Array, w: jax.Array, spec: ConvSpecLike, *,
       :class:`~pallas_kernels.conv_spec.ConvSpec` or a geometry with those
       attributes (``adderjax.ops.geometry.ConvGeometry``).
     interpret: run the kernel in the Pallas interpreter (any backend).
-    config: block sizes; ``None`` uses :meth:`ForwardConfig.get_default`.
+    config: block sizes; ``None`` uses
+      :meth:`conv_tpu_config.ForwardConfig.get_default
+      <pallas_kernels.conv_tpu_config.ForwardConfig.get_default>`.
     generation: TPU generation for the default config (``'v4'``, ``'v5e'``,
       ``'v6e'``; ``None``: v5e).
 
@@ -895,7 +897,9 @@ def l1_conv_input_grad(x: jax.Array, w: jax.Array, g: jax.Array,
       attributes).
     mode: ``'full_precision'``, ``'sign'`` or ``'unclipped'``.
     interpret: run the kernel in the Pallas interpreter (any backend).
-    config: block sizes; ``None`` uses :meth:`InputGradConfig.get_default`.
+    config: block sizes; ``None`` uses
+      :meth:`conv_tpu_config.InputGradConfig.get_default
+      <pallas_kernels.conv_tpu_config.InputGradConfig.get_default>`.
     generation: TPU generation for the default config (``None``: v5e).
 
   Returns:

@@ -1,4 +1,4 @@
-"""Public adder ops: :func:`adder_conv` and :func:`adder_dense`.
+"""Public adder ops: :func:`.adder_conv` and :func:`.adder_dense`.
 
 The public functions validate their arguments (raising errors that name the
 bad value) and call one private ``jax.custom_vjp`` whose backward pass is the
@@ -26,8 +26,8 @@ from adderjax.ops.geometry import GRAD_MODES, PaddingLike
 
 _F32 = jnp.float32
 
-#: ``checkpoint_name`` of every output of :func:`adder_conv` and
-#: :func:`adder_dense` (what :mod:`adderjax.remat`'s policy keeps).
+#: ``checkpoint_name`` of every output of :func:`~adderjax.adder_conv` and
+#: :func:`~adderjax.adder_dense` (what :mod:`adderjax.remat`'s policy keeps).
 ADDER_OUTPUT = 'adderjax_adder_output'
 
 

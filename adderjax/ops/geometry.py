@@ -45,6 +45,9 @@ from jax import lax
 
 PaddingLike = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
 
+#: The backward passes of the adder ops (their ``grad`` argument): the
+#: paper's ``'full_precision'`` one, the exact ``'sign'`` subgradients and the
+#: ``'unclipped'`` ablation (see :func:`adderjax.adder_conv`).
 GRAD_MODES = ('full_precision', 'sign', 'unclipped')
 
 

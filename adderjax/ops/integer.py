@@ -10,8 +10,8 @@ padding pads with the integer 0, the quantized 0.0 of a symmetric scheme, so
 the integer op is the float op on the dequantized operands:
 ``s * acc == adder_conv(s xq, s wq)``.
 
-:func:`adder_conv_int` shares the float op's geometry handling: the one
-:class:`~adderjax.ops.geometry.ConvGeometry` (built by
+:func:`~adderjax.quant.adder_conv_int` shares the float op's geometry
+handling: the one :class:`~adderjax.ops.geometry.ConvGeometry` (built by
 :func:`~adderjax.ops.geometry.make_geometry`, with its errors) and the flat
 shifted-phase layout derived from it, and every padding form of the adder
 layers, the input paddings ``'CIRCULAR'``, ``'REFLECT'`` and ``'CAUSAL'``

@@ -1,9 +1,10 @@
 """The paddings that pad the input: ``'CIRCULAR'``, ``'REFLECT'``, ``'CAUSAL'``.
 
-The ops (:func:`adderjax.adder_conv`, :func:`adderjax.ops.geometry.
-make_geometry`) take the zero paddings: ``'SAME'``, ``'VALID'``, ints and
-``(lo, hi)`` pairs. ``flax.linen.Conv`` accepts three more, which it
-implements by padding the input before a ``'VALID'`` convolution;
+The ops (:func:`adderjax.adder_conv`,
+:func:`adderjax.ops.geometry.make_geometry`) take the zero paddings:
+``'SAME'``, ``'VALID'``, ints and ``(lo, hi)`` pairs. ``flax.linen.Conv``
+accepts three more, which it implements by padding the input before a
+``'VALID'`` convolution;
 :func:`pad_input` does that, the same way, for every adder layer (float or
 integer), so that each accepts every padding form ``nn.Conv`` does.
 

@@ -447,7 +447,7 @@ def conv_forward(x: jax.Array, kernel: jax.Array,
   The hot loop adds ``|x_slice - w|`` for ``terms`` (tap, input feature)
   pairs per fused XLA loop into an ``[N, L, G, T]`` accumulator whose last
   axis (the output features) is the vector axis, and the result ends in a
-  select that negates it (:func:`_negate_fenced`).
+  select that negates it (``_negate_fenced``).
 
   Args:
     x: feature-last input ``(N, *spatial, C_in)``.
