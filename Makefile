@@ -79,5 +79,16 @@ OUT ?= workdirs/device_check
 device-check: venv
 	env -u JAX_PLATFORMS $(PY) -m experiments.benchmarks.device_check $(OUT) $(ARGS)
 
+# The documentation site (docs/conf.py): the API reference generated from
+# the docstrings, the tutorial and the design notes, into build/docs (open
+# build/docs/index.html). Every warning fails the build: a cross-reference to
+# a renamed or misspelt name (nitpicky), a docstring docutils cannot parse.
+# tests/test_docs_site.py runs the same build (these flags) in the suite.
+DOCS_OUT ?= build/docs
+SPHINX_FLAGS := -E -W --keep-going -n -b html
+.PHONY: docs
+docs: venv
+	$(PY) -m sphinx $(SPHINX_FLAGS) docs $(DOCS_OUT)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
