@@ -902,6 +902,22 @@ class ViTTest(parameterized.TestCase):
                      jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
 
 
+class ViTJitTest(parameterized.TestCase):
+
+  def test_one_block_train_gradient_jit_equals_eager(self):
+    """The issue's check at the smallest size (the slow test: 2 blocks)."""
+    model = create_model('vit_tiny', kind='adder', num_classes=10, depth=1,
+                         hidden=8, num_heads=2, mlp_dim=8)
+    x, labels = _vit_data(n=2)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        _key(0), x)
+    loss = jax.value_and_grad(_vit_loss(model, variables), has_aux=True)
+    (l_eager, _), g_eager = loss(variables['params'], x, labels)
+    (l_jit, _), g_jit = jax.jit(loss)(variables['params'], x, labels)
+    np.testing.assert_allclose(l_jit, l_eager, rtol=1e-5)
+    chex.assert_trees_all_close(g_jit, g_eager, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 class ViTSlowTest(parameterized.TestCase):
   """Marked slow as a class: absl's parameterized copies drop method marks."""
