@@ -67,6 +67,7 @@ from adderjax import nnx as adder_nnx
 
 __all__ = [
     'LINEN_ADDER_TYPES',
+    'BRIDGE_PROBE_SHAPES',
     'NNX_ADDER_TYPES',
     'SCALINGS',
     'adder_mask',
@@ -373,7 +374,8 @@ def _mask_from_paths(tree, owner_paths: dict[tuple, type], where: str):
   return mask
 
 
-def _linen_mask(model: nn.Module, args, kwargs, adder_types, init_rngs):
+def _linen_owners(model: nn.Module, args, kwargs, adder_types, init_rngs):
+  """Abstract ``model.init`` under interception: (variables, adder owners)."""
   # Every method of an adder module counts (setup included); abstract
   # evaluation: no FLOPs, no parameter memory.
   with introspect.intercept_layers(adder_types, methods=None) as calls:
@@ -382,15 +384,108 @@ def _linen_mask(model: nn.Module, args, kwargs, adder_types, init_rngs):
   owners: dict[tuple, type] = {}
   for call in calls:
     owners.setdefault(call.path, call.type)
+  return variables, owners
+
+
+def _linen_mask(model: nn.Module, args, kwargs, adder_types, init_rngs):
+  variables, owners = _linen_owners(model, args, kwargs, adder_types,
+                                    init_rngs)
   params = variables.get('params', {})
   return _mask_from_paths(params, owners, "the model's variables['params']")
 
 
-def _nnx_mask(model: nnx.Module, adder_types):
+#: Inputs (NHWC, batch 1, float32) tried for a Linen module wrapped in
+#: ``flax.nnx.bridge.ToNNX`` whose input is not known (see :func:`adder_mask`):
+#: the zoo's MNIST, CIFAR and ImageNet images.
+BRIDGE_PROBE_SHAPES: tuple[tuple[int, ...], ...] = (
+    (1, 28, 28, 1), (1, 32, 32, 3), (1, 224, 224, 3))
+
+
+def _shape_of(leaf) -> tuple[int, ...]:
+  if isinstance(leaf, nnx.Variable):
+    leaf = leaf.get_value()
+  if isinstance(leaf, nn.meta.AxisMetadata):
+    leaf = leaf.unbox()
+  return tuple(np.shape(leaf))
+
+
+def _flat_shapes(tree) -> dict[tuple, tuple[int, ...]]:
+  def is_leaf(x):
+    return isinstance(x, (nnx.Variable, nn.meta.AxisMetadata))
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {tuple(_key_name(k) for k in path): _shape_of(leaf)
+          for path, leaf in flat}
+
+
+def _bridge_candidates(modules: dict[tuple, Any], path: tuple, explicit):
+  """(args, kwargs, description) inputs to try for the ToNNX at ``path``."""
+  if explicit is not None:
+    return [explicit + ('the example inputs given to adder_mask',)]
+  candidates = []
+  for i in range(len(path), -1, -1):
+    spec = getattr(modules.get(path[:i]), 'example_input', None)
+    if isinstance(spec, jax.ShapeDtypeStruct):
+      where = '/'.join(map(str, path[:i])) or 'the model'
+      candidates.append(((spec,), {}, f'example_input of {where} {spec}'))
+  for shape in BRIDGE_PROBE_SHAPES:
+    spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+    candidates.append(((spec,), {}, f'a float32 input of shape {shape}'))
+  return candidates
+
+
+def _bridge_owners(node: nnx.Module, path: tuple, modules: dict[tuple, Any],
+                   linen_types, explicit, init_rngs) -> dict[tuple, type]:
+  """Adder owners inside the Linen module of a ``ToNNX`` node at ``path``.
+
+  The wrapped module's ``init`` is run abstractly under interception on each
+  candidate input until one reproduces the node's parameters exactly
+  (same paths, same shapes): the recorded Linen scope paths are then the
+  paths of the node's ``nnx.Param`` state (``ToNNX`` keeps Linen's
+  ``params`` tree as its attributes).
+  """
+  target = _flat_shapes(nnx.state(node, nnx.Param))
+  if not target or not linen_types:
+    return {}
+  linen_module = node.to_nnx__module
+  where = '/'.join(map(str, path)) or 'the model'
+  tried = []
+  for args, kwargs, desc in _bridge_candidates(modules, path, explicit):
+    try:
+      variables, owners = _linen_owners(linen_module, args, kwargs,
+                                        linen_types, init_rngs)
+    except Exception as e:  # pylint: disable=broad-except
+      if explicit is not None:
+        raise ValueError(
+            f'adder_mask: the Linen module {type(linen_module).__name__} '
+            f'wrapped by nnx.bridge.ToNNX at {where} failed to initialise '
+            f'on {desc}: {type(e).__name__}: {e}') from e
+      tried.append(f'{desc} (init failed: {type(e).__name__})')
+      continue
+    if _flat_shapes(variables.get('params', {})) == target:
+      return owners
+    tried.append(f'{desc} (other parameter shapes)')
+  raise ValueError(
+      f'adder_mask cannot find the adder layers of the Linen module '
+      f'{type(linen_module).__name__} wrapped by nnx.bridge.ToNNX at {where}: '
+      f'no input tried reproduces its parameters ({"; ".join(tried)}). Give '
+      'the wrapper or a module around it an `example_input` attribute (a '
+      "jax.ShapeDtypeStruct of the Linen module's input), call "
+      'adder_mask(tonnx_module, example_input, **example_kwargs) on the '
+      'ToNNX module itself, or build the model with '
+      "adderjax.models.create_model(..., api='nnx').")
+
+
+def _nnx_mask(model: nnx.Module, adder_types, linen_types=(),
+              explicit=None, init_rngs=None):
   owners: dict[tuple, type] = {}
-  for path, node in nnx.iter_modules(model):
+  modules = {tuple(path): node for path, node in nnx.iter_modules(model)}
+  for path, node in modules.items():
     if isinstance(node, adder_types):
-      owners.setdefault(tuple(path), type(node))
+      owners.setdefault(path, type(node))
+    elif isinstance(node, nnx.bridge.ToNNX):
+      for p, t in _bridge_owners(node, path, modules, linen_types, explicit,
+                                 init_rngs).items():
+        owners.setdefault(path + p, t)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   return _mask_from_paths(params, owners, 'nnx.state(model, nnx.Param)')
 
@@ -419,6 +514,19 @@ def adder_mask(model: nn.Module | nnx.Module,
     bools shaped like ``nnx.as_pure(nnx.state(model, nnx.Param))``; it works
     with ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and with abstract models
     (``nnx.eval_shape``).
+  * Linen inside NNX: a Linen module wrapped by ``flax.nnx.bridge.ToNNX``
+    (anywhere in the NNX graph) contributes the kernels of its Linen adder
+    layers (``LINEN_ADDER_TYPES``, or the Linen classes in ``adder_types``),
+    at their paths in ``nnx.state(model, nnx.Param)`` (the wrapper keeps the
+    Linen ``params`` tree). They are found as for Linen, by an abstract
+    ``init`` of the wrapped module, on an input that must reproduce the
+    wrapper's parameters exactly (same paths and shapes): the example inputs
+    passed here (allowed when ``model`` itself is the ``ToNNX`` module), else
+    an ``example_input`` attribute (a :class:`jax.ShapeDtypeStruct`) of the
+    wrapper or of a module around it (the zoo's NNX models,
+    ``create_model(..., api='nnx')``, have one), else one image of each
+    shape in :data:`BRIDGE_PROBE_SHAPES` (the zoo's MNIST, CIFAR and ImageNet
+    inputs) with the module's default keyword arguments.
 
   Modules inside ``setup``, ``nn.remat`` and other lifted transforms are found
   with their real paths. Kernels stacked by ``nn.scan`` / ``nn.vmap`` (or an
@@ -428,7 +536,8 @@ def adder_mask(model: nn.Module | nnx.Module,
 
   Args:
     model: a ``flax.linen.Module`` (unbound) or a ``flax.nnx.Module``.
-    *example_args: Linen only: positional inputs for ``model.init``.
+    *example_args: Linen (or a ``ToNNX`` model) only: positional inputs for
+      ``model.init`` (of the wrapped Linen module).
     adder_types: module classes that count as adder layers. Default:
       :data:`LINEN_ADDER_TYPES` or :data:`NNX_ADDER_TYPES`. To add a model
       zoo's own layer type, pass e.g. ``LINEN_ADDER_TYPES + (MyAdder,)``; each
@@ -445,9 +554,10 @@ def adder_mask(model: nn.Module | nnx.Module,
 
   Raises:
     TypeError: if ``model`` is neither a Linen nor an NNX module, if example
-      inputs are given for an NNX model, or if ``adder_types`` is not a
-      sequence of classes.
-    ValueError: if an adder module has no ``kernel`` parameter.
+      inputs are given for an NNX model other than an ``nnx.bridge.ToNNX``,
+      or if ``adder_types`` is not a sequence of classes.
+    ValueError: if an adder module has no ``kernel`` parameter, or if no
+      input reproduces the parameters of a ``ToNNX``-wrapped Linen module.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -464,6 +574,20 @@ def adder_mask(model: nn.Module | nnx.Module,
     >>> sorted(path for path, m in nnx.to_flat_state(mask) if m)
     [('adder', 'kernel')]
 
+    A Linen model inside ``nnx.bridge.ToNNX`` (its input is given here):
+
+    >>> import flax.linen as nn
+    >>> from adderjax.linen import AdderDense
+    >>> class Mlp(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return nn.Dense(2)(AdderDense(4, use_bias=False)(x))
+    >>> x = jnp.ones((1, 3))
+    >>> wrapped = nnx.bridge.ToNNX(Mlp(), rngs=nnx.Rngs(0)).lazy_init(x)
+    >>> mask = optim.adder_mask(wrapped, x)
+    >>> sorted(path for path, m in nnx.to_flat_state(mask) if m)
+    [('AdderDense_0', 'kernel')]
+
   References:
     Chen et al., AdderNet, CVPR 2020, Sec. 3.3: only adder filters get the
     adaptive learning rate. https://arxiv.org/abs/1912.13200
@@ -472,14 +596,21 @@ def adder_mask(model: nn.Module | nnx.Module,
     types = _check_types(adder_types, LINEN_ADDER_TYPES)
     return _linen_mask(model, example_args, example_kwargs, types, init_rngs)
   if isinstance(model, nnx.Module):
-    if example_args or example_kwargs or init_rngs is not None:
+    given = bool(example_args or example_kwargs or init_rngs is not None)
+    if given and not isinstance(model, nnx.bridge.ToNNX):
       raise TypeError(
           'adder_mask(nnx_model) takes no example inputs or init_rngs (the NNX '
-          'model already holds its parameters); got '
+          'model already holds its parameters; only an nnx.bridge.ToNNX model '
+          'takes the example inputs of the Linen module it wraps); got '
           f'{len(example_args)} positional and keywords '
           f'{sorted(example_kwargs) + (["init_rngs"] if init_rngs else [])}.')
     types = _check_types(adder_types, NNX_ADDER_TYPES)
-    return _nnx_mask(model, types)
+    if adder_types is None:
+      linen_types = LINEN_ADDER_TYPES
+    else:
+      linen_types = tuple(t for t in types if issubclass(t, nn.Module))
+    explicit = (example_args, example_kwargs) if given else None
+    return _nnx_mask(model, types, linen_types, explicit, init_rngs)
   raise TypeError('adder_mask needs a flax.linen.Module or a flax.nnx.Module, '
                   f'got {type(model).__name__}: {model!r}.')
 

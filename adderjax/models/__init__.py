@@ -18,8 +18,9 @@ adaptive learning rate) are written against; ``jax.eval_shape(model.init)``
 gives the abstract tree for sharding plans and parameter counts without
 allocating, and ``flax.linen.intercept_methods`` lets :func:`adderjax.count_ops`
 see every layer call. Both layer APIs (:mod:`adderjax.linen`,
-:mod:`adderjax.nnx`) keep working; an NNX user can wrap a zoo model with
-``flax.nnx.bridge.ToNNX``.
+:mod:`adderjax.nnx`) keep working; an NNX user gets the zoo as NNX modules with
+``create_model(..., api='nnx', rngs=nnx.Rngs(0))``: the same Linen model
+inside ``flax.nnx.bridge.ToNNX`` (:class:`adderjax.models.nnx_zoo.ZooNNX`).
 
 Interface: ``model = create_model(name, kind=..., num_classes=...)``, then
 ``model.init(key, x, train=False)`` and
@@ -49,7 +50,10 @@ import dataclasses
 import functools
 from typing import Any
 
+from collections.abc import Sequence
+
 import flax.linen as nn
+from flax import nnx
 import jax.numpy as jnp
 
 from adderjax import _checks
@@ -60,6 +64,7 @@ from adderjax.models.common import layers_for_kind
 from adderjax.models.common import ModuleDef
 from adderjax.models.common import ZooModel
 from adderjax.models.lenet import LeNet5BN
+from adderjax.models.nnx_zoo import ZooNNX
 from adderjax.models.resnet import BasicBlock
 from adderjax.models.resnet import Bottleneck
 from adderjax.models.resnet import ResNet
@@ -102,9 +107,16 @@ def _model_class(builder) -> type:
   return cls
 
 
+#: Values of ``create_model(api=...)``.
+APIS = ('linen', 'nnx')
+
+
 def create_model(name: str, *, kind: str = 'adder', num_classes: int,
-                 dtype: Any = jnp.float32, **overrides) -> nn.Module:
-  """Builds a model of the zoo in one of the three kinds.
+                 dtype: Any = jnp.float32, api: str = 'linen',
+                 rngs: nnx.Rngs | None = None,
+                 input_shape: Sequence[int] | None = None,
+                 **overrides) -> nn.Module | ZooNNX:
+  """Builds a model of the zoo in one of the three kinds, Linen or NNX.
 
   Args:
     name: one of :data:`MODEL_NAMES` (``'lenet5_bn'``, ``'vgg_small'``,
@@ -114,6 +126,15 @@ def create_model(name: str, *, kind: str = 'adder', num_classes: int,
       for every kind.
     num_classes: number of logits.
     dtype: computation dtype (parameters are float32).
+    api: ``'linen'`` (an unbound ``flax.linen.Module``) or ``'nnx'`` (a
+      :class:`adderjax.models.nnx_zoo.ZooNNX`: the same Linen model inside
+      ``flax.nnx.bridge.ToNNX``, initialised, computing what the Linen model
+      computes with the same variables; in training mode until ``.eval()``).
+    rngs: ``api='nnx'`` only, required there: the ``nnx.Rngs`` whose
+      ``params`` stream initialises the model.
+    input_shape: ``api='nnx'`` only: one image ``(height, width, channels)``
+      to initialise on (default :data:`INPUT_SHAPES` of the model; the ViT's
+      position embedding and LeNet-5's first dense layer fix the size).
     **overrides: other model fields, e.g. ``bn_momentum=0.9`` (Flax
       convention), ``grad='sign'`` / ``implementation='xla'`` (adder kind),
       ``stride_in_1x1=True`` (ResNet-50), ``conv=...`` to inject another layer,
@@ -121,14 +142,17 @@ def create_model(name: str, *, kind: str = 'adder', num_classes: int,
       (:class:`adderjax.slac.SLACHead`) in place of the linear one.
 
   Returns:
-    An unbound ``flax.linen.Module``.
+    An unbound ``flax.linen.Module`` (``api='linen'``) or an initialised
+    :class:`adderjax.models.nnx_zoo.ZooNNX` (``api='nnx'``).
 
   Raises:
     ValueError: an unknown name, kind or override field, or a field value the
       model cannot run with (``num_classes`` not a positive int,
       ``bn_epsilon <= 0``, ``bn_momentum`` outside [0, 1), ``width < 1``, ...;
       see ``ZooModel.check_fields``). NumPy integers and floats are accepted
-      as Python numbers.
+      as Python numbers. An unknown ``api``; ``rngs`` or ``input_shape``
+      given with ``api='linen'``; ``rngs`` not an ``nnx.Rngs`` with
+      ``api='nnx'``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -139,7 +163,27 @@ def create_model(name: str, *, kind: str = 'adder', num_classes: int,
     ...     jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
     >>> shapes['params']['fc']['kernel'].shape
     (64, 100)
+
+    The same model for NNX (abstract here: ``nnx.eval_shape``):
+
+    >>> from flax import nnx
+    >>> net = nnx.eval_shape(lambda: create_model(
+    ...     'resnet20', kind='cnn', num_classes=100, api='nnx',
+    ...     rngs=nnx.Rngs(0)))
+    >>> nnx.state(net, nnx.Param)['net']['fc']['kernel'].shape
+    (64, 100)
   """
+  _checks.choice('api', api, APIS)
+  if api == 'linen':
+    for arg, value in (('rngs', rngs), ('input_shape', input_shape)):
+      if value is not None:
+        raise ValueError(
+            f"`{arg}` is only taken with api='nnx' (a Linen model is "
+            f'initialised by model.init), got {arg}={value!r}.')
+  elif not isinstance(rngs, nnx.Rngs):
+    raise _checks.ArgumentTypeError(
+        "api='nnx' needs `rngs`, an nnx.Rngs (e.g. nnx.Rngs(0)), got "
+        f'rngs={_checks.describe(rngs)}.')
   _checks.choice('name', name, MODEL_NAMES)
   _checks.choice('kind', kind, KINDS)
   num_classes = _checks.positive_int('num_classes', num_classes)
@@ -155,12 +199,16 @@ def create_model(name: str, *, kind: str = 'adder', num_classes: int,
   kwargs.update(overrides)
   model = builder(num_classes=num_classes, **kwargs)
   model.check_fields()
+  if api == 'nnx':
+    if input_shape is None:
+      input_shape = INPUT_SHAPES[name]
+    return ZooNNX(model, input_shape=input_shape, rngs=rngs)
   return model
 
 
 __all__ = [
-    'BasicBlock', 'Bottleneck', 'FirstConv', 'HE_NORMAL', 'INPUT_SHAPES',
-    'KINDS', 'LeNet5BN', 'MODEL_NAMES', 'ModuleDef', 'ResNet', 'ResNet18',
-    'ResNet20', 'ResNet32', 'ResNet50', 'VGGSmall', 'ViT', 'ZooModel',
-    'create_model', 'layers_for_kind',
+    'APIS', 'BasicBlock', 'Bottleneck', 'FirstConv', 'HE_NORMAL',
+    'INPUT_SHAPES', 'KINDS', 'LeNet5BN', 'MODEL_NAMES', 'ModuleDef', 'ResNet',
+    'ResNet18', 'ResNet20', 'ResNet32', 'ResNet50', 'VGGSmall', 'ViT',
+    'ZooModel', 'ZooNNX', 'create_model', 'layers_for_kind',
 ]
