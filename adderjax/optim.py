@@ -616,7 +616,8 @@ def adder_mask(model: nn.Module | nnx.Module,
     ...   def __init__(self, rngs):
     ...     self.stem = nnx.Conv(1, 4, (3, 3), rngs=rngs)
     ...     self.adder = AdderConv(4, 4, (3, 3), rngs=rngs)
-    ...     self.bn = nnx.BatchNorm(4, use_fast_variance=False, rngs=rngs)
+    ...     self.bn = nnx.BatchNorm(4, momentum=0.9, use_fast_variance=False,
+    ...                             rngs=rngs)
     >>> model = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))  # or a real model
     >>> mask = optim.adder_mask(model)
     >>> sorted(path for path, m in nnx.to_flat_state(mask) if m)
