@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adderjax import attention
 from adderjax.ops import adder
 from adderjax.ops import backends
 from adderjax.ops import geometry
@@ -159,3 +160,23 @@ def apply_adder_dense(inputs, kernel, bias, *, grad, implementation,
 def standard_normal():
   """The official code's adder-filter init: i.i.d. N(0, 1)."""
   return jax.nn.initializers.normal(stddev=1.0)
+
+
+def module_attend(module, q, k, v, *, mask, dropout_rng, deterministic,
+                  return_weights):
+  """:func:`adderjax.attention.attend` with an attention module's settings.
+
+  ``module`` is a Linen or NNX ``AdderMultiHeadAttention`` (the fields
+  ``score``, ``score_scale``, ``identity``, ``identity_weight``,
+  ``dropout_rate``, ``broadcast_dropout``, ``grad``, ``implementation``,
+  ``precision``, ``dtype``).
+  """
+  return attention.attend(
+      q, k, v, score=module.score, bias=None, mask=mask,
+      scale=module.score_scale, identity=module.identity,
+      identity_weight=module.identity_weight, dropout_rng=dropout_rng,
+      dropout_rate=module.dropout_rate,
+      broadcast_dropout=module.broadcast_dropout,
+      deterministic=deterministic, grad=module.grad,
+      implementation=module.implementation, precision=module.precision,
+      dtype=module.dtype, return_weights=return_weights)

@@ -460,15 +460,9 @@ class AdderMultiHeadAttention(nn.Module):
       deterministic = True
     if not deterministic and self.dropout_rate > 0 and dropout_rng is None:
       dropout_rng = self.make_rng('dropout')
-    out, weights = attention_ops.attend(
-        q, k, v, score=self.score, bias=None, mask=mask,
-        scale=self.score_scale, identity=self.identity,
-        identity_weight=self.identity_weight, dropout_rng=dropout_rng,
-        dropout_rate=self.dropout_rate,
-        broadcast_dropout=self.broadcast_dropout,
-        deterministic=deterministic, grad=self.grad,
-        implementation=self.implementation, precision=self.precision,
-        dtype=self.dtype, return_weights=sow_weights)
+    out, weights = _module_utils.module_attend(
+        self, q, k, v, mask=mask, dropout_rng=dropout_rng,
+        deterministic=deterministic, return_weights=sow_weights)
     if sow_weights:
       self.sow('intermediates', 'attention_weights', weights)
     out_init = self.out_kernel_init or self.kernel_init

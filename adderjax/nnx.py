@@ -651,15 +651,9 @@ class AdderMultiHeadAttention(nnx.Module):
         dropout_rng = rngs()
     else:
       deterministic = True
-    out, weights = attention_ops.attend(
-        q, k, v, score=self.score, bias=None, mask=mask,
-        scale=self.score_scale, identity=self.identity,
-        identity_weight=self.identity_weight, dropout_rng=dropout_rng,
-        dropout_rate=self.dropout_rate,
-        broadcast_dropout=self.broadcast_dropout,
-        deterministic=deterministic, grad=self.grad,
-        implementation=self.implementation, precision=self.precision,
-        dtype=self.dtype, return_weights=sow_weights)
+    out, weights = _module_utils.module_attend(
+        self, q, k, v, mask=mask, dropout_rng=dropout_rng,
+        deterministic=deterministic, return_weights=sow_weights)
     if sow_weights:
       self.sow(nnx.Intermediate, 'attention_weights', weights)
     return self._normed(self.out_norm, self.out(out), False)
