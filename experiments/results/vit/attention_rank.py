@@ -87,13 +87,22 @@ def main():
   parser.add_argument('runs')
   parser.add_argument('--images', type=int, default=256)
   parser.add_argument('--out', default=HERE)
+  parser.add_argument('--plot_only', action='store_true',
+                      help='redraw rank.png from OUT/rank.json')
   args = parser.parse_args()
+  if args.plot_only:
+    with open(os.path.join(args.out, 'rank.json')) as f:
+      plot(json.load(f), os.path.join(args.out, 'rank.png'))
+    return
   results = {}
   for prefix, _ in VARIANTS:
     for path in sorted(glob.glob(os.path.join(args.runs, prefix + '_s*'))):
       if not re.fullmatch(re.escape(prefix) + r'_s\d+',
                           os.path.basename(path)):
         continue
+      summary = os.path.join(path, 'summary.json')
+      if not (os.path.exists(summary) and json.load(open(summary))['finished']):
+        continue  # a run still training
       # The initial maps of seed 0 only (the other seeds' are alike).
       for init in ((True, False) if path.endswith('_s0') else (False,)):
         key = f'{os.path.basename(path)}{"@init" if init else ""}'
@@ -109,7 +118,7 @@ def plot(results, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
   for ax, which, title in ((axes[0], 0, 'map applied to the values'),
                            (axes[1], 1, 'softmax part A')):
     for prefix, label in VARIANTS:
@@ -126,10 +135,12 @@ def plot(results, path):
                 color=f'C{[p for p, _ in VARIANTS].index(prefix)}')
     ax.set_title(title)
     ax.set_xlabel('block')
+    ax.set_xticks(range(len(blocks)))
     ax.grid(alpha=0.3)
   axes[0].set_ylabel('effective rank (of 16 tokens)')
-  axes[1].legend(fontsize=7)
-  fig.tight_layout()
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='lower center', ncol=3, fontsize=7)
+  fig.tight_layout(rect=(0, 0.2, 1, 1))
   fig.savefig(path, dpi=120)
 
 
