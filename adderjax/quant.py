@@ -233,6 +233,22 @@ def _layer_kind(module) -> tuple[str, str] | None:
   return None
 
 
+def _refuse_uncovered(module, path: str) -> None:
+  """Refuses adder computations the integer path does not cover, rather
+  than leaving them in float unannounced."""
+  what = None
+  if isinstance(module, adder_linen.AdderDenseGeneral):
+    what = 'an AdderDenseGeneral layer'
+  elif (isinstance(module, adder_linen.AdderMultiHeadAttention) and
+        module.score == 'l1'):
+    what = 'l1 attention scores'
+  if what is not None:
+    raise ValueError(
+        f'{path or "the model"} has {what}; integer inference covers '
+        'AdderConv and AdderDense layers (with their BatchNorm) only, so '
+        'this model (e.g. an adder ViT) cannot be quantized.')
+
+
 def _path(module) -> str:
   return '/'.join(module.path)
 
@@ -322,8 +338,10 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
 
   Raises:
     ValueError: no batches, a layer called more than once per forward pass,
-      a model without adder layers, a NaN or inf in a layer's input (the
-      message names the layer and the batch index) or in a kernel.
+      a model without adder layers, adder computations the integer path
+      does not cover (``AdderDenseGeneral``, l1 attention: an adder ViT),
+      a NaN or inf in a layer's input (the message names the layer and the
+      batch index) or in a kernel.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -371,6 +389,7 @@ def calibrate(model: nn.Module, variables: Any, batches: Iterable[jax.Array],
     def interceptor(next_fun, args, kwargs, context):
       module = context.module
       path = _path(module)
+      _refuse_uncovered(module, path)
       kinds = _layer_kind(module)
       if isinstance(module, nn.BatchNorm) and args:
         src = outputs.get(id(args[0]))

@@ -195,8 +195,11 @@ def run(workdir: str, bits_list, *, calibration_batches: int = 4,
   batches = [steps.normalize(jnp.asarray(datasets.train.batch(i)['image']),
                              datasets.mean, datasets.std)
              for i in range(calibration_batches)]
-  base = quant.calibrate(model, variables, batches, quant.QuantConfig(
-      bits=8, calibration=calibration, percentile=percentile))
+  try:
+    base = quant.calibrate(model, variables, batches, quant.QuantConfig(
+        bits=8, calibration=calibration, percentile=percentile))
+  except ValueError as e:  # a model the integer path does not cover
+    raise errors.UserError(f'{workdir}: {e}') from e
   models_by_key = {}
   for fl in first_last:
     for b in bits_list:

@@ -5,7 +5,9 @@ import jax
 import numpy as np
 import pytest
 
+from adderjax import create_model
 from adderjax import linen as adder_linen
+from adderjax import quant
 from experiments import errors
 from experiments import experiment
 from experiments import testing
@@ -90,3 +92,17 @@ def test_each_variant_trains_and_evaluates(arg, mnist_dir, tmp_path):
   assert len(maps) == c.model.overrides.depth
   for m in maps.values():
     np.testing.assert_allclose(np.asarray(m).sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize('attention,named', [
+    ('l1', 'block0/attn has l1 attention scores'),
+    ('dot', 'block0/attn/query has an AdderDenseGeneral layer')])
+def test_integer_inference_refuses_the_adder_vit_by_name(attention, named):
+  """quant covers AdderConv / AdderDense only: an adder ViT is refused, not
+  half-quantized with its attention left in float unannounced."""
+  model = create_model('vit_tiny', kind='adder', num_classes=10, depth=1,
+                       hidden=8, num_heads=2, mlp_dim=8, attention=attention)
+  x = np.zeros((2, 28, 28, 1), np.float32)
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=named):
+    quant.calibrate(model, variables, [x], quant.QuantConfig(bits=8))
