@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from adderjax import _checks
 from adderjax import attention as attention_ops
 from adderjax import linen as adder_linen
+from adderjax.models.common import _layer_name  # pylint: disable=protected-access
 from adderjax.models.common import ZooModel
 
 POOLS = ('mean', 'cls')
@@ -117,7 +118,7 @@ class ViT(ZooModel):
     raise ValueError(
         'the ViT builds its attention from adder or multiplying projections '
         "(kind 'adder' or 'cnn'); the body dense layer "
-        f'{getattr(self.dense, "__name__", self.dense)!r} is neither (the '
+        f'{_layer_name(self.dense)} is neither (the '
         "'bnn' kind has no binary attention).")
 
   def scores(self) -> str:

@@ -41,8 +41,11 @@ def get_config(arg=None):
   tokens = [t.strip() for t in (arg or '').split(',') if t.strip()]
   own = [t for t in tokens if t in VIT_TOKENS]
   rest = ','.join(t for t in tokens if t not in VIT_TOKENS)
-  c = default.mnist_config(rest, quick_epochs=QUICK_EPOCHS,
-                           model='vit_tiny')
+  try:
+    c = default.mnist_config(rest, quick_epochs=QUICK_EPOCHS,
+                             model='vit_tiny')
+  except ValueError as e:  # name this config's own tokens too
+    raise ValueError(f'{e} vit_mnist also takes {sorted(VIT_TOKENS)}.') from e
   for token in own:
     c.model.overrides.update(VIT_TOKENS[token])
   # [not fixed] BatchNorm statistics recomputed from 50 training batches
