@@ -202,8 +202,33 @@ def adder_conv(x: jax.Array,
   cfg = _Config(geo, grad, backends.resolve(implementation),
                 _hashable_precision(precision))
   backends.check_symbolic(cfg.backend, geo)
-  return checkpoint_name(_adder(x.astype(dtype), kernel.astype(dtype), cfg),
-                         ADDER_OUTPUT)
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  spec = _explicit_batch_spec(x, 'adder_conv', first_only=True)
+  if spec is None:
+    y = _adder(x, kernel, cfg)
+  else:
+    y = _per_batch_shard(x, kernel, cfg, spec[0])
+  return checkpoint_name(y, ADDER_OUTPUT)
+
+
+def _per_batch_shard(x, kernel, cfg, axes) -> jax.Array:
+  """The layer on each shard of an explicitly sharded batch (shard_map).
+
+  Under Explicit mesh axes every op needs a sharding rule; the layer's
+  weight gradient contracts the batch, which jax will not partition without
+  being told how. Per shard the layer is an ordinary local one: the
+  forward and input gradient stay on their shard and the kernel's gradient
+  is summed over the shards by ``shard_map``'s transpose.
+  """
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  mesh = jax.sharding.get_abstract_mesh()
+
+  def local(xs, k):
+    geo = dataclasses.replace(cfg.geo, in_shape=tuple(xs.shape))
+    return _adder(xs, k, dataclasses.replace(cfg, geo=geo))
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P()),
+                       out_specs=P(axes), check_vma=False)(x, kernel)
 
 
 def adder_dense(x: jax.Array,
@@ -253,7 +278,41 @@ def adder_dense(x: jax.Array,
                      f'kernel expects {kernel.shape[0]} (shape {kernel.shape}).')
   _check_reduction(kernel.shape)
   batch_shape = x.shape[:-1]
-  x2 = x.reshape(-1, 1, x.shape[-1])
+  batch_spec = _explicit_batch_spec(x, 'adder_dense', first_only=False)
+  x2 = _reshape(x, (-1, 1, x.shape[-1]), batch_spec and (
+      batch_spec[0], None, None))
   y = adder_conv(x2, kernel[None], 1, 'VALID', grad=grad,
                  implementation=implementation, precision=precision)
-  return y.reshape(*batch_shape, kernel.shape[1])
+  return _reshape(y, (*batch_shape, kernel.shape[1]), batch_spec and (
+      *batch_spec[:-1], None))
+
+
+def _explicit_batch_spec(x: jax.Array, op: str,
+                         first_only: bool) -> tuple | None:
+  """``x``'s PartitionSpec entries under Explicit mesh axes, else None.
+
+  Under Explicit axes the layers run per shard of the first (batch) axis,
+  the only one they split: any other sharded axis of ``x`` is refused
+  (``first_only``: the features too; else all but the last axis, which
+  ``adder_dense``'s dense reshape keeps). ``adder_dense`` merges its batch
+  axes, a reshape whose output sharding must be spelt out there.
+  """
+  sharding = getattr(jax.typeof(x), 'sharding', None)
+  spec = getattr(sharding, 'spec', None)
+  if spec is None or all(s is None for s in spec):
+    return None
+  spec = tuple(spec) + (None,) * (x.ndim - len(spec))
+  if any(s is not None for s in spec[1:]):
+    raise ValueError(
+        f'{op}: x of shape {x.shape} is sharded as '
+        f'{jax.sharding.PartitionSpec(*spec)} over Explicit mesh axes; the '
+        f'adder layers split the first (batch) axis only: reshard x to '
+        f'PartitionSpec({spec[0]!r}).')
+  return spec
+
+
+def _reshape(x: jax.Array, shape, spec) -> jax.Array:
+  if spec is None:
+    return x.reshape(shape)
+  return jnp.reshape(x, shape,
+                     out_sharding=jax.sharding.PartitionSpec(*spec))
