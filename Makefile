@@ -35,7 +35,7 @@ JAX_TIER := tests/test_adder_ops.py tests/test_layers.py tests/test_optim.py \
   tests/test_platform_dispatch.py tests/test_accelerator_compile.py \
   tests/test_benchmarks.py tests/test_mosaic_gpu.py tests/test_export.py \
   tests/test_attention.py tests/test_attention_nnx.py tests/test_bn_warning.py \
-  tests/test_attention_sharding.py \
+  tests/test_attention_sharding.py tests/test_explicit_sharding.py \
   adderjax pallas_kernels
 TESTS_full :=
 TESTS_jax := $(JAX_TIER)
