@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import re
 from typing import Any
 
@@ -189,8 +190,90 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                     "config's remat).", flag_values=fv)
   flags.DEFINE_bool('remat_blocks', False,
                     'ResNets: recompute every residual block in the '
-                    'backward pass (model.overrides.remat_blocks=True).',
+                    'backward pass (config.remat_blocks=all).',
                     flag_values=fv)
+  flags.DEFINE_list('remat_stages', None,
+                    'ResNets: recompute the blocks of these stages only, '
+                    'counted from 1 (config.remat_blocks=1,2 for 1,2).',
+                    flag_values=fv)
+  flags.DEFINE_bool('search_remat', False,
+                    'Compile the CNN twin as configured, then the adder '
+                    'model under every recompute candidate (step policy x '
+                    'ResNet stages whose blocks are recomputed), and pick '
+                    'the one with the fewest adder kernel calls, then bytes '
+                    'accessed, within --remat_budget of the CNN\'s memory.',
+                    flag_values=fv)
+  flags.DEFINE_float('remat_budget', 1.5,
+                     '--search_remat: temporary memory allowed, as a '
+                     'multiple of the CNN twin\'s.', lower_bound=1.0,
+                     flag_values=fv)
+
+
+def remat_candidates(config: ml_collections.ConfigDict
+                     ) -> list[tuple[str, bool | tuple[int, ...]]]:
+  """``(policy, remat_blocks)`` pairs that ``--search_remat`` compiles.
+
+  Every step policy, times (for a ResNet, whose ``model.overrides`` give its
+  ``stage_sizes``) every set of stages whose blocks are recomputed: no stage,
+  each subset, all of them (``True``).
+
+  Examples:
+    >>> import ml_collections
+    >>> c = ml_collections.ConfigDict(dict(model=dict(overrides=dict(
+    ...     stage_sizes=(3, 3)))))
+    >>> remat_candidates(c)  # doctest: +NORMALIZE_WHITESPACE
+    [('layer_outputs', False), ('layer_outputs', (1,)),
+     ('layer_outputs', (2,)), ('layer_outputs', True), ('none', False),
+     ('none', (1,)), ('none', (2,)), ('none', True)]
+  """
+  stages = len(config.model.overrides.get('stage_sizes', ()))
+  subsets = [False]
+  for r in range(1, stages):
+    subsets += list(itertools.combinations(range(1, stages + 1), r))
+  if stages:
+    subsets.append(True)
+  return [(policy, blocks) for policy in ('layer_outputs', 'none')
+          for blocks in subsets]
+
+
+def search_remat(config: ml_collections.ConfigDict, topology: str,
+                 budget: float = 1.5, log=print) -> tuple[dict, list[dict]]:
+  """Compiles the recompute candidates of the adder model for ``topology``.
+
+  The baseline is the CNN twin compiled as ``config`` says (its default
+  recompute). A candidate fits when its temporary memory is at most
+  ``budget`` times the baseline's; of those, the chosen one runs the fewest
+  adder kernel calls (a recomputed block runs its adder forwards again),
+  then moves the fewest bytes.
+
+  Returns:
+    ``(cnn_stats, rows)``: each row has ``policy``, ``remat_blocks``,
+    :func:`analyse`'s figures, ``vs_cnn`` (the memory ratio), ``fits`` and
+    ``chosen`` (True for one row, none if nothing fits).
+  """
+  cnn_config = copy.deepcopy(config)
+  cnn_config.model.kind = 'cnn'
+  cnn = analyse(compile_for_tpu(cnn_config, topology)[0])
+  log(f'cnn ({cnn_config.remat}): {cnn["temp_mb"]:.1f} MB')
+  rows = []
+  for policy, blocks in remat_candidates(config):
+    c = copy.deepcopy(config)
+    c.model.kind = 'adder'
+    c.remat = policy
+    c.remat_blocks = _blocks_word(blocks)
+    stats = analyse(compile_for_tpu(c, topology)[0])
+    row = dict(policy=policy, remat_blocks=blocks, **stats,
+               vs_cnn=stats['temp_mb'] / cnn['temp_mb'])
+    row['fits'] = row['vs_cnn'] <= budget
+    row['chosen'] = False
+    rows.append(row)
+    log(f'adder ({policy}, blocks {blocks}): {stats["temp_mb"]:.1f} MB, '
+        f'{row["vs_cnn"]:.2f}x, {stats["mosaic_calls"]} kernel calls')
+  fitting = [r for r in rows if r['fits']]
+  if fitting:
+    min(fitting, key=lambda r: (r['mosaic_calls'], r['bytes_accessed_gb'],
+                                r['temp_mb']))['chosen'] = True
+  return cnn, rows
 
 
 def main(flag_values: flags.FlagValues, args: list[str]) -> None:
@@ -209,6 +292,9 @@ def main(flag_values: flags.FlagValues, args: list[str]) -> None:
     raise errors.UsageError(
         f'--topology {fv.topology!r}: {str(e).strip().splitlines()[0]} '
         "(e.g. 'v5e:2x4', 'v4:2x2x1').") from e
+  if fv.search_remat:
+    _print_search(fv)
+    return
   rows = []
   for kind in kinds:
     config = copy.deepcopy(fv.config)
@@ -220,20 +306,72 @@ def main(flag_values: flags.FlagValues, args: list[str]) -> None:
     if fv.remat:
       config.remat = fv.remat
     if fv.remat_blocks:
-      config.model.overrides.remat_blocks = True
+      config.remat_blocks = 'all'
+    elif fv.remat_stages:
+      config.remat_blocks = _blocks_word(_stages(fv.remat_stages))
     if fv.implementation and kind == 'adder':
       config.model.implementation = fv.implementation
-    stats = analyse(compile_for_tpu(config, fv.topology)[0])
-    rows.append((kind, stats))
-  keys = list(rows[0][1])
+    compiled, spec = compile_for_tpu(config, fv.topology)
+    rows.append((kind, _recompute(spec), analyse(compiled)))
+  keys = list(rows[0][2])
   print(f'{cli.config_file_name(fv)} {fv.topology} batch {config.batch_size} '
-        f'({config.parallelism}, remat {config.remat}: '
-        f'{steps.resolve_remat(config.remat, "tpu")}'
-        f'{", blocks recomputed" if fv.remat_blocks else ""}), per chip:')
-  print('| kind | ' + ' | '.join(keys) + ' |')
-  print('|' + '---|' * (len(keys) + 1))
-  for kind, stats in rows:
-    print(f'| {kind} | ' + ' | '.join(f'{stats[k]:.4g}' for k in keys) + ' |')
+        f'({config.parallelism}, remat {config.remat}), per chip:')
+  print('| kind | recompute | ' + ' | '.join(keys) + ' |')
+  print('|' + '---|' * (len(keys) + 2))
+  for kind, recompute, stats in rows:
+    print(f'| {kind} | {recompute} | '
+          + ' | '.join(f'{stats[k]:.4g}' for k in keys) + ' |')
+
+
+def _blocks_word(blocks) -> str:
+  """``config.remat_blocks`` for a model's ``remat_blocks`` value."""
+  if isinstance(blocks, bool):
+    return 'all' if blocks else 'none'
+  return ','.join(map(str, blocks))
+
+
+def _stages(values: list[str]) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError:
+    raise errors.UsageError(
+        f'--remat_stages {",".join(values)}: stage numbers, counted from 1, '
+        f'comma-separated (e.g. 1,2).') from None
+
+
+def _recompute(spec: TrainStepSpec) -> str:
+  """The step policy and recomputed blocks the spec was built with."""
+  c = spec.config
+  policy = steps.resolve_remat(c.remat, 'tpu', (c.model.name, c.model.kind))
+  blocks = getattr(spec.experiment.model, 'remat_blocks', False)
+  if blocks is True:
+    return f'{policy}, every block'
+  if blocks:
+    return f'{policy}, blocks of stages {",".join(map(str, blocks))}'
+  return policy
+
+
+def _print_search(fv: flags.FlagValues) -> None:
+  config = copy.deepcopy(fv.config)
+  if fv.parallelism:
+    config.parallelism = fv.parallelism
+  if fv.batch_size:
+    config.batch_size = fv.batch_size
+  cnn, rows = search_remat(config, fv.topology, fv.remat_budget,
+                           log=lambda m: print(m, flush=True))
+  print(f'\n{cli.config_file_name(fv)} {fv.topology} batch '
+        f'{config.batch_size} ({config.parallelism}), per chip; CNN twin '
+        f'({config.remat}): {cnn["temp_mb"]:.1f} MB, '
+        f'{cnn["bytes_accessed_gb"]:.3g} GB:')
+  print('| policy | blocks recomputed | temp MB | vs CNN | GB accessed | '
+        'kernel calls | |')
+  print('|---|---|---:|---:|---:|---:|---|')
+  for r in rows:
+    mark = ('**chosen**' if r['chosen'] else
+            '' if r['fits'] else f'over {fv.remat_budget}x')
+    print(f'| {r["policy"]} | {r["remat_blocks"]} | {r["temp_mb"]:.1f} | '
+          f'{r["vs_cnn"]:.2f}x | {r["bytes_accessed_gb"]:.3g} | '
+          f'{r["mosaic_calls"]} | {mark} |')
 
 
 if __name__ == '__main__':

@@ -57,6 +57,7 @@ QUARANTINE_DIR = 'corrupt_checkpoints'
 RUNTIME_KEYS = frozenset({
     'log_every_steps', 'checkpoint_every_steps', 'max_to_keep',
     'progress_bar', 'parallelism', 'mesh_shape', 'mesh_axes', 'remat',
+    'remat_blocks',
     'eval_batch_size', 'eval_every_epochs',
     'num_train_steps', 'distributed', 'async_checkpointing', 'tensorboard',
     'dataset.data_dir', 'dataset.tfds_data_dir', 'dataset.num_workers',
@@ -70,7 +71,7 @@ MODEL_KEYS_PREFIXES = ('model.', 'dataset.name', 'dataset.num_classes',
 #: Keys added after workdirs already existed: absent from an older stored
 #: config.json, they are not compared.
 ADDED_KEYS = frozenset({'dataset.mean', 'dataset.std', 'method',
-                        'loss_terms', 'optimizer.lr_scales'})
+                        'loss_terms', 'optimizer.lr_scales', 'remat_blocks'})
 
 
 class WorkdirMismatchError(errors.UserError, ValueError):

@@ -101,6 +101,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.remat not in steps.REMAT_CHOICES:
     raise errors.ConfigError(f'remat {config.remat!r}: use one of '
                              f'{steps.REMAT_CHOICES}.')
+  try:
+    blocks = steps.parse_remat_blocks(config.remat_blocks)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+  if blocks not in ('auto', False):
+    if 'remat_blocks' in config.model.overrides:
+      raise errors.ConfigError(
+          f'remat_blocks {config.remat_blocks!r} and '
+          f'model.overrides.remat_blocks '
+          f'{config.model.overrides.remat_blocks!r} both set; keep one.')
+    if 'stage_sizes' not in config.model.overrides:
+      raise errors.ConfigError(
+          f'remat_blocks {config.remat_blocks!r}: model '
+          f'{config.model.name!r} has no residual stages to recompute '
+          "(ResNets only); use 'auto' or 'none'.")
   if config.parallelism not in ('jit', 'pmap'):
     raise errors.ConfigError(f"parallelism {config.parallelism!r}: use 'jit' "
                              "or 'pmap'.")
@@ -478,7 +493,14 @@ class Experiment:
     total_steps = config.num_epochs * spe
     stop_step = (min(total_steps, config.num_train_steps)
                  if config.num_train_steps > 0 else total_steps)
-    model = create_model(config.model, num_classes)
+    model_config = config.model
+    remat_blocks = steps.resolve_remat_blocks(config, runner.platform)
+    if (remat_blocks is not None and 'stage_sizes' in model_config.overrides
+        and 'remat_blocks' not in model_config.overrides):
+      # e.g. remat_blocks='auto' on TPU (an override in a Python config wins)
+      model_config = ml_collections.ConfigDict(model_config.to_dict())
+      model_config.overrides.remat_blocks = remat_blocks
+    model = create_model(model_config, num_classes)
     example = jnp.zeros((1,) + tuple(image_shape))
     try:
       tx, schedule = create_optimizer(config, model, example, spe)
@@ -541,7 +563,8 @@ class Experiment:
   def train_step_fn(self, remat: str | None = None) -> Callable:
     """The uncompiled train step (``remat``: default the config's)."""
     remat = steps.resolve_remat(
-        self.config.remat if remat is None else remat, self.runner.platform)
+        self.config.remat if remat is None else remat, self.runner.platform,
+        (self.config.model.name, self.config.model.kind))
     return self.method.train_step_fn(self, remat)
 
   @functools.cached_property

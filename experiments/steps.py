@@ -71,7 +71,8 @@ REMAT_POLICIES = {'none': None,
 REMAT_CHOICES = ('auto',) + tuple(REMAT_POLICIES)
 
 
-def resolve_remat(remat: str, platform: str) -> str:
+def resolve_remat(remat: str, platform: str,
+                  model: tuple[str, str] | None = None) -> str:
   """``config.remat`` for a step compiled for ``platform``.
 
   ``'auto'`` is ``'layer_outputs'`` on accelerators, where the adder
@@ -79,7 +80,9 @@ def resolve_remat(remat: str, platform: str) -> str:
   (TPU v5e, ResNet-20 at 128 images per chip: 74 instead of 89 MB;
   ResNet-50 at 32: 2.04 instead of 2.81 GB), and ``'none'`` on CPU, where
   the recomputation costs time (LeNet-5 on MNIST: 6 % per step) and memory
-  is ample. Other values are returned as they are.
+  is ample; on TPU a ``model`` ``(name, kind)`` listed in
+  :data:`TPU_AUTO_REMAT` takes the policy found for it there. Other values
+  are returned as they are.
 
   Raises:
     ValueError: an unknown value.
@@ -90,9 +93,84 @@ def resolve_remat(remat: str, platform: str) -> str:
   """
   if remat not in REMAT_CHOICES:
     raise ValueError(f'remat {remat!r}: use one of {REMAT_CHOICES}.')
-  if remat == 'auto':
-    return 'none' if platform == 'cpu' else 'layer_outputs'
-  return remat
+  if remat != 'auto':
+    return remat
+  if platform == 'cpu':
+    return 'none'
+  if platform == 'tpu' and model in TPU_AUTO_REMAT:
+    return TPU_AUTO_REMAT[model][0]
+  return 'layer_outputs'
+
+
+#: What ``remat='auto'`` (with ``remat_blocks='auto'``) does on TPU for a
+#: model kind: ``(model name, kind) -> (step policy, ResNet remat_blocks)``.
+#: Chosen by ``python -m experiments.aot --search_remat`` (of the candidates
+#: whose compiled temporary memory is at most 1.5x the CNN twin's default,
+#: the one with the fewest adder kernel calls, then the fewest bytes
+#: accessed; v5e 2x4, 128 images per chip; ``docs/roofline.md``). ResNet-20's
+#: AddNN: 74.2 MB (2.28x the CNN's 32.6 MB) under the policy alone, 48.4 MB
+#: (1.48x) with the blocks of stages 1 and 2 also under
+#: ``flax.linen.remat``, and no adder forward run twice (40 kernel calls
+#: either way). Models not listed keep :func:`resolve_remat`'s policy alone.
+TPU_AUTO_REMAT = {
+    ('resnet20', 'adder'): ('layer_outputs', (1, 2)),
+}
+
+#: Words of ``config.remat_blocks`` (besides stage numbers such as ``'1,2'``).
+REMAT_BLOCKS_WORDS = ('auto', 'none', 'all')
+
+
+def parse_remat_blocks(value: str) -> str | bool | tuple[int, ...]:
+  """``config.remat_blocks`` as ``'auto'``, ``False``, ``True`` or stages.
+
+  Raises:
+    ValueError: not ``'auto'``, ``'none'``, ``'all'`` or stage numbers
+      counted from 1, comma-separated.
+
+  Examples:
+    >>> parse_remat_blocks('none'), parse_remat_blocks('1,2')
+    (False, (1, 2))
+  """
+  if not isinstance(value, str):
+    raise ValueError(f'remat_blocks {value!r}: a string, one of '
+                     f'{REMAT_BLOCKS_WORDS} or stage numbers such as "1,2".')
+  text = value.strip().lower()
+  if text in REMAT_BLOCKS_WORDS:
+    return {'auto': 'auto', 'none': False, 'all': True}[text]
+  try:
+    stages = tuple(int(v) for v in text.split(','))
+  except ValueError:
+    stages = ()
+  if not stages or min(stages) < 1:
+    raise ValueError(
+        f'remat_blocks {value!r}: use one of {REMAT_BLOCKS_WORDS} or the '
+        f'stage numbers whose residual blocks are recomputed, counted from '
+        f'1 and comma-separated (e.g. "1,2").')
+  return stages
+
+
+def resolve_remat_blocks(config, platform: str):
+  """The ResNet ``remat_blocks`` a config implies on ``platform``, or None.
+
+  ``config.remat_blocks``: ``'none'``, ``'all'`` or stages say it; ``'auto'``
+  is, when ``config.remat`` is ``'auto'`` too, the model's entry of
+  :data:`TPU_AUTO_REMAT` on TPU, and otherwise None (the model as
+  configured: no block recompute).
+
+  Examples:
+    >>> import ml_collections
+    >>> c = ml_collections.ConfigDict(dict(remat='auto', remat_blocks='auto',
+    ...     model=dict(name='resnet20', kind='adder')))
+    >>> resolve_remat_blocks(c, 'tpu'), resolve_remat_blocks(c, 'cpu')
+    ((1, 2), None)
+  """
+  value = parse_remat_blocks(config.remat_blocks)
+  if value != 'auto':
+    return value
+  if config.remat != 'auto' or platform != 'tpu':
+    return None
+  choice = TPU_AUTO_REMAT.get((config.model.name, config.model.kind))
+  return None if choice is None else choice[1]
 
 
 def make_init(model: flax.linen.Module, tx: optax.GradientTransformation,

@@ -69,6 +69,8 @@ def compile_case(model: str, runner: str, topology: str, batch: int,
     compiled, spec = aot.compile_for_tpu(config, topology)
     stats = aot.analyse(compiled)
   stats['adder_layers'] = spec.adder_layers
+  blocks = getattr(spec.experiment.model, 'remat_blocks', False)
+  stats['remat_blocks'] = list(blocks) if isinstance(blocks, tuple) else blocks
   return stats
 
 
@@ -103,7 +105,26 @@ def test_resnet20_jit_runner_and_user_jit_compile_for_v5e_2x4():
   runner, user = _run_tpu([['resnet20', 'jit', 'v5e:2x4', 64],
                            ['lenet5', 'user_jit', 'v5e:2x4', 64]])
   _check_kernels(runner)
+  # remat='auto' on TPU: the AddNN's stages 1-2 blocks under nn.remat
+  # (experiments.steps.TPU_AUTO_REMAT), with no adder forward run twice.
+  assert runner['remat_blocks'] == [1, 2], runner
   assert user['mosaic_calls'] == 0 and user['warned'], user
+
+
+@pytest.mark.slow
+def test_resnet20_default_v5e_memory():
+  # Issue 27: the experiments' default ResNet-20 AddNN step on v5e 2x4 at
+  # 128 images per chip holds at most 1.5x the temporary memory of its CNN
+  # twin's default step (docs/roofline.md: 48.4 vs 32.6 MB), and bytes
+  # accessed at most 2x, with each adder forward run once.
+  adder, cnn = _run_tpu([
+      ['resnet20', 'jit', 'v5e:2x4', 1024, dict(kind='adder')],
+      ['resnet20', 'jit', 'v5e:2x4', 1024, dict(kind='cnn')]])
+  _check_kernels(adder)
+  assert cnn['mosaic_calls'] == 0 and cnn['remat_blocks'] is False, cnn
+  assert adder['temp_mb'] <= 1.5 * cnn['temp_mb'], (adder, cnn)
+  assert adder['bytes_accessed_gb'] <= 2 * cnn['bytes_accessed_gb'], (
+      adder, cnn)
 
 
 @pytest.mark.slow

@@ -214,13 +214,17 @@ class RematBlocksTest(parameterized.TestCase):
   def test_resnet20(self):
     self._check('resnet20', 4, 16, stage_sizes=(1, 1, 1), width=8)
 
+  def test_resnet20_first_stage_only(self):
+    self._check('resnet20', 4, 16, remats=(False, (1,)),
+                stage_sizes=(1, 1, 1), width=8)
+
   @pytest.mark.slow
   def test_resnet50(self):
     self._check('resnet50', 2, 64, stage_sizes=(1, 1, 1, 1), width=8)
 
-  def _check(self, name, batch, size, **overrides):
+  def _check(self, name, batch, size, remats=(False, True), **overrides):
     (_, v0, loss0, _), (_, v1, loss1, _) = self._both(name, batch, size,
-                                                      **overrides)
+                                                      remats, **overrides)
     self.assertEqual(jax.tree.structure(v0), jax.tree.structure(v1))
     for a, b in zip(jax.tree.leaves(v0), jax.tree.leaves(v1)):
       np.testing.assert_array_equal(a, b)  # same init, same names
@@ -243,6 +247,27 @@ class RematBlocksTest(parameterized.TestCase):
     self.assertEqual(shapes.count((4, 4, 4, 32)), 0, shapes)
     self.assertEqual(shapes.count((4, 8, 8, 16)), 1, shapes)
 
+  def _residual_shapes(self, remat):
+    [(_, variables, loss, _)] = self._both(
+        'resnet20', 4, 16, remats=(remat,), stage_sizes=(1, 1, 1), width=8)
+    res = jax.tree.leaves(jax.eval_shape(
+        lambda p: jax.vjp(lambda q: loss(q)[0], p)[1], variables['params']))
+    return [l.shape for l in res if len(l.shape) == 4 and l.shape[0] == 4]
+
+  def test_stages_recompute_only_their_blocks(self):
+    # A stage's tensors are kept as with every block recomputed when the
+    # stage is chosen (stage 1: the stem's, and its block's input) and as
+    # without recompute when it is not.
+    none, every = self._residual_shapes(False), self._residual_shapes(True)
+    first, last = self._residual_shapes((1,)), self._residual_shapes((3,))
+    stage1, stage3 = (4, 16, 16, 8), (4, 4, 4, 32)
+    self.assertLess(every.count(stage1), none.count(stage1))
+    self.assertEqual(first.count(stage1), every.count(stage1), first)
+    self.assertEqual(first.count(stage3), none.count(stage3), first)
+    self.assertEqual(last.count(stage3), every.count(stage3), last)
+    self.assertEqual(last.count(stage3), 0, last)
+    self.assertEqual(last.count(stage1), none.count(stage1), last)
+
   def test_bad_value(self):
     # Refused when the model is built (create_model checks the fields) and,
     # for a model built directly, when it is called.
@@ -253,3 +278,13 @@ class RematBlocksTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "remat_blocks.*'yes'"):
       jax.eval_shape(functools.partial(model.init, train=False),
                      jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+  @parameterized.parameters(
+      ((0,), r"remat_blocks` \(0,\): stage\(s\) \[0\] out of range.*1\.\.3"),
+      ((1, 4), r"stage\(s\) \[4\] out of range"),
+      ((1.0,), r"remat_blocks` must be a bool or a tuple.*\(1\.0,\)"),
+  )
+  def test_bad_stages(self, value, pattern):
+    with self.assertRaisesRegex(ValueError, pattern):
+      models.create_model('resnet20', kind='adder', num_classes=10,
+                          remat_blocks=value)

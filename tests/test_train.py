@@ -16,15 +16,19 @@ import ml_collections
 import numpy as np
 import pytest
 
+import adderjax
+
 from experiments import checkpointing
 from experiments import data
 from experiments import idx
 from experiments import testing
+from experiments import errors
 from experiments import experiment
 from experiments import losses
 from experiments import steps
 from experiments import train
 from experiments.configs import lenet5_mnist
+from experiments.configs import resnet20_cifar10
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -327,6 +331,51 @@ def test_remat_auto_by_platform():
     steps.resolve_remat('some', 'cpu')
   with pytest.raises(ValueError, match="remat 'auto'"):
     steps.make_train_step(lambda *a, **k: None, None, 0.0, 1.0, remat='auto')
+
+
+def test_remat_blocks_auto_per_model_on_tpu():
+  # remat_blocks='auto' with remat='auto' on TPU is the model's entry of
+  # TPU_AUTO_REMAT (ResNet-20's AddNN: the blocks of stages 1 and 2); another
+  # remat, platform or kind, or an unlisted model give None (as configured);
+  # the words and stage numbers say it outright.
+  def config(name='resnet20', kind='adder', remat='auto', blocks='auto'):
+    return ml_collections.ConfigDict(dict(
+        remat=remat, remat_blocks=blocks, model=dict(name=name, kind=kind)))
+  assert steps.resolve_remat_blocks(config(), 'tpu') == (1, 2)
+  assert steps.resolve_remat('auto', 'tpu', ('resnet20', 'adder')) == (
+      'layer_outputs')
+  assert steps.resolve_remat_blocks(config(), 'cpu') is None
+  assert steps.resolve_remat_blocks(config(), 'gpu') is None
+  assert steps.resolve_remat_blocks(config(remat='none'), 'tpu') is None
+  assert steps.resolve_remat_blocks(config(kind='cnn'), 'tpu') is None
+  assert steps.resolve_remat_blocks(config('resnet50'), 'tpu') is None
+  assert steps.resolve_remat_blocks(config(blocks='none'), 'tpu') is False
+  assert steps.resolve_remat_blocks(config(blocks='all'), 'cpu') is True
+  assert steps.resolve_remat_blocks(config(blocks=' 3, 1'), 'cpu') == (3, 1)
+  for bad in ('0', 'some', '1,,2', '', 'true'):
+    with pytest.raises(ValueError, match=f'remat_blocks {bad!r}'):
+      steps.parse_remat_blocks(bad)
+  for (name, kind), (policy, blocks) in steps.TPU_AUTO_REMAT.items():
+    assert policy in steps.REMAT_POLICIES, (name, policy)
+    # The entry builds: the zoo accepts its remat_blocks for that model.
+    adderjax.create_model(name, kind=kind, num_classes=10,
+                          remat_blocks=blocks)
+
+
+def test_remat_blocks_config_errors(mnist_dir, tmp_path):
+  # LeNet-5 has no residual stages; a stage past the model's last is refused
+  # by the model; both name the value.
+  config = tiny_mnist_config(mnist_dir)
+  config.remat_blocks = '1'
+  with pytest.raises(errors.ConfigError, match="remat_blocks '1'.*lenet5"):
+    experiment.Experiment.from_config(config, data=False)
+  config = resnet20_cifar10.get_config('runlocal')
+  config.remat_blocks = '1,4'
+  with pytest.raises(errors.ConfigError, match=r'\[4\] out of range'):
+    experiment.Experiment.from_config(config, data=False)
+  config.remat_blocks = '2'  # builds, and recomputes stage 2 on any platform
+  exp = experiment.Experiment.from_config(config, data=False)
+  assert exp.model.remat_blocks == (2,)
 
 
 def test_corrupt_data_file_is_named(mnist_dir, tmp_path):

@@ -123,11 +123,15 @@ class ResNet(ZooModel):
     classifier_bias: give the classifier a bias (the official ResNet-50's
       ``fc`` is a 1x1 convolution with bias; ResNet-20's has none). Default
       ``False``: the bias is redundant before the logits' BatchNorm.
-    remat_blocks: recompute every residual block in the backward pass
+    remat_blocks: recompute residual blocks in the backward pass
       (``flax.linen.remat`` with nothing saved inside): a train step keeps
       only the blocks' inputs and runs each block's layers again, adder
-      kernels included. Memory for time: on TPU v5e a ResNet-20 AddNN step
-      at 128 images per chip holds 48 MB instead of 89 MB and runs every
+      kernels included. ``True`` recomputes every block; a tuple of stage
+      numbers, counted from 1 as in the parameter names (``layer1_0`` is in
+      stage 1), recomputes the blocks of those stages only, e.g. ``(1,)``
+      for the first stage, whose activations are the largest. Memory for
+      time: on TPU v5e a ResNet-20 AddNN step at 128 images per chip holds
+      48 MB instead of 89 MB with every block recomputed, and runs every
       adder forward twice (see ``docs/roofline.md``). Same parameters and
       gradients. For the cheaper recompute of elementwise ops only, see
       :data:`adderjax.layer_outputs_saveable`.
@@ -154,7 +158,7 @@ class ResNet(ZooModel):
   stem: str = 'cifar'
   stride_in_1x1: bool = False
   classifier_bias: bool = False
-  remat_blocks: bool = False
+  remat_blocks: bool | tuple[int, ...] = False
 
   def check_fields(self) -> None:
     super().check_fields()
@@ -162,11 +166,30 @@ class ResNet(ZooModel):
     _checks.shape('stage_sizes', self.stage_sizes,
                   hint='blocks per stage, each at least 1')
     _checks.positive_int('width', self.width)
-    for name in ('remat_blocks', 'classifier_bias'):
-      if not isinstance(getattr(self, name), (bool, np.bool_)):
-        raise _checks.ArgumentTypeError(
-            f'`{name}` must be a bool, got '
-            f'{_checks.describe(getattr(self, name))}.')
+    if not isinstance(self.classifier_bias, (bool, np.bool_)):
+      raise _checks.ArgumentTypeError(
+          f'`classifier_bias` must be a bool, got '
+          f'{_checks.describe(self.classifier_bias)}.')
+    self.remat_stages()  # checks remat_blocks
+
+  def remat_stages(self) -> frozenset[int]:
+    """The stages (counted from 1) whose blocks ``remat_blocks`` recomputes."""
+    value, stages = self.remat_blocks, len(self.stage_sizes)
+    if isinstance(value, (bool, np.bool_)):
+      return frozenset(range(1, stages + 1) if value else ())
+    if isinstance(value, (tuple, list)) and all(
+        isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+        for i in value):
+      bad = [int(i) for i in value if not 1 <= i <= stages]
+      if bad:
+        raise ValueError(
+            f'`remat_blocks` {tuple(value)!r}: stage(s) {bad} out of range; '
+            f'this ResNet has stages 1..{stages} (counted from 1, as in '
+            f'the parameter names layer1_0, ...).')
+      return frozenset(int(i) for i in value)
+    raise _checks.ArgumentTypeError(
+        f'`remat_blocks` must be a bool or a tuple of stage numbers '
+        f'(e.g. (1,)), got {_checks.describe(value)}.')
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -174,7 +197,8 @@ class ResNet(ZooModel):
     self.check_input(x, 'ResNet')
     norm = self.norm(train)
     conv = self.body_conv()
-    block_cls = nn.remat(self.block_cls) if self.remat_blocks else self.block_cls
+    remat_stages = self.remat_stages()
+    recomputed = nn.remat(self.block_cls) if remat_stages else None
 
     if self.stem == 'cifar':
       x = self.first_conv(self.width, (3, 3), padding=_PAD3, use_bias=False,
@@ -188,6 +212,7 @@ class ResNet(ZooModel):
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD3)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
+        block_cls = recomputed if i + 1 in remat_stages else self.block_cls
         x = block_cls(
             filters=self.width * 2**i, conv=conv, norm=norm,
             strides=2 if i > 0 and j == 0 else 1,

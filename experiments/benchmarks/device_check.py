@@ -595,7 +595,8 @@ def time_train_step(kind: str, batch: int,
              peak_mb=(peak if peak is not None else compiled_bytes) / 2**20,
              peak_source=('memory_stats' if peak is not None else
                           'memory_analysis'),
-             remat=steps.resolve_remat(config.remat, exp.runner.platform),
+             remat=steps.resolve_remat(config.remat, exp.runner.platform,
+                                       (config.model.name, config.model.kind)),
              implementation=config.model.implementation,
              loss_sum=loss, steps_timed=settings.step_samples * inner)
   row['status'] = 'ok' if math.isfinite(loss) else 'FAIL (non-finite loss)'

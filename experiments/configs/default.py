@@ -200,6 +200,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (adderjax.layer_outputs_saveable); 'none' keeps what XLA keeps; 'auto'
   # is 'layer_outputs' on GPU/TPU and 'none' on CPU (steps.resolve_remat).
   c.remat = 'auto'
+  # ResNets: recompute whole residual blocks in the backward pass (their
+  # adder forwards run again): 'none', 'all', or stage numbers counted from
+  # 1 ('1,2'); 'auto' is, with remat='auto', the choice measured for the
+  # model on TPU (steps.TPU_AUTO_REMAT; ResNet-20's AddNN: stages 1-2) and
+  # 'none' elsewhere.
+  c.remat_blocks = 'auto'
   # The training method (experiments.methods.METHODS): how the state is
   # made and what one step does; 'supervised' is the paper's.
   c.method = 'supervised'
