@@ -262,8 +262,9 @@ def search_remat(config: ml_collections.ConfigDict, topology: str,
     c.remat = policy
     c.remat_blocks = _blocks_word(blocks)
     stats = analyse(compile_for_tpu(c, topology)[0])
-    row = dict(policy=policy, remat_blocks=blocks, **stats,
-               vs_cnn=stats['temp_mb'] / cnn['temp_mb'])
+    ratio = (stats['temp_mb'] / cnn['temp_mb'] if cnn['temp_mb'] else
+             1.0 if not stats['temp_mb'] else float('inf'))
+    row = dict(policy=policy, remat_blocks=blocks, **stats, vs_cnn=ratio)
     row['fits'] = row['vs_cnn'] <= budget
     row['chosen'] = False
     rows.append(row)

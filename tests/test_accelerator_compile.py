@@ -53,8 +53,15 @@ def compile_case(model: str, runner: str, topology: str, batch: int,
   config.batch_size = batch
   config.model.kind = options.get('kind', config.model.kind)
   config.remat = options.get('remat', config.remat)
+  for key, value in options.get('overrides', {}).items():
+    config.model.overrides[key] = tuple(value) if isinstance(
+        value, list) else value
   if options.get('remat_blocks'):
     config.model.overrides.remat_blocks = True
+  if runner == 'search':
+    cnn, rows = aot.search_remat(config, topology,
+                                 options.get('budget', 1.5), log=lambda m: None)
+    return dict(cnn=cnn, rows=rows)
   if runner == 'user_jit':
     # A user's own jit of the same step: sharded inputs, no mesh context.
     spec = aot.train_step_spec(config, aot.tpu_topology(topology))
@@ -109,6 +116,35 @@ def test_resnet20_jit_runner_and_user_jit_compile_for_v5e_2x4():
   # (experiments.steps.TPU_AUTO_REMAT), with no adder forward run twice.
   assert runner['remat_blocks'] == [1, 2], runner
   assert user['mosaic_calls'] == 0 and user['warned'], user
+
+
+@pytest.mark.slow
+def test_search_remat_picks_the_fewest_kernel_calls_that_fit():
+  # A one-stage ResNet (candidates: two step policies x its block
+  # recomputed or not). Whatever the figures, the row chosen is the one
+  # --search_remat's rule names: within the budget of the CNN twin's
+  # memory, the fewest kernel calls, then the fewest bytes; a recomputed
+  # block without the layer-outputs policy runs its adder forwards again.
+  tiny = dict(overrides=dict(stage_sizes=[1], width=16))
+  (result,) = _run_tpu([
+      ['resnet20', 'search', 'v5e:2x4', 4096, dict(tiny, budget=1.5)]])
+  rows, cnn = result['rows'], result['cnn']
+  assert [(r['policy'], r['remat_blocks']) for r in rows] == [
+      ('layer_outputs', False), ('layer_outputs', True), ('none', False),
+      ('none', True)], rows
+  assert rows[3]['mosaic_calls'] > rows[2]['mosaic_calls'], rows
+  for r in rows:
+    if cnn['temp_mb']:  # (this small CNN may need no temporary buffer)
+      assert r['vs_cnn'] == pytest.approx(r['temp_mb'] / cnn['temp_mb'])
+    assert r['fits'] == (r['temp_mb'] <= 1.5 * cnn['temp_mb'])
+  fitting = [r for r in rows if r['fits']]
+  chosen = [r for r in rows if r['chosen']]
+  if fitting:
+    want = min(fitting, key=lambda r: (r['mosaic_calls'],
+                                       r['bytes_accessed_gb'], r['temp_mb']))
+    assert chosen == [want], rows
+  else:
+    assert not chosen, rows
 
 
 @pytest.mark.slow
