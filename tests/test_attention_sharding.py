@@ -5,12 +5,9 @@ backend and the TPU kernels in interpret mode (Auto and Explicit mesh axes), and
 compiled step holds no all-gather. Runs in a fresh process with 4 CPU devices (as
 ``tests/test_optim_sharding.py``)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import multidevice
 
 SCRIPT = textwrap.dedent('''
     import jax
@@ -69,9 +66,4 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_sharded_attention_equals_unsharded(tmp_path):
-  script = tmp_path / 'run.py'
-  script.write_text(SCRIPT)
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stderr[-3000:]
+  multidevice.run_script(tmp_path, SCRIPT, timeout=600)

@@ -8,12 +8,9 @@ the TPU kernels in interpret mode; a model of adder layers (convolution,
 attention, dense, BatchNorm) too; an input sharded along another axis is refused by name. Runs in
 a fresh process with 4 CPU devices (as ``tests/test_optim_sharding.py``)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import multidevice
 
 SCRIPT = textwrap.dedent('''
     import jax
@@ -134,9 +131,4 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_adder_layers_under_explicit_axes(tmp_path):
-  script = tmp_path / 'run.py'
-  script.write_text(SCRIPT)
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stderr[-3000:]
+  multidevice.run_script(tmp_path, SCRIPT, timeout=900)
