@@ -394,6 +394,12 @@ class AdderMultiHeadAttention(nnx.Module):
     qkv_features: total q/k/v features (``None``: ``in_features``);
       divisible by ``num_heads``.
     out_features: output features (``None``: ``in_features``).
+    num_kv_heads: key and value heads (``None``: ``num_heads``); fewer
+      than ``num_heads`` is grouped-query attention, as flax: query head
+      ``h`` attends with key / value head ``h // (num_heads //
+      num_kv_heads)``. Must divide ``num_heads``.
+    in_kv_features: input features of keys and values (``None``:
+      ``in_features``).
     dtype: computation dtype (``None``: promoted).
     param_dtype: parameter storage dtype.
     broadcast_dropout: one attention-dropout mask for all batch dims.
@@ -427,7 +433,7 @@ class AdderMultiHeadAttention(nnx.Module):
     TypeError: ``rngs`` that is not an ``nnx.Rngs``, a ``projection_norm``
       that is not callable, or arguments of the wrong kind.
     ValueError: a non-positive feature count, ``qkv_features`` not divisible
-      by ``num_heads``, an unknown ``projection`` / ``score`` / ``identity``
+      by ``num_heads``, ``num_kv_heads`` not dividing ``num_heads``, an unknown ``projection`` / ``score`` / ``identity``
       / ``grad`` / ``implementation``, a negative ``identity_weight``,
       ``dropout_rate`` outside [0, 1) or ``score_scale <= 0``.
 
@@ -451,6 +457,8 @@ class AdderMultiHeadAttention(nnx.Module):
                in_features: int,
                qkv_features: int | None = None,
                out_features: int | None = None,
+               num_kv_heads: int | None = None,
+               in_kv_features: int | None = None,
                *,
                dtype: Any = None,
                param_dtype: Any = jnp.float32,
@@ -483,6 +491,13 @@ class AdderMultiHeadAttention(nnx.Module):
     if qkv_features % num_heads:
       raise ValueError(f'qkv_features={qkv_features} is not divisible by '
                        f'num_heads={num_heads}.')
+    num_kv_heads = (num_heads if num_kv_heads is None else
+                    _checks.positive_int('num_kv_heads', num_kv_heads))
+    if num_heads % num_kv_heads:
+      raise ValueError(f'num_kv_heads={num_kv_heads} does not divide '
+                       f'num_heads={num_heads}.')
+    in_kv_features = (in_features if in_kv_features is None else
+                      _checks.positive_int('in_kv_features', in_kv_features))
     _checks.choice('projection', projection, PROJECTIONS)
     _checks.choice('score', score, attention_ops.SCORES)
     _checks.choice('identity', identity,
@@ -505,6 +520,8 @@ class AdderMultiHeadAttention(nnx.Module):
     self.in_features = in_features
     self.qkv_features = qkv_features
     self.out_features = out_features
+    self.num_kv_heads = num_kv_heads
+    self.in_kv_features = in_kv_features
     self.head_dim = qkv_features // num_heads
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -523,13 +540,14 @@ class AdderMultiHeadAttention(nnx.Module):
     self.implementation = implementation
 
     heads = (num_heads, self.head_dim)
+    kv_heads = (num_kv_heads, self.head_dim)
     # Built in nnx.MultiHeadAttention's order (query, key, value, LayerNorms,
     # out), so the same rngs draw the same dense parameters.
     self.query = self._projection(in_features, heads, -1, kernel_init,
                                   bias_init, rngs)
-    self.key = self._projection(in_features, heads, -1, kernel_init,
+    self.key = self._projection(in_kv_features, kv_heads, -1, kernel_init,
                                 bias_init, rngs)
-    self.value = self._projection(in_features, heads, -1, kernel_init,
+    self.value = self._projection(in_kv_features, kv_heads, -1, kernel_init,
                                   bias_init, rngs)
     if normalize_qk:
       self.query_ln = nnx.LayerNorm(self.head_dim, use_bias=False,
@@ -549,9 +567,10 @@ class AdderMultiHeadAttention(nnx.Module):
       self.value_norm = nnx.data(None)
       self.out_norm = nnx.data(None)
     else:
+      kv_features = num_kv_heads * self.head_dim
       self.query_norm = projection_norm(qkv_features)
-      self.key_norm = projection_norm(qkv_features)
-      self.value_norm = projection_norm(qkv_features)
+      self.key_norm = projection_norm(kv_features)
+      self.value_norm = projection_norm(kv_features)
       self.out_norm = projection_norm(out_features)
     self.rngs = rngs.dropout.fork() if dropout_rate > 0 else nnx.data(None)
 
@@ -592,9 +611,9 @@ class AdderMultiHeadAttention(nnx.Module):
 
     Args:
       inputs_q: ``[batch..., q_length, in_features]``.
-      inputs_k: ``[batch..., kv_length, in_features]`` (``None``: the
+      inputs_k: ``[batch..., kv_length, in_kv_features]`` (``None``: the
         queries' inputs, self-attention).
-      inputs_v: ``[batch..., kv_length, in_features]`` (``None``: the
+      inputs_v: ``[batch..., kv_length, in_kv_features]`` (``None``: the
         keys').
       mask: boolean ``[batch..., heads, q_length, kv_length]``
         (broadcastable); ``False`` entries get no weight.
@@ -609,7 +628,8 @@ class AdderMultiHeadAttention(nnx.Module):
 
     Raises:
       ValueError: inputs of fewer than 2 axes or with other than
-        ``in_features`` features, ``inputs_v`` without ``inputs_k``, an
+        ``in_features`` (queries) / ``in_kv_features`` (keys, values)
+        features, ``inputs_v`` without ``inputs_k``, an
         identity with cross-attention, dropout without ``deterministic`` or
         without randomness.
     """
@@ -620,18 +640,24 @@ class AdderMultiHeadAttention(nnx.Module):
       inputs_k = inputs_q
     if inputs_v is None:
       inputs_v = inputs_k
-    for name, a in (('inputs_q', inputs_q), ('inputs_k', inputs_k),
-                    ('inputs_v', inputs_v)):
+    for name, a, features, what in (
+        ('inputs_q', inputs_q, self.in_features, 'in_features'),
+        ('inputs_k', inputs_k, self.in_kv_features, 'in_kv_features'),
+        ('inputs_v', inputs_v, self.in_kv_features, 'in_kv_features')):
       shape = jnp.shape(a)
-      if len(shape) < 2 or shape[-1] != self.in_features:
-        raise ValueError(f'{name} must be [batch..., length, in_features='
-                         f'{self.in_features}], got shape {shape}.')
+      if len(shape) < 2 or shape[-1] != features:
+        raise ValueError(f'{name} must be [batch..., length, {what}='
+                         f'{features}], got shape {shape}.')
     q = self._normed(self.query_norm, self.query(inputs_q), True)
     k = self._normed(self.key_norm, self.key(inputs_k), True)
     v = self._normed(self.value_norm, self.value(inputs_v), True)
     if self.normalize_qk:
       q = self.query_ln(q)
       k = self.key_ln(k)
+    if self.num_kv_heads != self.num_heads:  # grouped-query attention
+      group = self.num_heads // self.num_kv_heads
+      k = jnp.repeat(k, group, axis=-2)
+      v = jnp.repeat(v, group, axis=-2)
     dropout_rng = None
     if self.dropout_rate > 0:  # as flax: only dropout needs the flag
       if deterministic is None:

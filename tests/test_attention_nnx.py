@@ -201,6 +201,51 @@ def test_dense_dot_no_identity_is_flax_multi_head_attention(normalize_qk):
   np.testing.assert_allclose(g_ours, g_ref, **TOL)
 
 
+def test_grouped_query_and_kv_features_dense_dot_is_flax():
+  # num_kv_heads < num_heads (grouped-query attention) and keys / values
+  # with their own feature count: flax's own module is the reference.
+  kw = dict(qkv_features=QKV, num_kv_heads=2, in_kv_features=5)
+  model = annx.AdderMultiHeadAttention(
+      4, F, projection='dense', score='dot', identity=None,
+      rngs=nnx.Rngs(0), **kw)
+  ref = nnx.MultiHeadAttention(4, F, decode=False, rngs=nnx.Rngs(0), **kw)
+  ours, theirs = nnx.state(model, nnx.Param), nnx.state(ref, nnx.Param)
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(ours),
+               nnx.to_pure_dict(theirs))
+  assert model.key.kernel.shape == (5, 2, 2)
+  nnx.update(ref, jax.tree.map(lambda v: v + 0.1 * _normal(v.size, v.shape),
+                               theirs))
+  nnx.update(model, nnx.state(ref, nnx.Param))
+  x, kv = _normal(0, (B, L, F)), _normal(1, (B, 3, 5))
+  mask = jnp.asarray(np.random.default_rng(3).random((B, 1, L, 3)) > 0.3)
+  np.testing.assert_allclose(model(x, kv, mask=mask), ref(x, kv, mask=mask),
+                             **TOL)
+
+
+@pytest.mark.parametrize('score', ['l1', 'dot'])
+def test_grouped_query_is_repeated_kv_heads(score):
+  # Grouped-query attention is full multi-head attention whose key / value
+  # kernels repeat each kv head for its group of query heads (head h uses
+  # kv head h // group), adder projections and l1 scores included.
+  gqa = annx.AdderMultiHeadAttention(4, F, QKV, num_kv_heads=2, score=score,
+                                     identity=None, rngs=nnx.Rngs(0))
+  full = annx.AdderMultiHeadAttention(4, F, QKV, score=score, identity=None,
+                                      rngs=nnx.Rngs(1))
+  for name in ('query', 'out'):
+    getattr(full, name).kernel[...] = getattr(gqa, name).kernel[...]
+    getattr(full, name).bias[...] = getattr(gqa, name).bias[...]
+  for name in ('key', 'value'):
+    src, dst = getattr(gqa, name), getattr(full, name)
+    dst.kernel[...] = jnp.repeat(src.kernel[...], 2, axis=1)
+    dst.bias[...] = jnp.repeat(src.bias[...], 2, axis=0)
+  x = _normal(0, (B, L, F))
+  np.testing.assert_allclose(gqa(x), full(x), **TOL)
+  ct = _normal(7, (B, L, F))
+  g_gqa = jax.grad(lambda a: jnp.vdot(_nnx_apply(gqa, a), ct))(x)
+  g_full = jax.grad(lambda a: jnp.vdot(_nnx_apply(full, a), ct))(x)
+  np.testing.assert_allclose(g_gqa, g_full, **TOL)
+
+
 class _Block(nnx.Module):
 
   def __init__(self, projection, rngs):
@@ -322,6 +367,9 @@ def test_adder_linear_general_bad_inputs():
     (dict(in_features=-1), 'in_features.*-1'),
     (dict(qkv_features=7), 'qkv_features=7.*num_heads=2'),
     (dict(out_features=0), 'out_features.*0'),
+    (dict(num_kv_heads=3), 'num_kv_heads=3 does not divide num_heads=2'),
+    (dict(num_kv_heads=0), 'num_kv_heads.*0'),
+    (dict(in_kv_features=0), 'in_kv_features.*0'),
     (dict(projection='conv'), "projection.*'conv'"),
     (dict(score='cos'), "score.*'cos'"),
     (dict(identity='diag'), "identity.*'diag'"),
@@ -347,6 +395,8 @@ def test_attention_bad_inputs():
   with pytest.raises(ValueError, match=r'inputs_q.*in_features=6.*\(2, 4, 5\)'):
     call(jnp.ones((B, L, 5)))
   with pytest.raises(ValueError, match=r'inputs_k.*\(2, 3, 5\)'):
+    call(x, jnp.ones((B, 3, 5)))
+  with pytest.raises(ValueError, match=r'inputs_k.*in_kv_features=6'):
     call(x, jnp.ones((B, 3, 5)))
   with pytest.raises(ValueError, match='inputs_v given without inputs_k'):
     call(x, inputs_v=x)
