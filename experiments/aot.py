@@ -24,6 +24,11 @@ Usage (prints one row per step)::
       TPU_WORKER_HOSTNAMES=localhost ALLOW_MULTIPLE_LIBTPU_LOAD=1 \\
       python -m experiments.aot --config experiments/configs/resnet20_cifar10.py \\
       --kinds adder,cnn --topology v5e:2x4 --batch_size 1024
+
+``--search_remat`` (same environment) compiles the CNN twin, then the AddNN
+under every recompute candidate, and prints which one the rule of
+:func:`search_remat` picks (``experiments.steps.TPU_AUTO_REMAT`` holds the
+choices made so).
 """
 
 from __future__ import annotations
