@@ -212,15 +212,9 @@ def l1_scores(query: jax.Array, key: jax.Array, *,
   # own examples' scores (the grouped convolution folds the batch into its
   # groups, which XLA's partitioner would otherwise gather, and a Pallas
   # call cannot be partitioned at all).
-  axes = (platform_dispatch.shard_map_axes(jax.sharding.get_abstract_mesh(),
-                                           query, 0)
-          if query.ndim > 3 else None)
-  if not axes:
+  if query.ndim <= 3:  # no batch axis to split
     return local(query, key)
-  spec = jax.sharding.PartitionSpec(axes)
-  return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
-                       in_specs=(spec, spec), out_specs=spec,
-                       check_vma=False)(query, key)
+  return platform_dispatch.per_batch_shard(local, 2)(query, key)
 
 
 def _local_scores(query, key, *, grad, implementation, precision):

@@ -397,7 +397,10 @@ class AdderMultiHeadAttention(nnx.Module):
     num_kv_heads: key and value heads (``None``: ``num_heads``); fewer
       than ``num_heads`` is grouped-query attention, as flax: query head
       ``h`` attends with key / value head ``h // (num_heads //
-      num_kv_heads)``. Must divide ``num_heads``.
+      num_kv_heads)``. The kv heads are repeated for their groups, so
+      attention dropout draws one mask per query head (flax draws it on
+      the grouped layout: same rate, other random numbers). Must divide
+      ``num_heads``.
     in_kv_features: input features of keys and values (``None``:
       ``in_features``).
     dtype: computation dtype (``None``: promoted).

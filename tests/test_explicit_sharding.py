@@ -92,6 +92,14 @@ SCRIPT = textwrap.dedent('''
         assert 'adder_conv' in str(e) and "'model'" in str(e), e
       else:
         raise AssertionError('a channel-sharded input was accepted')
+    with jax.set_mesh(mesh):  # a 1-D x: its only axis is the features
+      x1 = jax.device_put(np.ones(8, np.float32), batch)
+      try:
+        adderjax.adder_dense(x1, np.ones((8, 3), np.float32))
+      except ValueError as e:
+        assert 'adder_dense' in str(e) and "'data'" in str(e), e
+      else:
+        raise AssertionError('a feature-sharded 1-D input was accepted')
 
     # A model of adder layers only (attention included), train-mode
     # gradients: Explicit mesh == one device. (The zoo's models have a

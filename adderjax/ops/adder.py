@@ -22,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from adderjax.ops import backends
 from adderjax.ops import geometry
+from adderjax.ops import platform_dispatch
 from adderjax.ops.geometry import GRAD_MODES, PaddingLike
 
 _F32 = jnp.float32
@@ -203,32 +204,24 @@ def adder_conv(x: jax.Array,
                 _hashable_precision(precision))
   backends.check_symbolic(cfg.backend, geo)
   x, kernel = x.astype(dtype), kernel.astype(dtype)
-  spec = _explicit_batch_spec(x, 'adder_conv', first_only=True)
-  if spec is None:
+  if _explicit_batch_spec(x, 'adder_conv') is None:
     y = _adder(x, kernel, cfg)
   else:
-    y = _per_batch_shard(x, kernel, cfg, spec[0])
+    y = platform_dispatch.per_batch_shard(
+        functools.partial(_local_adder, cfg=cfg), 1)(x, kernel)
   return checkpoint_name(y, ADDER_OUTPUT)
 
 
-def _per_batch_shard(x, kernel, cfg, axes) -> jax.Array:
-  """The layer on each shard of an explicitly sharded batch (shard_map).
+def _local_adder(x, kernel, cfg: _Config) -> jax.Array:
+  """The layer on one shard of an explicitly sharded batch.
 
-  Under Explicit mesh axes every op needs a sharding rule; the layer's
+  Under Explicit mesh axes every op needs a sharding rule, and the layer's
   weight gradient contracts the batch, which jax will not partition without
-  being told how. Per shard the layer is an ordinary local one: the
-  forward and input gradient stay on their shard and the kernel's gradient
-  is summed over the shards by ``shard_map``'s transpose.
+  being told how; so ``adder_conv`` runs the layer per shard (the kernel's
+  gradient summed over the shards), here with the shard's geometry.
   """
-  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
-  mesh = jax.sharding.get_abstract_mesh()
-
-  def local(xs, k):
-    geo = dataclasses.replace(cfg.geo, in_shape=tuple(xs.shape))
-    return _adder(xs, k, dataclasses.replace(cfg, geo=geo))
-
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P()),
-                       out_specs=P(axes), check_vma=False)(x, kernel)
+  geo = dataclasses.replace(cfg.geo, in_shape=tuple(x.shape))
+  return _adder(x, kernel, dataclasses.replace(cfg, geo=geo))
 
 
 def adder_dense(x: jax.Array,
@@ -278,7 +271,7 @@ def adder_dense(x: jax.Array,
                      f'kernel expects {kernel.shape[0]} (shape {kernel.shape}).')
   _check_reduction(kernel.shape)
   batch_shape = x.shape[:-1]
-  batch_spec = _explicit_batch_spec(x, 'adder_dense', first_only=False)
+  batch_spec = _explicit_batch_spec(x, 'adder_dense')
   x2 = _reshape(x, (-1, 1, x.shape[-1]), batch_spec and (
       batch_spec[0], None, None))
   y = adder_conv(x2, kernel[None], 1, 'VALID', grad=grad,
@@ -287,27 +280,25 @@ def adder_dense(x: jax.Array,
       *batch_spec[:-1], None))
 
 
-def _explicit_batch_spec(x: jax.Array, op: str,
-                         first_only: bool) -> tuple | None:
+def _explicit_batch_spec(x: jax.Array, op: str) -> tuple | None:
   """``x``'s PartitionSpec entries under Explicit mesh axes, else None.
 
   Under Explicit axes the layers run per shard of the first (batch) axis,
-  the only one they split: any other sharded axis of ``x`` is refused
-  (``first_only``: the features too; else all but the last axis, which
-  ``adder_dense``'s dense reshape keeps). ``adder_dense`` merges its batch
-  axes, a reshape whose output sharding must be spelt out there.
+  the only one they split: an ``x`` sharded along any other axis (or a 1-D
+  ``x``, whose only axis is its features) is refused. ``adder_dense`` merges
+  its batch axes, a reshape whose output sharding is spelt out from this.
   """
   sharding = getattr(jax.typeof(x), 'sharding', None)
   spec = getattr(sharding, 'spec', None)
   if spec is None or all(s is None for s in spec):
     return None
   spec = tuple(spec) + (None,) * (x.ndim - len(spec))
-  if any(s is not None for s in spec[1:]):
+  if x.ndim < 2 or any(s is not None for s in spec[1:]):
     raise ValueError(
         f'{op}: x of shape {x.shape} is sharded as '
         f'{jax.sharding.PartitionSpec(*spec)} over Explicit mesh axes; the '
-        f'adder layers split the first (batch) axis only: reshard x to '
-        f'PartitionSpec({spec[0]!r}).')
+        f'adder layers split the first (batch) axis of a batched x only: '
+        f'reshard x to PartitionSpec({spec[0]!r}).')
   return spec
 
 

@@ -192,27 +192,11 @@ def _shard_map_m_axes(mesh, p) -> tuple[str, ...] | None:
 
 
 def _per_batch_shard(fn, n_sharded: int):
-  """Runs ``fn`` per batch shard: shard_map under a mesh, else directly.
-
-  The first ``n_sharded`` arguments are batch-major arrays split along
-  their first axis; the rest (the kernel) are replicated. Without a mesh the
-  kernel is called directly: right on one device and inside ``shard_map`` /
-  ``pmap``; a lowering that XLA partitions gets the XLA backend instead
-  (:class:`adderjax.ops.backends.DispatchBackend`).
+  """:func:`~adderjax.ops.platform_dispatch.per_batch_shard`: without a
+  mesh the kernel is called directly; a lowering that XLA partitions gets
+  the XLA backend instead (:class:`adderjax.ops.backends.DispatchBackend`).
   """
-
-  def run(*args):
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = _shard_map_axes(mesh, args[0], 0)
-    if not axes:
-      return fn(*args)
-    b_spec = PartitionSpec(axes)
-    specs = tuple(b_spec if i < n_sharded else PartitionSpec()
-                  for i in range(len(args)))
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=b_spec,
-                         check_vma=False)(*args)
-
-  return run
+  return platform_dispatch.per_batch_shard(fn, n_sharded)
 
 
 def _per_m_shard(fn, partitioned, n_sharded: int, kernels: KernelSet):

@@ -311,3 +311,27 @@ def shard_map_axes(mesh, a, axis: int) -> tuple[str, ...] | None:
   while free and size % math.prod(mesh.shape[n] for n in free):
     free.pop()
   return tuple(free)
+
+
+def per_batch_shard(fn: Callable, n_sharded: int) -> Callable:
+  """Runs ``fn`` per batch shard: shard_map under a mesh, else directly.
+
+  The first ``n_sharded`` arguments are batch-major arrays split along
+  their first axis over :func:`shard_map_axes`; the rest (kernels) are
+  replicated, and ``shard_map``'s transpose sums their gradients over the
+  shards. Without a mesh, or with an unsplit batch, ``fn`` is called
+  directly: right on one device and inside ``shard_map`` / ``pmap``.
+  """
+
+  def run(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = shard_map_axes(mesh, args[0], 0)
+    if not axes:
+      return fn(*args)
+    b_spec = jax.sharding.PartitionSpec(axes)
+    specs = tuple(b_spec if i < n_sharded else jax.sharding.PartitionSpec()
+                  for i in range(len(args)))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=b_spec,
+                         check_vma=False)(*args)
+
+  return run
